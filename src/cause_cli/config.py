@@ -1,0 +1,68 @@
+"""The typed configuration of a training run; its defaults are METHOD.md section 5."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CauseError
+
+HEADS = ("mlp",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a run computes. Saved as ``config.json`` in the run."""
+
+    data_dir: str
+    dataset: str = "folder"
+    backbone: str = "toy"
+    head: str = "mlp"
+    resolution: int | None = None  # None: the backbone's resolution
+    num_classes: int | None = None  # clusters of the cluster probe; None: from the dataset
+    clusterbook_size: int = 2048
+    reduced_dim: int = 90
+    projection_dim: int = 2048
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0
+    epochs_clusterbook: int = 1
+    epochs_front_door: int = 2
+    epochs_cluster_probe: int = 1
+    grid_sampling: bool = True
+    grid_window: int = 4
+    modularity_temperature: float = 0.1
+    contrastive_temperature: float = 0.07
+    positive_threshold: float = 0.3
+    negative_threshold: float = 0.1
+    bank_capacity: int = 100
+    use_bank: bool = True
+    ema_momentum: float = 0.99
+    dropout: float = 0.1
+    seed: int = 0
+    val_fraction: float = 0.2
+    workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.head not in HEADS:
+            raise CauseError(f"Unknown head '{self.head}'; this version offers: {', '.join(HEADS)}.")
+        if self.batch_size < 1:
+            raise CauseError("--batch-size must be at least 1.")
+        if self.clusterbook_size < 2:
+            raise CauseError("The clusterbook needs at least 2 codes.")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise CauseError("--num-classes must be at least 2.")
+        for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe"):
+            if getattr(self, name) < 0:
+                raise CauseError(f"{name.replace('_', ' ')} must not be negative.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

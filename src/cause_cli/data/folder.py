@@ -1,0 +1,144 @@
+"""The image-folder dataset: a user's own images, with labels when they have them.
+
+Layout under the data folder ``D``::
+
+    D/images/**/<name>.<jpg|jpeg|png|bmp|tif|tiff|webp>   the images, in any sub-folders
+    D/labels/**/<name>.png                               optional; same relative stem,
+                                                         single channel, 255 = ignore
+    D/classes.txt                                        optional; one class name per line
+
+Split: when ``D/images/train`` and ``D/images/val`` both exist they are the splits.
+Otherwise every image is assigned by a stable hash of its relative path: the first eight hex
+digits of its SHA-1, read as a fraction of 2**32, below ``val_fraction`` (0.2) put it in
+``val``, the rest is ``train``. The split ``all`` takes every image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import CauseError
+from .transforms import label_tensor, normalise, resize_and_crop
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLITS = ("train", "val", "all")
+DEFAULT_VAL_FRACTION = 0.2
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def hashed_split(relative: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
+    """``"val"`` or ``"train"`` for an image's relative path, stable across machines."""
+    fraction = int(hashlib.sha1(relative.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+    return "val" if fraction < val_fraction else "train"
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Path | None
+    relative: str  # path below the images folder, with the suffix
+
+
+class ImageFolderDataset(Dataset):
+    """Images (and labels) of one split, transformed as METHOD.md section 0 says."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        split: str = "train",
+        resolution: int = 320,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
+    ) -> None:
+        self.root = Path(root)
+        self.resolution = resolution
+        self.split = split
+        if split not in SPLITS:
+            raise CauseError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
+        images_dir = self.root / "images"
+        if not self.root.is_dir():
+            raise CauseError(f"Data folder {self.root} does not exist.")
+        if not images_dir.is_dir():
+            raise CauseError(f"Data folder {self.root} has no images/ folder; put the images in {images_dir}.")
+        labels_dir = self.root / "labels"
+        self.has_labels = labels_dir.is_dir()
+
+        all_images = sorted(p for p in images_dir.rglob("*") if is_image_file(p))
+        has_split_folders = (images_dir / "train").is_dir() and (images_dir / "val").is_dir()
+        chosen: list[Path] = []
+        for path in all_images:
+            relative = path.relative_to(images_dir).as_posix()
+            if split == "all":
+                chosen.append(path)
+            elif has_split_folders:
+                if relative.startswith(f"{split}/"):
+                    chosen.append(path)
+            elif hashed_split(relative, val_fraction) == split:
+                chosen.append(path)
+        if not chosen:
+            raise CauseError(f"No images for split '{split}' under {images_dir}.")
+
+        self.samples = [self._pair(path, images_dir, labels_dir) for path in chosen]
+        self.class_names = self._read_class_names()
+
+    def _pair(self, image: Path, images_dir: Path, labels_dir: Path) -> Sample:
+        relative = image.relative_to(images_dir)
+        if not self.has_labels:
+            return Sample(image, None, relative.as_posix())
+        label = (labels_dir / relative).with_suffix(".png")
+        if not label.is_file():
+            raise CauseError(f"Image {image} has no label {label}; every image needs one when {labels_dir} exists.")
+        return Sample(image, label, relative.as_posix())
+
+    def _read_class_names(self) -> list[str] | None:
+        names_file = self.root / "classes.txt"
+        if not names_file.is_file():
+            return None
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        return names or None
+
+    def infer_num_classes(self) -> int | None:
+        """Number of classes: from classes.txt, else the largest label value + 1, else None."""
+        if self.class_names:
+            return len(self.class_names)
+        if not self.has_labels:
+            return None
+        largest = -1
+        for sample in self.samples:
+            assert sample.label is not None
+            values = np.unique(np.asarray(Image.open(sample.label)))
+            values = values[values != 255]
+            if values.size:
+                largest = max(largest, int(values.max()))
+        return largest + 1 if largest >= 0 else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        sample = self.samples[index]
+        try:
+            with Image.open(sample.image) as opened:
+                size = opened.size
+                image = resize_and_crop(opened.convert("RGB"), self.resolution)
+        except OSError as error:
+            raise CauseError(f"Cannot read image {sample.image}: {error}.") from error
+        if sample.label is not None:
+            with Image.open(sample.label) as opened:
+                if opened.mode not in ("L", "P", "I", "I;16"):
+                    raise CauseError(f"Label {sample.label} is not a single-channel image (mode {opened.mode}).")
+                if opened.size != size:
+                    raise CauseError(f"Label {sample.label} is {opened.size}, its image {sample.image} is {size}.")
+                label = label_tensor(resize_and_crop(opened, self.resolution))
+        else:
+            label = torch.full((self.resolution, self.resolution), -1, dtype=torch.long)
+        return {"image": normalise(image), "label": label, "index": index, "path": sample.relative}

@@ -1,0 +1,126 @@
+"""Synthetic scenes: images made of regions of a few classes that differ in colour and
+texture, with their label maps, written in the image-folder layout.
+
+Everything is drawn from ``numpy.random.default_rng(seed)``, so the same seed gives the same
+files on every machine. Tests and ``cause demo`` use them as a dataset with known segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..paths import write_atomically
+
+Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray]
+
+
+# Base colours sit on the six axis directions of the ImageNet-normalised colour space
+# (mean +- 2 standard deviations in one channel), so that any two classes are orthogonal or
+# opposite there: distinct for a backbone of any kind, even a randomly initialised one.
+def _axis_colour(channel: int, sign: float) -> np.ndarray:
+    colour = np.array([0.485, 0.456, 0.406])
+    colour[channel] += sign * 2 * (0.229, 0.224, 0.225)[channel]
+    return np.clip(colour, 0.0, 1.0)
+
+
+def _paint(colour: np.ndarray, variation: np.ndarray) -> np.ndarray:
+    return colour[None, None, :] + variation[..., None]
+
+
+def _brick(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    mortar = ((yy % 8) < 2) | (((xx + 8 * ((yy // 8) % 2)) % 16) < 2)
+    return _paint(_axis_colour(0, +1), np.where(mortar, 0.12, -0.02))
+
+
+def _water(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    phase = rng.uniform(0, 2 * np.pi)
+    return _paint(_axis_colour(0, -1), 0.08 * np.sin(xx / 3.0 + yy / 5.0 + phase))
+
+
+def _grass(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return _paint(_axis_colour(1, +1), rng.normal(0, 0.07, yy.shape))
+
+
+def _heather(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return _paint(_axis_colour(1, -1), np.where(rng.random(yy.shape) < 0.1, 0.15, 0.0))
+
+
+def _sky(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return _paint(_axis_colour(2, +1), 0.08 * yy / max(float(yy.max()), 1.0) - 0.04)
+
+
+def _sand(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return _paint(_axis_colour(2, -1), np.where(((yy // 3) + (xx // 3)) % 2 == 0, 0.06, -0.03))
+
+
+@dataclass(frozen=True)
+class SceneClass:
+    name: str
+    texture: Texture
+
+
+SCENE_CLASSES: tuple[SceneClass, ...] = (
+    SceneClass("brick", _brick),
+    SceneClass("water", _water),
+    SceneClass("grass", _grass),
+    SceneClass("heather", _heather),
+    SceneClass("sky", _sky),
+    SceneClass("sand", _sand),
+)
+
+
+def make_scene(
+    rng: np.random.Generator, height: int, width: int, num_classes: int = len(SCENE_CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: an RGB ``uint8 [H, W, 3]`` image and its ``uint8 [H, W]`` label map.
+
+    Regions are the cells of a Voronoi diagram of 3 to 6 random sites (with wavy borders),
+    each painted with one class's texture.
+    """
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    num_sites = int(rng.integers(3, 7))
+    sites = rng.uniform([0, 0], [height, width], size=(num_sites, 2))
+    site_class = rng.integers(0, num_classes, size=num_sites)
+    wobble_y = yy + 6 * np.sin(xx / rng.uniform(6, 14))
+    wobble_x = xx + 6 * np.sin(yy / rng.uniform(6, 14))
+    distance = (wobble_y[None] - sites[:, 0, None, None]) ** 2 + (wobble_x[None] - sites[:, 1, None, None]) ** 2
+    label = site_class[distance.argmin(axis=0)].astype(np.uint8)
+
+    image = np.zeros((height, width, 3))
+    for index in np.unique(label):
+        painted = SCENE_CLASSES[index].texture(rng, yy, xx)
+        image[label == index] = painted[label == index]
+    image += rng.normal(0, 0.02, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
+
+
+def write_scenes(
+    root: Path,
+    num_train: int = 96,
+    num_val: int = 32,
+    seed: int = 0,
+    size_range: tuple[int, int] = (128, 176),
+    num_classes: int = len(SCENE_CLASSES),
+) -> Path:
+    """Write scenes as ``root/images/{train,val}/scene_NNNN.png`` with labels under
+    ``root/labels/...`` and the class names in ``root/classes.txt``. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", num_train), ("val", num_val)):
+        for index in range(count):
+            height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
+            image, label = make_scene(rng, height, width, num_classes)
+            name = f"scene_{index:04d}.png"
+            _save_png(Image.fromarray(image, "RGB"), root / "images" / split / name)
+            _save_png(Image.fromarray(label, "L"), root / "labels" / split / name)
+    names = "\n".join(scene_class.name for scene_class in SCENE_CLASSES[:num_classes]) + "\n"
+    write_atomically(root / "classes.txt", lambda target: target.write_text(names))
+    return root
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    write_atomically(path, lambda target: image.save(target, format="PNG"))

@@ -1,0 +1,66 @@
+"""The image pipeline of METHOD.md section 0.
+
+Resize so the shorter side is ``R`` with nearest interpolation (images too, as the reference
+does), center-crop ``R x R``, scale to ``[0, 1]`` and normalise with the ImageNet mean and
+standard deviation. Labels go through the same resize and crop. Sizes and offsets follow
+torchvision's ``Resize(R)`` and ``CenterCrop(R)`` exactly, so inputs match the reference's
+pixel for pixel; Pascal VOC instead resizes straight to ``R x R``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..backbones import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def shorter_side_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """``(width, height)`` after resizing the shorter side to ``resolution`` (torchvision's rule)."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """PIL crop box of the centred ``size x size`` square (torchvision's rounding)."""
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def resize_and_crop(image: Image.Image, resolution: int, square_resize: bool = False) -> Image.Image:
+    """Nearest resize (shorter side, or straight to a square) then center crop."""
+    if square_resize:
+        return image.resize((resolution, resolution), Image.Resampling.NEAREST)
+    size = shorter_side_size(image.width, image.height, resolution)
+    resized = image.resize(size, Image.Resampling.NEAREST)
+    return resized.crop(center_crop_box(resized.width, resized.height, resolution))
+
+
+def normalise(image: Image.Image) -> torch.Tensor:
+    """RGB ``PIL`` image to a normalised float tensor ``[3, H, W]``."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return (torch.from_numpy(array).permute(2, 0, 1) - _MEAN) / _STD
+
+
+def denormalise_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Normalised ``[B, 3, H, W]`` back to ``uint8 [B, H, W, 3]`` RGB.
+
+    Truncates like torchvision's ``to_pil_image``, which the reference uses to give the dense
+    CRF its image, so the CRF sees the same pixels.
+    """
+    rgb = images.detach().cpu().float() * _STD + _MEAN
+    return (rgb.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def label_tensor(label: Image.Image, ignore_values: tuple[int, ...] = (255,)) -> torch.Tensor:
+    """Single-channel label image to ``int64 [H, W]`` with ignored values as ``-1``."""
+    array = torch.from_numpy(np.asarray(label, dtype=np.int64).copy())
+    for value in ignore_values:
+        array[array == value] = -1
+    return array

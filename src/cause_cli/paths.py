@@ -1,0 +1,54 @@
+"""Where the toolkit keeps things, and how it writes files without leaving half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "CAUSE_HOME"
+
+
+def cache_home() -> Path:
+    """The toolkit's cache folder: ``$CAUSE_HOME``, else ``~/.cache/cause``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cause"
+
+
+def runs_home() -> Path:
+    """Default parent of run folders: ``./runs``."""
+    return Path("runs")
+
+
+def next_numbered_folder(parent: Path, stem: str) -> Path:
+    """``parent/stem``, else ``parent/stem2``, ``parent/stem3``... whichever does not exist."""
+    candidate = parent / stem
+    number = 2
+    while candidate.exists():
+        candidate = parent / f"{stem}{number}"
+        number += 1
+    return candidate
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(temporary_path)`` then rename the result onto ``path``.
+
+    A crash or interruption leaves either the old file or the new one, never a partial one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        write(temporary_path)
+        os.replace(temporary_path, path)
+    except BaseException:
+        temporary_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomically(path, lambda target: target.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))

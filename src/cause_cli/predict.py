@@ -1,0 +1,94 @@
+"""From images to cluster maps (METHOD.md section 4).
+
+The teacher head's features are upsampled bilinearly to the output size, then every pixel
+goes to the centroid of highest cosine. Optionally the image and its horizontal flip both go
+through backbone and head, and the two feature maps are averaged (the flipped one flipped
+back) before upsampling. For the dense CRF the unary is ``log_softmax(3 * cos)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import FrozenBackbone, load_backbone
+from .config import TrainConfig
+from .devices import autocast
+from .errors import CauseError
+from .model.heads import ClusterProbe, LinearProbe, SegmentationHeads
+from .model.ops import map_to_tokens, tokens_to_map
+from .runs import PROBE_FILE, RunDirectory
+from .train import load_heads
+
+CRF_SHARPNESS = 3.0
+
+
+@dataclass
+class TrainedModel:
+    """Everything inference needs, loaded from a run folder."""
+
+    config: TrainConfig
+    backbone: FrozenBackbone
+    heads: SegmentationHeads
+    cluster_probe: ClusterProbe
+    linear_probe: LinearProbe
+    num_classes: int
+    class_names: list[str] | None
+    device: torch.device
+
+    @property
+    def resolution(self) -> int:
+        assert self.config.resolution is not None
+        return self.config.resolution
+
+
+def load_trained(run: RunDirectory, device: torch.device, backbone: str | None = None) -> TrainedModel:
+    """The trained model of ``run``; refuses a backbone other than the one it was trained with."""
+    info = run.read_run_info()
+    config = run.config()
+    if backbone is not None and backbone != config.backbone:
+        raise CauseError(f"Run {run.path} was trained with backbone '{config.backbone}', not '{backbone}'.")
+    loaded_backbone = load_backbone(config.backbone, device)
+    num_classes = int(info["num_classes"])
+    heads = load_heads(run, config, loaded_backbone.dim, num_classes, device).eval()
+    probe_state = run.load_tensors(PROBE_FILE, device)
+    cluster_probe = ClusterProbe(config.reduced_dim, num_classes).to(device)
+    cluster_probe.centroids.data.copy_(probe_state["centroids"])
+    linear_probe = heads.linear_probe
+    if "linear_probe.linear.weight" in probe_state:
+        linear_probe.load_state_dict(
+            {key.removeprefix("linear_probe."): value for key, value in probe_state.items() if key.startswith("linear_probe.")}
+        )
+    return TrainedModel(config, loaded_backbone, heads, cluster_probe, linear_probe.eval(), num_classes,
+                        info.get("class_names"), device)
+
+
+@torch.no_grad()
+def head_feature_map(model: TrainedModel, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Teacher head features ``[B, r, g, g]``, optionally averaged with the flipped image's."""
+    with autocast(model.device):
+        features = tokens_to_map(model.heads.teacher(model.backbone(images)).float())
+        if flip:
+            flipped = tokens_to_map(model.heads.teacher(model.backbone(images.flip(dims=[3]))).float())
+            features = (features + flipped.flip(dims=[3])) / 2
+    return features.float()
+
+
+def cluster_cosines(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Cosine of every pixel's upsampled feature with every centroid: ``[B, C, H, W]``."""
+    upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+    cosines = model.cluster_probe.cosine(map_to_tokens(upsampled))  # [B, H*W, C]
+    return cosines.transpose(1, 2).reshape(feature_map.shape[0], -1, *size)
+
+
+def linear_logits(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Linear-probe logits upsampled to ``size``: ``[B, C, H, W]``."""
+    logits = model.linear_probe(map_to_tokens(feature_map))
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def crf_unary(cosines: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities the dense CRF starts from: ``log_softmax(3 * cos)`` over clusters."""
+    return torch.log_softmax(CRF_SHARPNESS * cosines, dim=1)

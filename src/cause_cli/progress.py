@@ -1,0 +1,71 @@
+"""Progress reporting that library code can use without knowing about the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+Advance = Callable[[int], None]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, or seconds per item when slower than one a second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        if not speed:
+            return Text("", style="progress.data.speed")
+        text = f"{speed:.1f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
+        return Text(text, style="progress.data.speed")
+
+
+class Reporter:
+    """Silent by default; :class:`RichReporter` draws bars on stderr."""
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        yield lambda steps=1: None
+
+    def message(self, text: str) -> None:
+        pass
+
+
+class RichReporter(Reporter):
+    def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        if self.quiet:
+            yield lambda steps=1: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task_id = progress.add_task(description, total=total)
+            yield lambda steps=1: progress.advance(task_id, steps)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)

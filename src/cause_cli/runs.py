@@ -1,0 +1,92 @@
+"""The run directory: one readable folder holding everything a training run made.
+
+::
+
+    run.json                  what the run is: the resolved configuration, the backbone and
+                              its file hash, the number of classes and their names
+    clusterbook.safetensors   step one: the concept clusterbook ``[K, D]``
+    head.safetensors          step two: student and teacher heads, projection heads,
+                              linear probe
+    probe.safetensors         step three: cluster probe ``[C, r]`` (and the linear probe)
+    metrics.json              written by ``cause eval``
+    train.log                 one line per event
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .errors import CauseError
+from .paths import write_atomically, write_json
+
+CLUSTERBOOK_FILE = "clusterbook.safetensors"
+HEAD_FILE = "head.safetensors"
+PROBE_FILE = "probe.safetensors"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+
+
+@dataclass
+class RunDirectory:
+    path: Path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return self.file(name).is_file()
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        write_atomically(self.file(name), lambda target: save_file(contiguous, str(target)))
+
+    def load_tensors(self, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.file(name)
+        if not path.is_file():
+            raise CauseError(f"Run {self.path} has no {name}; train it first with 'cause train --run {self.path}'.")
+        try:
+            return load_file(str(path), device=str(device))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise CauseError(f"{path} is damaged or not a safetensors file.") from error
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        write_json(self.file(RUN_FILE), info)
+
+    def read_run_info(self) -> dict[str, Any]:
+        path = self.file(RUN_FILE)
+        if not path.is_file():
+            raise CauseError(f"{self.path} is not a run folder (it has no {RUN_FILE}).")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise CauseError(f"{path} is damaged: {error.msg}.") from error
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.read_run_info()["config"])
+
+    def log(self, message: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        with self.file(LOG_FILE).open("a") as handle:
+            handle.write(f"{stamp} {message}\n")
+
+
+def open_run(path: Path | str) -> RunDirectory:
+    """An existing run folder, or one clear sentence why it is not one."""
+    run = RunDirectory(Path(path))
+    if not run.path.is_dir():
+        raise CauseError(f"Run folder {run.path} does not exist.")
+    run.read_run_info()
+    return run

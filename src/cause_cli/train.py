@@ -1,0 +1,312 @@
+"""The three training steps of CAUSE (METHOD.md sections 1 to 3).
+
+1. the concept clusterbook, by maximising modularity over backbone tokens;
+2. the segmentation head, by concept-wise contrastive learning between a student and its
+   EMA teacher, with the concept bank (the front-door adjustment);
+3. the cluster probe, by maximising modularity over the teacher head's features.
+
+Labels train nothing but the linear probe, and only on detached features. Each step writes
+its own file in the run folder and is skipped when that file already exists.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .backbones import FrozenBackbone, file_sha256, load_backbone, weights_path
+from .config import TrainConfig
+from .data import open_dataset
+from .data.folder import ImageFolderDataset
+from .devices import autocast, resolve_device
+from .errors import CauseError
+from .model.bank import ConceptBank
+from .model.contrastive import ContrastiveSettings, concept_contrastive_loss
+from .model.heads import ClusterProbe, SegmentationHeads
+from .model.modularity import modularity_loss
+from .model.ops import draw_grid_choice, grid_side, grid_sample_tokens, nearest_code
+from .progress import Reporter
+from .runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
+
+
+@dataclass
+class TrainingContext:
+    config: TrainConfig
+    run: RunDirectory
+    device: torch.device
+    backbone: FrozenBackbone
+    train_set: ImageFolderDataset
+    num_classes: int
+    reporter: Reporter
+    generator: torch.Generator
+
+    @property
+    def has_labels(self) -> bool:
+        return self.train_set.has_labels
+
+    def batches(self, epoch: int) -> DataLoader:
+        order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.config.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.config.batch_size,
+            generator=order,
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def tokens_and_labels(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        non_blocking = self.device.type == "cuda"
+        for batch in loader:
+            images = batch["image"].to(self.device, non_blocking=non_blocking)
+            with autocast(self.device):
+                tokens = self.backbone(images)
+            yield tokens.float(), batch["label"].to(self.device, non_blocking=non_blocking)
+
+    def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Grid-sample every tensor with one shared random choice (or return them as they are)."""
+        if not self.config.grid_sampling:
+            return list(tensors)
+        batch, num_tokens = tensors[0].shape[:2]
+        choice = draw_grid_choice(batch, grid_side(num_tokens), self.config.grid_window, self.generator)
+        return [grid_sample_tokens(tensor, choice, self.config.grid_window) for tensor in tensors]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: Reporter) -> TrainingContext:
+    """Check the configuration against the data and the run folder; load the backbone."""
+    config.validate()
+    device = resolve_device(device_name)
+    backbone = load_backbone(config.backbone, device)
+    if config.resolution is None:
+        config.resolution = backbone.spec.resolution
+    if config.resolution % backbone.patch_size:
+        raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
+    train_set = open_dataset(config.dataset, config.data_dir, "train", config.resolution, config.val_fraction)
+    num_classes = config.num_classes or train_set.infer_num_classes()
+    if num_classes is None:
+        raise CauseError("The data has no labels and no classes.txt, so say how many clusters to find with --num-classes.")
+    config.num_classes = num_classes
+    backbone_hash = file_sha256(weights_path(backbone.spec))
+
+    if run.has("run.json"):
+        recorded = run.read_run_info()
+        if recorded.get("backbone", {}).get("sha256") not in (None, backbone_hash):
+            raise CauseError(f"Run {run.path} was trained with other weights for backbone '{config.backbone}'.")
+        if recorded["config"].get("backbone") != config.backbone:
+            raise CauseError(
+                f"Run {run.path} was made with backbone '{recorded['config'].get('backbone')}', not '{config.backbone}'."
+            )
+    run.write_run_info(
+        {
+            "toolkit_version": __version__,
+            "config": config.to_dict(),
+            "backbone": {"name": config.backbone, "sha256": backbone_hash, "dim": backbone.dim,
+                         "patch_size": backbone.patch_size},
+            "num_classes": num_classes,
+            "class_names": train_set.class_names,
+        }
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator)
+
+
+def train(config: TrainConfig, run_path: Path | str, device: str = "auto", reporter: Reporter | None = None) -> RunDirectory:
+    """Run the three steps into ``run_path``, skipping the steps already done there."""
+    reporter = reporter or Reporter()
+    run = RunDirectory(Path(run_path))
+    context = prepare(config, run, device, reporter)
+    seed_everything(config.seed)
+    steps = (
+        (CLUSTERBOOK_FILE, "step 1/3 clusterbook", train_clusterbook),
+        (HEAD_FILE, "step 2/3 front door", train_front_door),
+        (PROBE_FILE, "step 3/3 cluster probe", train_cluster_probe),
+    )
+    for file_name, title, step in steps:
+        if run.has(file_name):
+            reporter.message(f"{title}: {file_name} already in {run.path}, skipped")
+            run.log(f"{title}: skipped, {file_name} exists")
+            continue
+        started = time.perf_counter()
+        step(context, title)
+        elapsed = time.perf_counter() - started
+        run.log(f"{title}: done in {elapsed:.1f}s")
+        reporter.message(f"{title}: done in {elapsed:.1f}s")
+    return run
+
+
+def _steps_per_epoch(context: TrainingContext) -> int:
+    size, batch = len(context.train_set), context.config.batch_size
+    return size // batch if size >= batch else 1
+
+
+def train_clusterbook(context: TrainingContext, title: str) -> None:
+    """Step one: learn ``M [K, D]`` by maximising the modularity of the token graph."""
+    config = context.config
+    size = config.clusterbook_size
+    clusterbook = torch.empty(size, context.backbone.dim, device=context.device)
+    torch.nn.init.uniform_(clusterbook, -1.0 / size, 1.0 / size)
+    clusterbook.requires_grad_(True)
+    optimiser = torch.optim.Adam([clusterbook], lr=config.learning_rate)
+    total = config.epochs_clusterbook * _steps_per_epoch(context)
+    last_loss = math.nan
+    with context.reporter.task(title, total) as advance:
+        for epoch in range(config.epochs_clusterbook):
+            for tokens, _ in context.tokens_and_labels(context.batches(epoch)):
+                (sampled,) = context.grid_sample(tokens)
+                loss = modularity_loss(clusterbook, sampled, config.modularity_temperature)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                last_loss = loss.item()
+                advance(1)
+    context.run.log(f"clusterbook: last modularity loss {last_loss:.5f}")
+    context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
+
+
+def _linear_probe_loss(heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Cross-entropy of the linear probe on detached features, labels at their own size."""
+    valid = (labels >= 0) & (labels < num_classes)
+    if not bool(valid.any()):
+        return None
+    logits = heads.linear_probe(features.detach())
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
+
+
+def build_heads(config: TrainConfig, dim: int, num_classes: int) -> SegmentationHeads:
+    return SegmentationHeads(dim, config.reduced_dim, config.projection_dim, num_classes, config.dropout)
+
+
+def train_front_door(context: TrainingContext, title: str) -> None:
+    """Step two: student and EMA teacher heads trained by concept-wise contrastive learning."""
+    config = context.config
+    device = context.device
+    clusterbook = context.run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"]
+    normalised_codes = F.normalize(clusterbook, dim=1)
+    heads = build_heads(config, context.backbone.dim, context.num_classes).to(device)
+    heads.train()
+    optimiser = torch.optim.Adam(heads.student_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
+    bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
+    settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
+
+    total = config.epochs_front_door * _steps_per_epoch(context)
+    last_loss = math.nan
+    with context.reporter.task(title, total) as advance:
+        for epoch in range(config.epochs_front_door):
+            for tokens, labels in context.tokens_and_labels(context.batches(epoch)):
+                # The MLP head acts per token, so sampling its input equals sampling its output.
+                (sampled,) = context.grid_sample(tokens)
+                codes = nearest_code(sampled, clusterbook)
+                with autocast(device):
+                    with torch.no_grad():
+                        teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
+                    student = heads.student_projection(heads.student(sampled, use_dropout=True))
+                bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
+                loss = concept_contrastive_loss(
+                    student,
+                    teacher,
+                    normalised_codes[codes],
+                    bank_features,
+                    normalised_codes[bank_codes] if bank_codes is not None else None,
+                    settings,
+                )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(heads.student_parameters(), config.grad_clip)
+                optimiser.step()
+                heads.update_teacher(config.ema_momentum)
+                if config.use_bank:
+                    bank.update(codes, teacher)
+                if context.has_labels:
+                    _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
+                last_loss = loss.item()
+                advance(1)
+    context.run.log(f"front door: last contrastive loss {last_loss:.5f}, bank entries {len(bank)}")
+    context.run.save_tensors(HEAD_FILE, heads.state_dict())
+
+
+def _step_linear_probe(
+    heads: SegmentationHeads,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    optimiser: torch.optim.Optimizer,
+    device: torch.device,
+) -> None:
+    with torch.no_grad(), autocast(device):
+        features = heads.teacher(tokens, use_dropout=True).float()
+    loss = _linear_probe_loss(heads, features, labels, num_classes)
+    if loss is None:
+        return
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+
+
+def load_heads(run: RunDirectory, config: TrainConfig, dim: int, num_classes: int, device: torch.device) -> SegmentationHeads:
+    heads = build_heads(config, dim, num_classes).to(device)
+    state = run.load_tensors(HEAD_FILE, device)
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as error:
+        raise CauseError(f"{run.file(HEAD_FILE)} does not fit this run's configuration.") from error
+    return heads
+
+
+def train_cluster_probe(context: TrainingContext, title: str) -> None:
+    """Step three: centroids ``Phi [C, r]`` by modularity over the frozen teacher's features."""
+    config = context.config
+    device = context.device
+    heads = load_heads(context.run, config, context.backbone.dim, context.num_classes, device)
+    heads.train()  # dropout on the input features, as during training
+    for parameter in heads.parameters():
+        parameter.requires_grad_(False)
+    for parameter in heads.linear_probe.parameters():
+        parameter.requires_grad_(True)
+    probe = ClusterProbe(config.reduced_dim, context.num_classes).to(device)
+    optimiser = torch.optim.Adam(probe.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)
+    probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
+    total = config.epochs_cluster_probe * _steps_per_epoch(context)
+    last_loss = math.nan
+    with context.reporter.task(title, total) as advance:
+        for epoch in range(config.epochs_cluster_probe):
+            for tokens, labels in context.tokens_and_labels(context.batches(epoch)):
+                with torch.no_grad(), autocast(device):
+                    features = heads.teacher(tokens, use_dropout=True).float()
+                (sampled,) = context.grid_sample(features)
+                loss = modularity_loss(probe.centroids, sampled, config.modularity_temperature)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if context.has_labels:
+                    probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes)
+                    if probe_loss is not None:
+                        probe_optimiser.zero_grad(set_to_none=True)
+                        probe_loss.backward()
+                        probe_optimiser.step()
+                last_loss = loss.item()
+                advance(1)
+            scheduler.step()
+    context.run.log(f"cluster probe: last modularity loss {last_loss:.5f}")
+    tensors = {"centroids": probe.centroids.detach()}
+    tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
+    context.run.save_tensors(PROBE_FILE, tensors)

@@ -1,0 +1,31 @@
+"""Helpers for the tests. Tests that need ../shared find it from the repository root; when it
+is missing they skip locally and fail under CI=true, so a wrong path can never pass silently."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} is missing (the shared folder belongs beside the repository root)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+
+def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    actual_t = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual.detach())
+    expected_t = torch.as_tensor(np.asarray(expected))
+    torch.testing.assert_close(actual_t.to(expected_t.dtype), expected_t, rtol=rtol, atol=atol)

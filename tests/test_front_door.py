@@ -1,0 +1,188 @@
+"""The concept bank, the concept-wise contrastive loss and the EMA update (METHOD.md section 2)
+against loop versions written the way the reference computes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cause_cli.model.bank import ConceptBank
+from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss
+from cause_cli.model.heads import SegmentationHeads
+
+
+class LoopBank:
+    """A dict of growing tensors, one per code, as the reference keeps it."""
+
+    def __init__(self, num_codes: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries = {code: torch.empty(0, 0) for code in range(num_codes)}
+
+    def update(self, codes: torch.Tensor, features: torch.Tensor, random_keys: torch.Tensor) -> None:
+        features = F.normalize(features, dim=1)
+        for code in codes.unique().tolist():
+            members = torch.where(codes == code)[0]
+            chosen = members[torch.argsort(random_keys[members])][: len(members) // 2]
+            old = self.entries[code]
+            merged = torch.cat([old, features[chosen]]) if old.numel() else features[chosen]
+            self.entries[code] = merged[-self.capacity :]
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        features = [value for value in self.entries.values() if value.numel()]
+        codes = [torch.full((len(value),), code) for code, value in self.entries.items() if value.numel()]
+        return torch.cat(features), torch.cat(codes)
+
+
+def chronological(bank: ConceptBank, code: int) -> torch.Tensor:
+    filled = int(bank.filled[code])
+    if filled < bank.capacity:
+        return bank.features[code, :filled]
+    return bank.features[code].roll(-int(bank.next_slot[code]), dims=0)
+
+
+@pytest.mark.parametrize(("codes", "capacity", "steps", "tokens"), [(16, 100, 3, 64), (8, 5, 12, 80), (2048, 100, 4, 512)])
+def test_ring_buffer_equals_growing_tensors(codes, capacity, steps, tokens):
+    torch.manual_seed(codes + capacity)
+    ring = ConceptBank(codes, 12, capacity)
+    loop = LoopBank(codes, capacity)
+    for _ in range(steps):
+        code = torch.randint(0, codes, (tokens,))
+        features = torch.randn(tokens, 12)
+        keys = torch.rand(tokens)
+        ring.update(code, features, keys)
+        loop.update(code, features, keys)
+    for index in range(codes):
+        expected = loop.entries[index]
+        if expected.numel() == 0:
+            assert int(ring.filled[index]) == 0
+        else:
+            torch.testing.assert_close(chronological(ring, index), expected)
+
+
+def test_full_bank_keeps_the_newest_entries():
+    bank = ConceptBank(num_codes=2, feature_dim=3, capacity=4)
+    for step in range(5):
+        # code 0 gets 4 tokens (2 kept) per step, each step's features tagged by the step
+        features = torch.tensor([[1.0, float(step), 0.0]] * 4)
+        bank.update(torch.zeros(4, dtype=torch.long), features)
+    assert int(bank.filled[0]) == 4 and int(bank.filled[1]) == 0
+    steps_kept = sorted(round(v) for v in (chronological(bank, 0)[:, 1] / chronological(bank, 0)[:, 0]).tolist())
+    assert steps_kept == [3, 3, 4, 4]
+
+
+def test_random_half_per_code():
+    bank = ConceptBank(num_codes=4, feature_dim=5, capacity=100)
+    codes = torch.tensor([0] * 7 + [1] * 6 + [3] * 1)
+    bank.update(codes, torch.randn(14, 5))
+    assert bank.filled.tolist() == [3, 3, 0, 0]
+    features, entry_codes = bank.entries()
+    assert features.shape == (6, 5) and sorted(entry_codes.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_new_update_of_more_than_capacity_keeps_only_its_newest():
+    torch.manual_seed(1)
+    ring, loop = ConceptBank(1, 4, capacity=3), LoopBank(1, 3)
+    codes = torch.zeros(20, dtype=torch.long)
+    features, keys = torch.randn(20, 4), torch.rand(20)
+    ring.update(codes, features, keys)
+    loop.update(codes, features, keys)
+    torch.testing.assert_close(chronological(ring, 0), loop.entries[0])
+
+
+def loop_contrastive_loss(student, teacher, code_vectors, bank_features, bank_code_vectors, settings):
+    """Per image as anchors, with the full loss matrix, the way the reference computes it."""
+    batch, tokens, _ = student.shape
+    candidates = F.normalize(teacher, dim=-1).reshape(batch * tokens, -1)
+    all_codes = code_vectors.reshape(batch * tokens, -1)
+    terms = []
+    for b in range(batch):
+        anchors = F.normalize(student[b], dim=-1)
+
+        def term(similarity, code_similarity, exclude_self):
+            positive = code_similarity > settings.positive_threshold
+            if exclude_self:
+                block = positive[:, b * tokens : (b + 1) * tokens]
+                block.fill_diagonal_(False)
+            negative = code_similarity < settings.negative_threshold
+            shifted = similarity - similarity.max(dim=1, keepdim=True).values.detach()
+            denominator = (shifted.exp() * (positive | negative)).sum(dim=1, keepdim=True)
+            matrix = -shifted + torch.log(denominator)
+            return matrix[positive].mean()
+
+        terms.append(term(anchors @ candidates.t() / settings.temperature, code_vectors[b] @ all_codes.t(), True))
+        if bank_features is not None and len(bank_features):
+            terms.append(term(anchors @ bank_features.t() / settings.temperature, code_vectors[b] @ bank_code_vectors.t(), False))
+    terms = torch.stack(terms)
+    return terms[~torch.isnan(terms)].mean()
+
+
+def contrastive_case(batch=3, tokens=16, dim=32, codes=2048, bank_size=500, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    codebook = F.normalize(torch.randn(codes, 8, generator=generator), dim=1)
+    # Few distinct codes in the batch, so that positives, negatives and ignored pairs all occur.
+    used = torch.randint(0, codes, (6,), generator=generator)
+    token_codes = used[torch.randint(0, 6, (batch, tokens), generator=generator)]
+    bank_codes = used[torch.randint(0, 6, (bank_size,), generator=generator)]
+    student = torch.randn(batch, tokens, dim, generator=generator, requires_grad=True)
+    teacher = torch.randn(batch, tokens, dim, generator=generator)
+    bank = F.normalize(torch.randn(bank_size, dim, generator=generator), dim=1)
+    return student, teacher, codebook[token_codes], bank, codebook[bank_codes]
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_loss_equals_loop(with_bank, seed):
+    settings = ContrastiveSettings()
+    student, teacher, code_vectors, bank, bank_codes = contrastive_case(seed=seed)
+    args = (bank, bank_codes) if with_bank else (None, None)
+    expected = loop_contrastive_loss(student, teacher, code_vectors, *args, settings)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    actual = concept_contrastive_loss(student, teacher, code_vectors, *args, settings)
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_hand_computed_loss():
+    # One image, three tokens. Codes: tokens 0 and 1 share a code, token 2 is orthogonal.
+    code_vectors = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    settings = ContrastiveSettings(temperature=1.0)
+    # Row 0: positive 1 (s = 1), negative 2 (s = 0): l = -1 + log(e + 1).
+    # Row 1: positive 0 (s = 0), negative 2 (s = 1): l = 0 + log(1 + e).
+    # Row 2: no positive (itself excluded). Mean over the two positive pairs:
+    expected = (-1 + 2 * torch.log(torch.tensor(1 + torch.e))) / 2
+    actual = concept_contrastive_loss(student, teacher, code_vectors, settings=settings)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_masks_ignore_pairs_between_thresholds():
+    # Code similarity 0.2 is neither positive (> 0.3) nor negative (< 0.1): such a candidate
+    # must not change the loss, whatever its teacher feature.
+    middle = torch.tensor([0.2, 0.2, (1 - 0.08) ** 0.5])
+    code_vectors = torch.stack([torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]),
+                                torch.tensor([0.0, 1.0, 0.0]), middle])[None]
+    student = torch.randn(1, 4, 5)
+    teacher = torch.randn(1, 4, 5)
+    base = concept_contrastive_loss(student, teacher, code_vectors)
+    teacher[0, 3] = torch.randn(5) * 10
+    changed = concept_contrastive_loss(student, teacher, code_vectors)
+    # Token 3's own row has no positive, and it is ignored in every other row.
+    torch.testing.assert_close(base, changed)
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    heads = SegmentationHeads(dim=6, reduced_dim=4, projection_dim=8, num_classes=3)
+    with torch.no_grad():
+        for parameter in heads.student_parameters():
+            parameter.add_(torch.randn_like(parameter))
+    teacher_before = [p.clone() for p in [*heads.teacher.parameters(), *heads.teacher_projection.parameters()]]
+    student = [p.clone() for p in heads.student_parameters()]
+    heads.update_teacher(0.99)
+    teacher_after = [*heads.teacher.parameters(), *heads.teacher_projection.parameters()]
+    for before, after, current in zip(teacher_before, teacher_after, student):
+        torch.testing.assert_close(after, 0.99 * before + 0.01 * current)
+    assert all(not p.requires_grad for p in teacher_after)
