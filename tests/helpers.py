@@ -24,7 +24,6 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-
 def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     actual_t = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual.detach())
     expected_t = torch.as_tensor(np.asarray(expected))

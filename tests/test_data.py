@@ -20,9 +20,14 @@ def test_resize_and_crop_equals_torchvision(width, height):
 
     rng = np.random.default_rng(width * height)
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    reference = transforms.Compose([transforms.Resize(64, interpolation=InterpolationMode.NEAREST),
-                                    transforms.CenterCrop(64), transforms.ToTensor(),
-                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(64, interpolation=InterpolationMode.NEAREST),
+            transforms.CenterCrop(64),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     ours = normalise(resize_and_crop(image, 64))
     assert ours.shape == (3, 64, 64)
     torch.testing.assert_close(ours, reference(image))

@@ -41,7 +41,9 @@ def chronological(bank: ConceptBank, code: int) -> torch.Tensor:
     return bank.features[code].roll(-int(bank.next_slot[code]), dims=0)
 
 
-@pytest.mark.parametrize(("codes", "capacity", "steps", "tokens"), [(16, 100, 3, 64), (8, 5, 12, 80), (2048, 100, 4, 512)])
+@pytest.mark.parametrize(
+    ("codes", "capacity", "steps", "tokens"), [(16, 100, 3, 64), (8, 5, 12, 80), (2048, 100, 4, 512)]
+)
 def test_ring_buffer_equals_growing_tensors(codes, capacity, steps, tokens):
     torch.manual_seed(codes + capacity)
     ring = ConceptBank(codes, 12, capacity)
@@ -99,7 +101,7 @@ def loop_contrastive_loss(student, teacher, code_vectors, bank_features, bank_co
     for b in range(batch):
         anchors = F.normalize(student[b], dim=-1)
 
-        def term(similarity, code_similarity, exclude_self):
+        def term(similarity, code_similarity, exclude_self, b=b):
             positive = code_similarity > settings.positive_threshold
             if exclude_self:
                 block = positive[:, b * tokens : (b + 1) * tokens]
@@ -112,7 +114,9 @@ def loop_contrastive_loss(student, teacher, code_vectors, bank_features, bank_co
 
         terms.append(term(anchors @ candidates.t() / settings.temperature, code_vectors[b] @ all_codes.t(), True))
         if bank_features is not None and len(bank_features):
-            terms.append(term(anchors @ bank_features.t() / settings.temperature, code_vectors[b] @ bank_code_vectors.t(), False))
+            terms.append(
+                term(anchors @ bank_features.t() / settings.temperature, code_vectors[b] @ bank_code_vectors.t(), False)
+            )
     terms = torch.stack(terms)
     return terms[~torch.isnan(terms)].mean()
 
@@ -162,8 +166,9 @@ def test_masks_ignore_pairs_between_thresholds():
     # Code similarity 0.2 is neither positive (> 0.3) nor negative (< 0.1): such a candidate
     # must not change the loss, whatever its teacher feature.
     middle = torch.tensor([0.2, 0.2, (1 - 0.08) ** 0.5])
-    code_vectors = torch.stack([torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]),
-                                torch.tensor([0.0, 1.0, 0.0]), middle])[None]
+    code_vectors = torch.stack(
+        [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), middle]
+    )[None]
     student = torch.randn(1, 4, 5)
     teacher = torch.randn(1, 4, 5)
     base = concept_contrastive_loss(student, teacher, code_vectors)
@@ -183,6 +188,6 @@ def test_ema_update():
     student = [p.clone() for p in heads.student_parameters()]
     heads.update_teacher(0.99)
     teacher_after = [*heads.teacher.parameters(), *heads.teacher_projection.parameters()]
-    for before, after, current in zip(teacher_before, teacher_after, student):
+    for before, after, current in zip(teacher_before, teacher_after, student, strict=True):
         torch.testing.assert_close(after, 0.99 * before + 0.01 * current)
     assert all(not p.requires_grad for p in teacher_after)

@@ -24,14 +24,17 @@ def test_matches_reference_nicetool(parity, scenario):
         accumulator.update(prediction, label)
         assert_close(accumulator.histogram, data[f"{scenario}_histogram_{batch}"].astype(np.float64))
         scores = accumulator.scores()
-        assert np.array_equal(scores.mapping[data[f"{scenario}_assign_rows_{batch}"]], data[f"{scenario}_assign_cols_{batch}"])
+        assert np.array_equal(
+            scores.mapping[data[f"{scenario}_assign_rows_{batch}"]], data[f"{scenario}_assign_cols_{batch}"]
+        )
         assert scores.miou == pytest.approx(float(data[f"{scenario}_mIoU_{batch}"]), rel=1e-5)
         assert scores.pixel_accuracy == pytest.approx(float(data[f"{scenario}_Acc_{batch}"]), rel=1e-5)
         expected_iou = data[f"{scenario}_iou_per_class_{batch}"].astype(np.float64)
         assert np.array_equal(np.isnan(scores.iou_per_class), np.isnan(expected_iou))
         np.testing.assert_allclose(scores.iou_per_class, expected_iou, rtol=1e-5, equal_nan=True)
-        np.testing.assert_allclose(scores.precision_per_class, data[f"{scenario}_prc_per_class_{batch}"], rtol=1e-5,
-                                   equal_nan=True)
+        np.testing.assert_allclose(
+            scores.precision_per_class, data[f"{scenario}_prc_per_class_{batch}"], rtol=1e-5, equal_nan=True
+        )
         mapped = torch.from_numpy(scores.mapping)[prediction]
         assert torch.equal(mapped, torch.from_numpy(data[f"{scenario}_hungarian_pred_{batch}"]))
 

@@ -23,8 +23,10 @@ def slow_modularity_loss(centres: torch.Tensor, x: torch.Tensor, tau: float = 0.
                     affinity[i][j] = max(torch.cosine_similarity(features[i], features[j], dim=0), torch.tensor(0.0))
         degree = [sum(row) for row in affinity]
         edges = sum(degree)
-        assignment = [[max(torch.cosine_similarity(features[i], c, dim=0), torch.tensor(0.0)) for c in centres]
-                      for i in range(tokens)]
+        assignment = [
+            [max(torch.cosine_similarity(features[i], c, dim=0), torch.tensor(0.0)) for c in centres]
+            for i in range(tokens)
+        ]
         image_total = 0.0
         for i in range(tokens):
             for j in range(tokens):

@@ -81,7 +81,9 @@ def test_cluster_assignment_and_crf_unary(mlp_heads, mlp_probe, inputs, parity):
 def test_cluster_predictions_after_upsampling(mlp_heads, mlp_probe, inputs, parity):
     feat, _ = inputs
     with torch.no_grad():
-        upsampled = F.interpolate(tokens_to_map(mlp_heads.teacher(feat)), (32, 32), mode="bilinear", align_corners=False)
+        upsampled = F.interpolate(
+            tokens_to_map(mlp_heads.teacher(feat)), (32, 32), mode="bilinear", align_corners=False
+        )
         predictions = mlp_probe.assign(map_to_tokens(upsampled)).reshape(4, 32, 32)
     assert torch.equal(predictions, torch.from_numpy(parity("heads")["mlp_cluster_preds_interp32"]))
 
@@ -90,7 +92,9 @@ def test_flip_averaged_features_and_crf_unary(mlp_heads, mlp_probe, inputs, pari
     expected = parity("heads")
     feat, feat_flip = inputs
     with torch.no_grad():
-        averaged = (tokens_to_map(mlp_heads.teacher(feat)) + tokens_to_map(mlp_heads.teacher(feat_flip)).flip(dims=[3])) / 2
+        averaged = (
+            tokens_to_map(mlp_heads.teacher(feat)) + tokens_to_map(mlp_heads.teacher(feat_flip)).flip(dims=[3])
+        ) / 2
         assert_close(map_to_tokens(averaged), expected["mlp_tta_seg_feat"])
         upsampled = F.interpolate(averaged, (32, 32), mode="bilinear", align_corners=False)
         cosines = mlp_probe.cosine(map_to_tokens(upsampled)).transpose(1, 2).reshape(4, 27, 32, 32)

@@ -66,7 +66,11 @@ def test_modularity_matrix_and_assignment(feat, clusterbook, parity):
 
 @pytest.mark.parametrize(
     ("source", "order", "window", "expected_key"),
-    [("feat", "order_feat", 4, "ss_feat"), ("feat16", "order_feat16", 4, "ss_feat16"), ("feat", "order_feat_k2", 2, "ss_feat_k2")],
+    [
+        ("feat", "order_feat", 4, "ss_feat"),
+        ("feat16", "order_feat16", 4, "ss_feat16"),
+        ("feat", "order_feat_k2", 2, "ss_feat_k2"),
+    ],
 )
 def test_grid_sampling(parity, source, order, window, expected_key):
     data = parity("sampling_vq")

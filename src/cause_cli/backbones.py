@@ -159,12 +159,15 @@ def _download_from_hub(spec: BackboneSpec, path: Path, revision: str | None) -> 
             "'hf auth login' or set HF_TOKEN."
         ) from error
     except RepositoryNotFoundError as error:
-        raise CauseError(f"The Hub has no repository {spec.hub_repo} (or it is private and you are not logged in).") from error
+        raise CauseError(
+            f"The Hub has no repository {spec.hub_repo} (or it is private and you are not logged in)."
+        ) from error
     except EntryNotFoundError as error:
         raise CauseError(f"The Hub repository {spec.hub_repo} has no model.safetensors.") from error
     except LocalEntryNotFoundError as error:
         raise CauseError(
-            f"Backbone '{spec.name}' is not cached and the Hub cannot be reached (offline); fetch it where there is a network."
+            f"Backbone '{spec.name}' is not cached and the Hub cannot be reached (offline); "
+            "fetch it where there is a network."
         ) from error
     model = build_model(spec)
     from safetensors.torch import load_file

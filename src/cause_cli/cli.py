@@ -47,7 +47,7 @@ def user_errors(command: F) -> F:
         except CauseError as error:
             if os.environ.get(DEBUG_ENV):
                 raise
-            stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+            stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; files already written are complete")
@@ -64,8 +64,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-sentence errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-sentence errors.")
+    ] = False,
 ) -> None:
     if debug:
         os.environ[DEBUG_ENV] = "1"
@@ -129,7 +133,8 @@ def fetch(
 
     Example: cause fetch dino-vits8
     """
-    from .backbones import REGISTRY, fetch as fetch_backbone, resolve_spec, weights_path
+    from .backbones import REGISTRY, resolve_spec, weights_path
+    from .backbones import fetch as fetch_backbone
 
     if list_backbones or not names:
         table = Table(title="backbones")
@@ -137,8 +142,9 @@ def fetch(
             table.add_column(column)
         for spec in REGISTRY.values():
             cached = "yes" if weights_path(spec).exists() else "no"
-            table.add_row(spec.name, spec.family, str(spec.patch_size), str(spec.dim), str(spec.resolution),
-                          spec.licence, cached)
+            table.add_row(
+                spec.name, spec.family, str(spec.patch_size), str(spec.dim), str(spec.resolution), spec.licence, cached
+            )
         stdout.print(table)
         return
     for name in names:
@@ -155,13 +161,23 @@ def train(
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: a new runs/trainN).")] = None,
     head: Annotated[str, typer.Option("--head", help="Segmentation head: mlp.")] = "mlp",
-    num_classes: Annotated[int | None, typer.Option("--num-classes", help="Clusters to find (default: from the labels or classes.txt).")] = None,
-    resolution: Annotated[int | None, typer.Option("--resolution", help="Input size (default: the backbone's).")] = None,
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", help="Clusters to find (default: from the labels or classes.txt).")
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", help="Input size (default: the backbone's).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     clusterbook_size: Annotated[int, typer.Option("--clusterbook-size", help="Concepts K in the clusterbook.")] = 2048,
     epochs_clusterbook: Annotated[int, typer.Option("--epochs-clusterbook")] = 1,
     epochs_front_door: Annotated[int, typer.Option("--epochs-front-door")] = 2,
     epochs_cluster_probe: Annotated[int, typer.Option("--epochs-cluster-probe")] = 1,
+    positive_threshold: Annotated[
+        float, typer.Option("--positive-threshold", help="Concept similarity above which two tokens are positives.")
+    ] = 0.3,
+    negative_threshold: Annotated[
+        float, typer.Option("--negative-threshold", help="Concept similarity below which two tokens are negatives.")
+    ] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     device: DeviceOption = "auto",
@@ -179,10 +195,21 @@ def train(
     from .train import train as train_run
 
     config = TrainConfig(
-        data_dir=str(data_dir), dataset=dataset, backbone=backbone, head=head, num_classes=num_classes,
-        resolution=resolution, batch_size=batch_size, clusterbook_size=clusterbook_size,
-        epochs_clusterbook=epochs_clusterbook, epochs_front_door=epochs_front_door,
-        epochs_cluster_probe=epochs_cluster_probe, seed=seed, workers=workers,
+        data_dir=str(data_dir),
+        dataset=dataset,
+        backbone=backbone,
+        head=head,
+        num_classes=num_classes,
+        resolution=resolution,
+        batch_size=batch_size,
+        clusterbook_size=clusterbook_size,
+        epochs_clusterbook=epochs_clusterbook,
+        epochs_front_door=epochs_front_door,
+        epochs_cluster_probe=epochs_cluster_probe,
+        positive_threshold=positive_threshold,
+        negative_threshold=negative_threshold,
+        seed=seed,
+        workers=workers,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))
@@ -210,8 +237,16 @@ def evaluate(
     """
     from .evaluate import evaluate_run
 
-    result = evaluate_run(run, dataset, str(data_dir) if data_dir else None, split, device, batch_size, workers,
-                          _reporter(quiet or json_output))
+    result = evaluate_run(
+        run,
+        dataset,
+        str(data_dir) if data_dir else None,
+        split,
+        device,
+        batch_size,
+        workers,
+        _reporter(quiet or json_output),
+    )
     if json_output:
         print(json.dumps(result))
         return
@@ -262,17 +297,24 @@ def segment(
     table.add_column("s / image", justify="right")
     table.add_column("output")
     per_image = result["seconds_per_image"]
-    table.add_row(str(len(result["outputs"])), str(len(result["skipped"])),
-                  "-" if per_image is None else f"{per_image:.3f}", str(out_path))
+    table.add_row(
+        str(len(result["outputs"])),
+        str(len(result["skipped"])),
+        "-" if per_image is None else f"{per_image:.3f}",
+        str(out_path),
+    )
     stdout.print(table)
     for skipped in result["skipped"]:
-        stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False)
+        stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for the demo's data, run and segments (default: a new runs/demoN).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the demo's data, run and segments (default: a new runs/demoN)."),
+    ] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:

@@ -55,6 +55,8 @@ class TrainConfig:
             raise CauseError("The clusterbook needs at least 2 codes.")
         if self.num_classes is not None and self.num_classes < 2:
             raise CauseError("--num-classes must be at least 2.")
+        if not self.negative_threshold <= self.positive_threshold:
+            raise CauseError("The negative threshold must not exceed the positive threshold.")
         for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe"):
             if getattr(self, name) < 0:
                 raise CauseError(f"{name.replace('_', ' ')} must not be negative.")

@@ -41,8 +41,9 @@ def evaluate_run(
     data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
     if not data.has_labels:
         raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch_device.type == "cuda")
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch_device.type == "cuda"
+    )
     clusters = MetricAccumulator(model.num_classes)
     linear = MetricAccumulator(model.num_classes)
     started = time.perf_counter()
@@ -61,8 +62,11 @@ def evaluate_run(
     names = model.class_names
     result: dict[str, Any] = {
         **cluster_scores.as_dict(names),
-        "linear_probe": {"miou": linear_scores.miou, "pixel_accuracy": linear_scores.pixel_accuracy,
-                         "iou_per_class": linear_scores.as_dict(names)["iou_per_class"]},
+        "linear_probe": {
+            "miou": linear_scores.miou,
+            "pixel_accuracy": linear_scores.pixel_accuracy,
+            "iou_per_class": linear_scores.as_dict(names)["iou_per_class"],
+        },
         "images": len(data),
         "split": split,
         "dataset": dataset_name,

@@ -46,7 +46,9 @@ class SegmentationScores:
         return {
             "miou": self.miou,
             "pixel_accuracy": self.pixel_accuracy,
-            "iou_per_class": {name: _finite_or_none(value) for name, value in zip(names, self.iou_per_class)},
+            "iou_per_class": {
+                name: _finite_or_none(value) for name, value in zip(names, self.iou_per_class, strict=True)
+            },
             "cluster_to_class": [int(value) for value in self.mapping],
         }
 

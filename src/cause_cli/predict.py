@@ -59,10 +59,15 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
     linear_probe = heads.linear_probe
     if "linear_probe.linear.weight" in probe_state:
         linear_probe.load_state_dict(
-            {key.removeprefix("linear_probe."): value for key, value in probe_state.items() if key.startswith("linear_probe.")}
+            {
+                key.removeprefix("linear_probe."): value
+                for key, value in probe_state.items()
+                if key.startswith("linear_probe.")
+            }
         )
-    return TrainedModel(config, loaded_backbone, heads, cluster_probe, linear_probe.eval(), num_classes,
-                        info.get("class_names"), device)
+    return TrainedModel(
+        config, loaded_backbone, heads, cluster_probe, linear_probe.eval(), num_classes, info.get("class_names"), device
+    )
 
 
 @torch.no_grad()

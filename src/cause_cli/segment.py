@@ -119,8 +119,9 @@ def segment_images(
     def flush() -> None:
         if not pending:
             return
-        batch = torch.stack([normalise(resize_and_crop(image, model.resolution, square_resize=True))
-                             for _, image in pending]).to(torch_device)
+        batch = torch.stack(
+            [normalise(resize_and_crop(image, model.resolution, square_resize=True)) for _, image in pending]
+        ).to(torch_device)
         features = head_feature_map(model, batch)
         for index, (relative, image) in enumerate(pending):
             size = _prediction_size(image.width, image.height)
@@ -133,7 +134,9 @@ def segment_images(
             _save(label, label_path)
             tint = Image.fromarray(colours[np.asarray(label)], "RGB")
             _save(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
-            summary.written.append({"input": relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)})
+            summary.written.append(
+                {"input": relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
+            )
         pending.clear()
 
     with reporter.task("segmenting", len(files)) as advance:

@@ -34,7 +34,7 @@ from .model.bank import ConceptBank
 from .model.contrastive import ContrastiveSettings, concept_contrastive_loss
 from .model.heads import ClusterProbe, SegmentationHeads
 from .model.modularity import modularity_loss
-from .model.ops import draw_grid_choice, grid_side, grid_sample_tokens, nearest_code
+from .model.ops import draw_grid_choice, grid_sample_tokens, grid_side, nearest_code
 from .progress import Reporter
 from .runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
 
@@ -101,7 +101,9 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
     train_set = open_dataset(config.dataset, config.data_dir, "train", config.resolution, config.val_fraction)
     num_classes = config.num_classes or train_set.infer_num_classes()
     if num_classes is None:
-        raise CauseError("The data has no labels and no classes.txt, so say how many clusters to find with --num-classes.")
+        raise CauseError(
+            "The data has no labels and no classes.txt, so say how many clusters to find with --num-classes."
+        )
     config.num_classes = num_classes
     backbone_hash = file_sha256(weights_path(backbone.spec))
 
@@ -111,14 +113,19 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
             raise CauseError(f"Run {run.path} was trained with other weights for backbone '{config.backbone}'.")
         if recorded["config"].get("backbone") != config.backbone:
             raise CauseError(
-                f"Run {run.path} was made with backbone '{recorded['config'].get('backbone')}', not '{config.backbone}'."
+                f"Run {run.path} was made with backbone '{recorded['config'].get('backbone')}', "
+                f"not '{config.backbone}'."
             )
     run.write_run_info(
         {
             "toolkit_version": __version__,
             "config": config.to_dict(),
-            "backbone": {"name": config.backbone, "sha256": backbone_hash, "dim": backbone.dim,
-                         "patch_size": backbone.patch_size},
+            "backbone": {
+                "name": config.backbone,
+                "sha256": backbone_hash,
+                "dim": backbone.dim,
+                "patch_size": backbone.patch_size,
+            },
             "num_classes": num_classes,
             "class_names": train_set.class_names,
         }
@@ -127,7 +134,9 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
     return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator)
 
 
-def train(config: TrainConfig, run_path: Path | str, device: str = "auto", reporter: Reporter | None = None) -> RunDirectory:
+def train(
+    config: TrainConfig, run_path: Path | str, device: str = "auto", reporter: Reporter | None = None
+) -> RunDirectory:
     """Run the three steps into ``run_path``, skipping the steps already done there."""
     reporter = reporter or Reporter()
     run = RunDirectory(Path(run_path))
@@ -180,7 +189,9 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
     context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
 
 
-def _linear_probe_loss(heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+def _linear_probe_loss(
+    heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor | None:
     """Cross-entropy of the linear probe on detached features, labels at their own size."""
     valid = (labels >= 0) & (labels < num_classes)
     if not bool(valid.any()):
@@ -251,8 +262,10 @@ def _step_linear_probe(
     optimiser: torch.optim.Optimizer,
     device: torch.device,
 ) -> None:
+    # The probe reads the teacher's features as inference sees them (no dropout), which also
+    # keeps the random number stream, and so the unsupervised steps, independent of labels.
     with torch.no_grad(), autocast(device):
-        features = heads.teacher(tokens, use_dropout=True).float()
+        features = heads.teacher(tokens).float()
     loss = _linear_probe_loss(heads, features, labels, num_classes)
     if loss is None:
         return
@@ -261,7 +274,9 @@ def _step_linear_probe(
     optimiser.step()
 
 
-def load_heads(run: RunDirectory, config: TrainConfig, dim: int, num_classes: int, device: torch.device) -> SegmentationHeads:
+def load_heads(
+    run: RunDirectory, config: TrainConfig, dim: int, num_classes: int, device: torch.device
+) -> SegmentationHeads:
     heads = build_heads(config, dim, num_classes).to(device)
     state = run.load_tensors(HEAD_FILE, device)
     try:

@@ -28,8 +28,8 @@ def shorter_side_size(width: int, height: int, resolution: int) -> tuple[int, in
 
 def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     """PIL crop box of the centred ``size x size`` square (torchvision's rounding)."""
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
     return left, top, left + size, top + size
 
 

@@ -52,9 +52,7 @@ def quantise(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook[nearest_code(features, codebook)]
 
 
-def draw_grid_choice(
-    batch: int, side: int, window: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def draw_grid_choice(batch: int, side: int, window: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random token choice for grid sampling: one index in ``[0, window**2)`` per window.
 
     The result has one entry per window, ordered image by image, then window row, then

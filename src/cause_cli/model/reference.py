@@ -33,7 +33,9 @@ def load_reference_file(path: Path | str) -> dict[str, torch.Tensor]:
     except FileNotFoundError as error:
         raise CauseError(f"{path} does not exist.") from error
     except Exception as error:  # torch raises several types for files it cannot unpickle safely
-        raise CauseError(f"{path} is not a reference checkpoint torch can read safely ({type(error).__name__}).") from error
+        raise CauseError(
+            f"{path} is not a reference checkpoint torch can read safely ({type(error).__name__})."
+        ) from error
     if not isinstance(state, dict):
         raise CauseError(f"{path} does not hold a state dict.")
     return state
@@ -48,6 +50,6 @@ def convert_mlp_heads(reference: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                 tensor = value.float()
                 if tensor.dim() == 4:  # a 1x1 convolution weight
                     tensor = tensor[:, :, 0, 0]
-                converted[new + key[len(old):]] = tensor.contiguous()
+                converted[new + key[len(old) :]] = tensor.contiguous()
                 break
     return converted

@@ -1,0 +1,211 @@
+"""The command line, end to end on small synthetic data and the toy backbone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cause_cli import __version__
+from cause_cli.cli import app
+from cause_cli.config import TrainConfig
+from cause_cli.data.synthetic import write_scenes
+from cause_cli.runs import RunDirectory
+from cause_cli.train import train
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def small_config(data_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        data_dir=str(data_dir),
+        backbone="toy",
+        resolution=64,
+        clusterbook_size=64,
+        projection_dim=128,
+        batch_size=8,
+        epochs_clusterbook=1,
+        epochs_front_door=1,
+        epochs_cluster_probe=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return write_scenes(tmp_path_factory.mktemp("scenes"), num_train=24, num_val=8, seed=1, size_range=(64, 96))
+
+
+@pytest.fixture(scope="module")
+def trained_run(scenes, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    train(small_config(scenes), run, "cpu")
+    return run
+
+
+def test_version_and_help():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+    result = invoke("--help")
+    for command in ("info", "fetch", "train", "eval", "segment", "demo"):
+        assert command in result.stdout
+
+
+def test_info_json():
+    result = invoke("info", "--json")
+    assert result.exit_code == 0
+    details = json.loads(result.stdout)
+    assert details["cause"] == __version__ and "cpu" in details["devices"]
+    assert isinstance(details["dense_crf"], bool)
+
+
+def test_fetch_toy_and_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAUSE_HOME", str(tmp_path))
+    result = invoke("fetch", "toy")
+    assert result.exit_code == 0
+    weights = tmp_path / "backbones" / "toy" / "model.safetensors"
+    assert weights.is_file()
+    first = weights.read_bytes()
+    assert invoke("fetch", "toy").exit_code == 0 and weights.read_bytes() == first
+    listing = invoke("fetch", "--list")
+    assert "dino-vits8" in listing.stdout and "toy" in listing.stdout
+
+
+def test_unknown_backbone_suggests_a_name():
+    result = invoke("fetch", "dino-vit8")
+    assert result.exit_code == 1
+    assert "Did you mean 'dino-vits8'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_train_command_runs_and_skips_finished_steps(scenes, tmp_path):
+    run = tmp_path / "cli-run"
+    args = [
+        "train",
+        "--data-dir",
+        scenes,
+        "--run",
+        run,
+        "--resolution",
+        "64",
+        "--clusterbook-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs-front-door",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors", "run.json", "train.log"):
+        assert (run / name).is_file()
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["backbone"] == "toy" and info["num_classes"] == 6 and len(info["backbone"]["sha256"]) == 64
+    stamp = (run / "head.safetensors").stat().st_mtime_ns
+    assert invoke(*args).exit_code == 0
+    assert (run / "head.safetensors").stat().st_mtime_ns == stamp
+    assert "skipped" in (run / "train.log").read_text()
+
+
+def test_eval_writes_metrics(trained_run):
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    stored = json.loads((trained_run / "metrics.json").read_text())
+    assert printed["miou"] == stored["miou"]
+    assert 0 <= stored["miou"] <= 100 and 0 <= stored["pixel_accuracy"] <= 100
+    assert 0 <= stored["linear_probe"]["miou"] <= 100
+    assert sorted(stored["cluster_to_class"]) == list(range(6))
+    table = invoke("eval", "--run", trained_run, "--device", "cpu", "--quiet")
+    assert "mIoU" in table.stdout and "sand" in table.stdout
+
+
+def test_segment_skips_bad_files_and_keeps_sizes(trained_run, tmp_path):
+    source = tmp_path / "photos"
+    (source / "nested" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(source / "odd.png")
+    Image.fromarray(rng.integers(0, 256, (70, 20), dtype=np.uint8), "L").save(source / "nested" / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA").save(source / "nested" / "rgba.png")
+    Image.new("CMYK", (45, 33), (10, 20, 30, 40)).save(source / "nested" / "deeper" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (25, 31), dtype=np.uint16)).save(source / "nested" / "deep16.png")
+    (source / "nested" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (source / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    result = invoke("segment", source, "--run", trained_run, "--out", out, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.stderr and "notes.txt" in result.stderr
+    expected_sizes = {
+        "odd.png": (53, 37),
+        "nested/grey.png": (20, 70),
+        "nested/rgba.png": (40, 30),
+        "nested/deeper/cmyk.png": (45, 33),
+        "nested/deep16.png": (31, 25),
+    }
+    for relative, size in expected_sizes.items():
+        label = Image.open(out / "labels" / relative)
+        assert label.mode == "P" and label.size == size
+        assert int(np.asarray(label).max()) < 6
+        assert Image.open(out / "overlays" / relative).size == size
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == 7 and len(summary["outputs"]) == 5
+    assert sorted(s["input"] for s in summary["skipped"]) == ["nested/broken.jpg", "notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["segment", "{tmp}/nowhere", "--run", "{run}"], "does not exist"),
+        (["segment", "{tmp}", "--run", "{tmp}/no-run"], "does not exist"),
+        (["eval", "--run", "{tmp}"], "is not a run folder"),
+        (["train", "--data-dir", "{tmp}/missing"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, fragment):
+    filled = [a.format(tmp=tmp_path, run=trained_run) for a in arguments]
+    result = invoke(*filled, "--device", "cpu")
+    assert result.exit_code == 1
+    assert fragment in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(scenes / "images", unlabelled / "images")
+    labelled_run, unlabelled_run = tmp_path / "with", tmp_path / "without"
+    train(small_config(scenes, num_classes=6), labelled_run, "cpu")
+    train(small_config(unlabelled, num_classes=6), unlabelled_run, "cpu")
+    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
+        with_labels = RunDirectory(labelled_run).load_tensors(name)
+        without = RunDirectory(unlabelled_run).load_tensors(name)
+        for key, value in with_labels.items():
+            if key.startswith("linear_probe"):
+                continue
+            assert torch.equal(value, without[key]), f"{name}:{key} depends on the labels"
+    # ...while the linear probe did learn from the labels.
+    assert not torch.equal(
+        RunDirectory(labelled_run).load_tensors("probe.safetensors")["linear_probe.linear.weight"],
+        RunDirectory(unlabelled_run).load_tensors("probe.safetensors")["linear_probe.linear.weight"],
+    )
+
+
+def test_run_with_other_backbone_is_refused(trained_run):
+    from cause_cli.errors import CauseError
+    from cause_cli.predict import load_trained
+
+    with pytest.raises(CauseError, match="trained with backbone 'toy'"):
+        load_trained(RunDirectory(trained_run), torch.device("cpu"), backbone="dino-vits8")
