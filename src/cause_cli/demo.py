@@ -31,7 +31,7 @@ def demo_config(data_dir: Path) -> TrainConfig:
         data_dir=str(data_dir),
         backbone="toy",
         epochs_clusterbook=1,
-        epochs_front_door=6,
+        epochs_front_door=12,
         epochs_cluster_probe=5,
         positive_threshold=0.5,
         negative_threshold=0.3,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,19 @@ class TrainingContext:
             with autocast(self.device):
                 tokens = self.backbone(images)
             yield tokens.float(), batch["label"].to(self.device, non_blocking=non_blocking)
+
+    def training_batches(
+        self, epochs: int, title: str, end_of_epoch: Callable[[], None] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Backbone tokens and labels of every training batch for ``epochs`` epochs, with a
+        progress bar; ``end_of_epoch`` runs after each epoch (a learning-rate schedule)."""
+        with self.reporter.task(title, epochs * _steps_per_epoch(self)) as advance:
+            for epoch in range(epochs):
+                for tokens, labels in self.tokens_and_labels(self.batches(epoch)):
+                    yield tokens, labels
+                    advance(1)
+                if end_of_epoch is not None:
+                    end_of_epoch()
 
     def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Grid-sample every tensor with one shared random choice (or return them as they are)."""
@@ -173,18 +186,14 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
     torch.nn.init.uniform_(clusterbook, -1.0 / size, 1.0 / size)
     clusterbook.requires_grad_(True)
     optimiser = torch.optim.Adam([clusterbook], lr=config.learning_rate)
-    total = config.epochs_clusterbook * _steps_per_epoch(context)
     last_loss = math.nan
-    with context.reporter.task(title, total) as advance:
-        for epoch in range(config.epochs_clusterbook):
-            for tokens, _ in context.tokens_and_labels(context.batches(epoch)):
-                (sampled,) = context.grid_sample(tokens)
-                loss = modularity_loss(clusterbook, sampled, config.modularity_temperature)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                last_loss = loss.item()
-                advance(1)
+    for tokens, _ in context.training_batches(config.epochs_clusterbook, title):
+        (sampled,) = context.grid_sample(tokens)
+        loss = modularity_loss(clusterbook, sampled, config.modularity_temperature)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        last_loss = loss.item()
     context.run.log(f"clusterbook: last modularity loss {last_loss:.5f}")
     context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
 
@@ -218,38 +227,34 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
     settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
 
-    total = config.epochs_front_door * _steps_per_epoch(context)
     last_loss = math.nan
-    with context.reporter.task(title, total) as advance:
-        for epoch in range(config.epochs_front_door):
-            for tokens, labels in context.tokens_and_labels(context.batches(epoch)):
-                # The MLP head acts per token, so sampling its input equals sampling its output.
-                (sampled,) = context.grid_sample(tokens)
-                codes = nearest_code(sampled, clusterbook)
-                with autocast(device):
-                    with torch.no_grad():
-                        teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
-                    student = heads.student_projection(heads.student(sampled, use_dropout=True))
-                bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
-                loss = concept_contrastive_loss(
-                    student,
-                    teacher,
-                    normalised_codes[codes],
-                    bank_features,
-                    normalised_codes[bank_codes] if bank_codes is not None else None,
-                    settings,
-                )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(heads.student_parameters(), config.grad_clip)
-                optimiser.step()
-                heads.update_teacher(config.ema_momentum)
-                if config.use_bank:
-                    bank.update(codes, teacher)
-                if context.has_labels:
-                    _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
-                last_loss = loss.item()
-                advance(1)
+    for tokens, labels in context.training_batches(config.epochs_front_door, title):
+        # The MLP head acts per token, so sampling its input equals sampling its output.
+        (sampled,) = context.grid_sample(tokens)
+        codes = nearest_code(sampled, clusterbook)
+        with autocast(device):
+            with torch.no_grad():
+                teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
+            student = heads.student_projection(heads.student(sampled, use_dropout=True))
+        bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
+        loss = concept_contrastive_loss(
+            student,
+            teacher,
+            normalised_codes[codes],
+            bank_features,
+            normalised_codes[bank_codes] if bank_codes is not None else None,
+            settings,
+        )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.student_parameters(), config.grad_clip)
+        optimiser.step()
+        heads.update_teacher(config.ema_momentum)
+        if config.use_bank:
+            bank.update(codes, teacher)
+        if context.has_labels:
+            _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
+        last_loss = loss.item()
     context.run.log(f"front door: last contrastive loss {last_loss:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
 
@@ -300,27 +305,22 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     optimiser = torch.optim.Adam(probe.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
-    total = config.epochs_cluster_probe * _steps_per_epoch(context)
     last_loss = math.nan
-    with context.reporter.task(title, total) as advance:
-        for epoch in range(config.epochs_cluster_probe):
-            for tokens, labels in context.tokens_and_labels(context.batches(epoch)):
-                with torch.no_grad(), autocast(device):
-                    features = heads.teacher(tokens, use_dropout=True).float()
-                (sampled,) = context.grid_sample(features)
-                loss = modularity_loss(probe.centroids, sampled, config.modularity_temperature)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                if context.has_labels:
-                    probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes)
-                    if probe_loss is not None:
-                        probe_optimiser.zero_grad(set_to_none=True)
-                        probe_loss.backward()
-                        probe_optimiser.step()
-                last_loss = loss.item()
-                advance(1)
-            scheduler.step()
+    for tokens, labels in context.training_batches(config.epochs_cluster_probe, title, scheduler.step):
+        with torch.no_grad(), autocast(device):
+            features = heads.teacher(tokens, use_dropout=True).float()
+        (sampled,) = context.grid_sample(features)
+        loss = modularity_loss(probe.centroids, sampled, config.modularity_temperature)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if context.has_labels:
+            probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes)
+            if probe_loss is not None:
+                probe_optimiser.zero_grad(set_to_none=True)
+                probe_loss.backward()
+                probe_optimiser.step()
+        last_loss = loss.item()
     context.run.log(f"cluster probe: last modularity loss {last_loss:.5f}")
     tensors = {"centroids": probe.centroids.detach()}
     tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
