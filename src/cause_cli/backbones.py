@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,7 +115,7 @@ def build_model(spec: BackboneSpec) -> nn.Module:
             num_classes=0,
             dynamic_img_size=True,
         )
-    extra = {"num_heads": spec.num_heads} if spec.num_heads else {}
+    extra: dict[str, Any] = {"num_heads": spec.num_heads} if spec.num_heads else {}
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **extra)
 
 
@@ -215,8 +216,9 @@ class FrozenBackbone(nn.Module):
             raise CauseError(
                 f"Image size {height}x{width} is not a multiple of the backbone's patch size {self.patch_size}."
             )
-        tokens = self.model.forward_features(images)
-        return tokens[:, self.model.num_prefix_tokens :].float()
+        tokens = self.model.forward_features(images)  # type: ignore[operator]
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        return tokens[:, prefix:].float()
 
 
 def load_backbone(name: str, device: torch.device | str = "cpu", fetch_if_missing: bool = True) -> FrozenBackbone:

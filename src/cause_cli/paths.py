@@ -33,7 +33,7 @@ def next_numbered_folder(parent: Path, stem: str) -> Path:
     return candidate
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(temporary_path)`` then rename the result onto ``path``.
 
     A crash or interruption leaves either the old file or the new one, never a partial one.

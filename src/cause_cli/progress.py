@@ -21,6 +21,10 @@ from rich.text import Text
 Advance = Callable[[int], None]
 
 
+def _ignore_progress(steps: int = 1) -> None:
+    pass
+
+
 class RateColumn(ProgressColumn):
     """Items per second, or seconds per item when slower than one a second."""
 
@@ -37,7 +41,7 @@ class Reporter:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
-        yield lambda steps=1: None
+        yield _ignore_progress
 
     def message(self, text: str) -> None:
         pass
@@ -51,7 +55,7 @@ class RichReporter(Reporter):
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
         if self.quiet:
-            yield lambda steps=1: None
+            yield _ignore_progress
             return
         columns = (
             TextColumn("{task.description}"),
@@ -64,7 +68,7 @@ class RichReporter(Reporter):
         )
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total)
-            yield lambda steps=1: progress.advance(task_id, steps)
+            yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
 
     def message(self, text: str) -> None:
         if not self.quiet:

@@ -86,7 +86,7 @@ def grid_sample_tokens(tokens: torch.Tensor, choice: torch.Tensor, window: int =
 def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
     """In place: ``teacher <- momentum * teacher + (1 - momentum) * student``."""
     with torch.no_grad():
-        teacher_params = [p for p in teacher.parameters()]
-        student_params = [p.detach() for p in student.parameters()]
+        teacher_params: list[torch.Tensor] = list(teacher.parameters())
+        student_params: list[torch.Tensor] = [p.detach() for p in student.parameters()]
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
