@@ -24,7 +24,13 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-def assert_close(actual, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def assert_close(actual, expected, rtol: float = 1e-5, atol: float | None = None) -> None:
+    """Element-wise ``rtol``, plus an absolute slack of ``rtol`` times the largest expected
+    magnitude, so that elements near zero in an array of scale 1 are judged on that scale
+    (float32 rounding of a sum of terms of size 1 is about 1e-7 whatever the sum's value)."""
     actual_t = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual.detach())
     expected_t = torch.as_tensor(np.asarray(expected))
+    if atol is None:
+        scale = float(expected_t.abs().max()) if expected_t.numel() else 0.0
+        atol = max(rtol * scale, 1e-8)
     torch.testing.assert_close(actual_t.to(expected_t.dtype), expected_t, rtol=rtol, atol=atol)

@@ -209,3 +209,21 @@ def test_run_with_other_backbone_is_refused(trained_run):
 
     with pytest.raises(CauseError, match="trained with backbone 'toy'"):
         load_trained(RunDirectory(trained_run), torch.device("cpu"), backbone="dino-vits8")
+
+
+def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
+    run = tmp_path / "tr-run"
+    result = invoke("train", "--data-dir", scenes, "--run", run, "--head", "tr", "--resolution", "64",
+                    "--clusterbook-size", "32", "--batch-size", "8", "--epochs-front-door", "1",
+                    "--device", "cpu", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["head"] == "tr" and info["config"]["epochs_cluster_probe"] == 5
+    head = RunDirectory(run).load_tensors("head.safetensors")
+    assert head["teacher.query_pos"].shape == (64, 96)  # (64 / 8)^2 tokens, toy width 96
+    assert "teacher.clusterbook" not in head
+    evaluation = invoke("eval", "--run", run, "--device", "cpu", "--json")
+    assert evaluation.exit_code == 0 and 0 <= json.loads(evaluation.stdout)["miou"] <= 100
+    out = tmp_path / "segments"
+    assert invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--quiet").exit_code == 0
+    assert len(list((out / "labels").glob("*.png"))) == 8

@@ -1,31 +1,33 @@
-"""The MLP heads, projections, probes and inference path against the reference's outputs
-(shared/parity/heads.npz, computed from shared/parity/ckpt/)."""
+"""The MLP and TR heads, projections, probes and inference path against the reference's
+outputs (shared/parity/heads.npz, computed from shared/parity/ckpt/)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cause_cli.model.heads import ClusterProbe, SegmentationHeads
 from cause_cli.model.ops import map_to_tokens, tokens_to_map
-from cause_cli.model.reference import convert_mlp_heads, load_reference_file
+from cause_cli.model.reference import convert_heads, load_reference_file
 from cause_cli.predict import CRF_SHARPNESS
 
 from .helpers import assert_close, shared_path
 
+KINDS = ("mlp", "tr")
 
-@pytest.fixture
-def mlp_heads():
-    reference = load_reference_file(shared_path("parity", "ckpt", "segment_mlp.pth"))
-    heads = SegmentationHeads(dim=384, reduced_dim=90, projection_dim=2048, num_classes=27)
-    heads.load_state_dict(convert_mlp_heads(reference))
+
+def reference_heads(kind: str) -> SegmentationHeads:
+    reference = load_reference_file(shared_path("parity", "ckpt", f"segment_{kind}.pth"))
+    heads = SegmentationHeads(dim=384, reduced_dim=90, projection_dim=2048, num_classes=27, kind=kind, num_queries=64)
+    heads.load_state_dict(convert_heads(reference, kind))
+    heads.set_clusterbook(torch.from_numpy(np.load(shared_path("parity", "ckpt", "modular.npy"))))
     return heads.eval()
 
 
-@pytest.fixture
-def mlp_probe():
-    reference = load_reference_file(shared_path("parity", "ckpt", "cluster_mlp.pth"))
+def reference_probe(kind: str) -> ClusterProbe:
+    reference = load_reference_file(shared_path("parity", "ckpt", f"cluster_{kind}.pth"))
     probe = ClusterProbe(90, 27)
     probe.centroids.data.copy_(reference["cluster_probe"])
     return probe
@@ -37,66 +39,97 @@ def inputs(parity):
     return torch.from_numpy(data["feat"]), torch.from_numpy(data["feat_flip"])
 
 
-def test_student_and_teacher_heads(mlp_heads, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_student_and_teacher_heads(kind, inputs, parity):
     expected = parity("heads")
+    heads = reference_heads(kind)
     feat, _ = inputs
     with torch.no_grad():
-        assert_close(mlp_heads.student(feat), expected["mlp_seg_feat"])
-        assert_close(mlp_heads.teacher(feat), expected["mlp_seg_feat_ema"])
+        assert_close(heads.student(feat), expected[f"{kind}_seg_feat"])
+        assert_close(heads.teacher(feat), expected[f"{kind}_seg_feat_ema"])
 
 
-def test_projection_heads(mlp_heads, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_heads(kind, inputs, parity):
     expected = parity("heads")
+    heads = reference_heads(kind)
     feat, _ = inputs
     with torch.no_grad():
-        student = mlp_heads.student_projection(mlp_heads.student(feat))[:1]
-        teacher = mlp_heads.teacher_projection(mlp_heads.teacher(feat))[:1]
-    assert_close(student, expected["mlp_proj_feat_b0"])
-    assert_close(teacher, expected["mlp_proj_feat_ema_b0"])
+        student = heads.student_projection(heads.student(feat))[:1]
+        teacher = heads.teacher_projection(heads.teacher(feat))[:1]
+    assert_close(student, expected[f"{kind}_proj_feat_b0"])
+    assert_close(teacher, expected[f"{kind}_proj_feat_ema_b0"])
 
 
-def test_linear_probe(mlp_heads, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_probe(kind, inputs, parity):
+    heads = reference_heads(kind)
     feat, _ = inputs
     with torch.no_grad():
-        logits = mlp_heads.linear_probe(mlp_heads.teacher(feat))
+        logits = heads.linear_probe(heads.teacher(feat))
     assert logits.shape == (4, 27, 8, 8)
-    assert_close(logits, parity("heads")["mlp_linear_logits"])
+    assert_close(logits, parity("heads")[f"{kind}_linear_logits"])
 
 
-def test_cluster_assignment_and_crf_unary(mlp_heads, mlp_probe, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_cluster_assignment_and_crf_unary(kind, inputs, parity):
     expected = parity("heads")
+    heads, probe = reference_heads(kind), reference_probe(kind)
     feat, _ = inputs
     with torch.no_grad():
-        features = mlp_heads.teacher(feat)
-        cosines = mlp_probe.cosine(features)  # [B, P, C]
-        assignment = mlp_probe.assign(features).reshape(4, 8, 8)
+        features = heads.teacher(feat)
+        cosines = probe.cosine(features)  # [B, P, C]
+        assignment = probe.assign(features).reshape(4, 8, 8)
         unary = torch.log_softmax(CRF_SHARPNESS * tokens_to_map(cosines), dim=1)
-    assert torch.equal(assignment, torch.from_numpy(expected["mlp_cluster_preds"]))
-    assert torch.equal(assignment, torch.from_numpy(expected["mlp_cluster_loss_preds"]))
-    assert_close(unary, expected["mlp_cluster_logprob_crf"])
+    assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_preds"]))
+    assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_loss_preds"]))
+    assert_close(unary, expected[f"{kind}_cluster_logprob_crf"])
     # The reference's "cluster loss" is minus the mean best cosine.
-    assert_close(-cosines.max(dim=-1).values.mean(), expected["mlp_cluster_loss"])
+    assert_close(-cosines.max(dim=-1).values.mean(), expected[f"{kind}_cluster_loss"])
 
 
-def test_cluster_predictions_after_upsampling(mlp_heads, mlp_probe, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_cluster_predictions_after_upsampling(kind, inputs, parity):
+    heads, probe = reference_heads(kind), reference_probe(kind)
     feat, _ = inputs
     with torch.no_grad():
-        upsampled = F.interpolate(
-            tokens_to_map(mlp_heads.teacher(feat)), (32, 32), mode="bilinear", align_corners=False
-        )
-        predictions = mlp_probe.assign(map_to_tokens(upsampled)).reshape(4, 32, 32)
-    assert torch.equal(predictions, torch.from_numpy(parity("heads")["mlp_cluster_preds_interp32"]))
+        upsampled = F.interpolate(tokens_to_map(heads.teacher(feat)), (32, 32), mode="bilinear", align_corners=False)
+        predictions = probe.assign(map_to_tokens(upsampled)).reshape(4, 32, 32)
+    assert torch.equal(predictions, torch.from_numpy(parity("heads")[f"{kind}_cluster_preds_interp32"]))
 
 
-def test_flip_averaged_features_and_crf_unary(mlp_heads, mlp_probe, inputs, parity):
+@pytest.mark.parametrize("kind", KINDS)
+def test_flip_averaged_features_and_crf_unary(kind, inputs, parity):
     expected = parity("heads")
+    heads, probe = reference_heads(kind), reference_probe(kind)
     feat, feat_flip = inputs
     with torch.no_grad():
-        averaged = (
-            tokens_to_map(mlp_heads.teacher(feat)) + tokens_to_map(mlp_heads.teacher(feat_flip)).flip(dims=[3])
-        ) / 2
-        assert_close(map_to_tokens(averaged), expected["mlp_tta_seg_feat"])
+        flipped_back = tokens_to_map(heads.teacher(feat_flip)).flip(dims=[3])
+        averaged = (tokens_to_map(heads.teacher(feat)) + flipped_back) / 2
+        assert_close(map_to_tokens(averaged), expected[f"{kind}_tta_seg_feat"])
         upsampled = F.interpolate(averaged, (32, 32), mode="bilinear", align_corners=False)
-        cosines = mlp_probe.cosine(map_to_tokens(upsampled)).transpose(1, 2).reshape(4, 27, 32, 32)
+        cosines = probe.cosine(map_to_tokens(upsampled)).transpose(1, 2).reshape(4, 27, 32, 32)
         unary = torch.log_softmax(CRF_SHARPNESS * cosines, dim=1)
-    assert_close(unary, expected["mlp_tta_cluster_logprob_crf32"])
+    assert_close(unary, expected[f"{kind}_tta_cluster_logprob_crf32"])
+
+
+def test_tr_decoder_internals(inputs, parity):
+    expected = parity("heads")
+    heads = reference_heads("tr")
+    feat, _ = inputs
+    with torch.no_grad():
+        internals = heads.teacher.decode(feat)
+    # The reference runs its decoder sequence-first: [P, B, D].
+    for name, key in [("self_attn_out", "self_attn_out"), ("norm1_out", "norm1_out"),
+                      ("cross_attn_out", "multihead_attn_out"), ("norm2_out", "norm2_out"),
+                      ("linear2_out", "linear2_out"), ("norm3_out", "norm3_out")]:  # fmt: skip
+        assert_close(internals[name].transpose(0, 1), expected[f"tr_head_ema_internal_{key}"])
+    assert_close(internals["self_attn_weights"], expected["tr_head_ema_internal_self_attn_weights"])
+    assert_close(internals["cross_attn_weights"], expected["tr_head_ema_internal_multihead_attn_weights"])
+
+
+def test_tr_head_refuses_another_grid_size():
+    heads = SegmentationHeads(dim=8, reduced_dim=4, projection_dim=8, num_classes=3, kind="tr", num_queries=16)
+    heads.set_clusterbook(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="built for 16 tokens"):
+        heads.teacher(torch.randn(1, 25, 8))

@@ -81,11 +81,11 @@ def test_grid_sampling(parity, source, order, window, expected_key):
 
 def test_grid_sampling_reuses_the_choice_for_projections(parity):
     from cause_cli.model.heads import SegmentationHeads
-    from cause_cli.model.reference import convert_mlp_heads, load_reference_file
+    from cause_cli.model.reference import convert_heads, load_reference_file
 
     data = parity("sampling_vq")
     heads = SegmentationHeads(384, 90, 2048, 27)
-    heads.load_state_dict(convert_mlp_heads(load_reference_file(shared_path("parity", "ckpt", "segment_mlp.pth"))))
+    heads.load_state_dict(convert_heads(load_reference_file(shared_path("parity", "ckpt", "segment_mlp.pth")), "mlp"))
     feat = torch.from_numpy(parity("inputs")["feat"])
     with torch.no_grad():
         projected = heads.student_projection(heads.student(feat))

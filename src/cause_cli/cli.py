@@ -160,7 +160,9 @@ def train(
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset layout: folder.")] = "folder",
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: a new runs/trainN).")] = None,
-    head: Annotated[str, typer.Option("--head", help="Segmentation head: mlp.")] = "mlp",
+    head: Annotated[
+        str, typer.Option("--head", help="Segmentation head: mlp, or tr (CAUSE-TR, the paper's best).")
+    ] = "mlp",
     num_classes: Annotated[
         int | None, typer.Option("--num-classes", help="Clusters to find (default: from the labels or classes.txt).")
     ] = None,
@@ -171,7 +173,9 @@ def train(
     clusterbook_size: Annotated[int, typer.Option("--clusterbook-size", help="Concepts K in the clusterbook.")] = 2048,
     epochs_clusterbook: Annotated[int, typer.Option("--epochs-clusterbook")] = 1,
     epochs_front_door: Annotated[int, typer.Option("--epochs-front-door")] = 2,
-    epochs_cluster_probe: Annotated[int, typer.Option("--epochs-cluster-probe")] = 1,
+    epochs_cluster_probe: Annotated[
+        int | None, typer.Option("--epochs-cluster-probe", help="Default: 1 for mlp, 5 for tr.")
+    ] = None,
     positive_threshold: Annotated[
         float, typer.Option("--positive-threshold", help="Concept similarity above which two tokens are positives.")
     ] = 0.3,

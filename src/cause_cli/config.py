@@ -8,7 +8,9 @@ from typing import Any
 
 from .errors import CauseError
 
-HEADS = ("mlp",)
+HEADS = ("mlp", "tr")
+# The reference fits the cluster probe for 1 epoch after the MLP head and 5 after the TR head.
+CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
 
 
 @dataclass
@@ -30,7 +32,7 @@ class TrainConfig:
     grad_clip: float = 2.0
     epochs_clusterbook: int = 1
     epochs_front_door: int = 2
-    epochs_cluster_probe: int = 1
+    epochs_cluster_probe: int | None = None  # None: 1 for the MLP head, 5 for TR
     grid_sampling: bool = True
     grid_window: int = 4
     modularity_temperature: float = 0.1
@@ -57,6 +59,8 @@ class TrainConfig:
             raise CauseError("--num-classes must be at least 2.")
         if not self.negative_threshold <= self.positive_threshold:
             raise CauseError("The negative threshold must not exceed the positive threshold.")
+        if self.epochs_cluster_probe is None:
+            self.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[self.head]
         for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe"):
             if getattr(self, name) < 0:
                 raise CauseError(f"{name.replace('_', ' ')} must not be negative.")

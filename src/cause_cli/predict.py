@@ -52,7 +52,7 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
         raise CauseError(f"Run {run.path} was trained with backbone '{config.backbone}', not '{backbone}'.")
     loaded_backbone = load_backbone(config.backbone, device)
     num_classes = int(info["num_classes"])
-    heads = load_heads(run, config, loaded_backbone.dim, num_classes, device).eval()
+    heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
     probe_state = run.load_tensors(PROBE_FILE, device)
     cluster_probe = ClusterProbe(config.reduced_dim, num_classes).to(device)
     cluster_probe.centroids.data.copy_(probe_state["centroids"])

@@ -210,8 +210,12 @@ def _linear_probe_loss(
     return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
 
 
-def build_heads(config: TrainConfig, dim: int, num_classes: int) -> SegmentationHeads:
-    return SegmentationHeads(dim, config.reduced_dim, config.projection_dim, num_classes, config.dropout)
+def build_heads(config: TrainConfig, dim: int, patch_size: int, num_classes: int) -> SegmentationHeads:
+    assert config.resolution is not None
+    tokens_per_image = (config.resolution // patch_size) ** 2
+    return SegmentationHeads(
+        dim, config.reduced_dim, config.projection_dim, num_classes, config.dropout, config.head, tokens_per_image
+    )
 
 
 def train_front_door(context: TrainingContext, title: str) -> None:
@@ -220,7 +224,8 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     device = context.device
     clusterbook = context.run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"]
     normalised_codes = F.normalize(clusterbook, dim=1)
-    heads = build_heads(config, context.backbone.dim, context.num_classes).to(device)
+    heads = build_heads(config, context.backbone.dim, context.backbone.patch_size, context.num_classes).to(device)
+    heads.set_clusterbook(clusterbook)
     heads.train()
     optimiser = torch.optim.Adam(heads.student_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
@@ -229,13 +234,19 @@ def train_front_door(context: TrainingContext, title: str) -> None:
 
     last_loss = math.nan
     for tokens, labels in context.training_batches(config.epochs_front_door, title):
-        # The MLP head acts per token, so sampling its input equals sampling its output.
-        (sampled,) = context.grid_sample(tokens)
-        codes = nearest_code(sampled, clusterbook)
         with autocast(device):
-            with torch.no_grad():
-                teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
-            student = heads.student_projection(heads.student(sampled, use_dropout=True))
+            if heads.per_token:
+                # A per-token head commutes with sampling: sample first, compute 16x less.
+                (sampled,) = context.grid_sample(tokens)
+                with torch.no_grad():
+                    teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
+                student = heads.student_projection(heads.student(sampled, use_dropout=True))
+            else:
+                with torch.no_grad():
+                    teacher = heads.teacher_projection(heads.teacher(tokens, use_dropout=True))
+                student = heads.student_projection(heads.student(tokens, use_dropout=True))
+                sampled, student, teacher = context.grid_sample(tokens, student, teacher)
+        codes = nearest_code(sampled, clusterbook)
         bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
         loss = concept_contrastive_loss(
             student,
@@ -280,9 +291,11 @@ def _step_linear_probe(
 
 
 def load_heads(
-    run: RunDirectory, config: TrainConfig, dim: int, num_classes: int, device: torch.device
+    run: RunDirectory, config: TrainConfig, dim: int, patch_size: int, num_classes: int, device: torch.device
 ) -> SegmentationHeads:
-    heads = build_heads(config, dim, num_classes).to(device)
+    heads = build_heads(config, dim, patch_size, num_classes).to(device)
+    if heads.kind == "tr":
+        heads.set_clusterbook(run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"])
     state = run.load_tensors(HEAD_FILE, device)
     try:
         heads.load_state_dict(state)
@@ -295,7 +308,9 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     """Step three: centroids ``Phi [C, r]`` by modularity over the frozen teacher's features."""
     config = context.config
     device = context.device
-    heads = load_heads(context.run, config, context.backbone.dim, context.num_classes, device)
+    heads = load_heads(
+        context.run, config, context.backbone.dim, context.backbone.patch_size, context.num_classes, device
+    )
     heads.train()  # dropout on the input features, as during training
     for parameter in heads.parameters():
         parameter.requires_grad_(False)
@@ -306,6 +321,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
     last_loss = math.nan
+    assert config.epochs_cluster_probe is not None
     for tokens, labels in context.training_batches(config.epochs_cluster_probe, title, scheduler.step):
         with torch.no_grad(), autocast(device):
             features = heads.teacher(tokens, use_dropout=True).float()

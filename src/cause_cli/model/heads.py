@@ -13,25 +13,104 @@ import copy
 import torch
 from torch import nn
 
-from .ops import cosine_similarity_matrix, ema_update_, tokens_to_map
+from .ops import cosine_similarity_matrix, ema_update_, quantise, tokens_to_map
+
+
+class DualProjection(nn.Module):
+    """``W1 x + W3 relu(W2 x)``: ``[..., D] -> [..., r]``, the last stage of both heads.
+
+    With an input dropout, it is drawn separately for each branch, as the reference does.
+    """
+
+    def __init__(self, dim: int, reduced_dim: int) -> None:
+        super().__init__()
+        self.linear_branch = nn.Linear(dim, reduced_dim)
+        self.mlp_branch = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, reduced_dim))
+
+    def forward(self, tokens: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
+        drop = dropout if dropout is not None else nn.Identity()
+        return self.linear_branch(drop(tokens)) + self.mlp_branch(drop(tokens))
 
 
 class MLPHead(nn.Module):
     """CAUSE-MLP head ``h(x) = W1 x + W3 relu(W2 x)``: ``[B, P, D] -> [B, P, r]``.
 
-    During training, dropout acts on the input features, drawn separately for each branch
-    as the reference does.
+    During training, dropout acts on the input features.
     """
 
     def __init__(self, dim: int, reduced_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.linear_branch = nn.Linear(dim, reduced_dim)
-        self.mlp_branch = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, reduced_dim))
+        self.projection = DualProjection(dim, reduced_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, use_dropout: bool = False) -> torch.Tensor:
-        drop = self.dropout if use_dropout else nn.Identity()
-        return self.linear_branch(drop(tokens)) + self.mlp_branch(drop(tokens))
+        return self.projection(tokens, self.dropout if use_dropout else None)
+
+
+class TRHead(nn.Module):
+    """CAUSE-TR head (METHOD.md section 2): ``[B, P, D] -> [B, P, r]``.
+
+    Queries are the backbone tokens vector-quantised by the clusterbook. One post-norm decoder
+    layer: single-head self-attention on the queries plus learned positions, single-head
+    cross-attention to the backbone tokens, a ReLU FFN of width ``hidden_dim``; then the
+    backbone tokens are added back (``F + LayerNorm(tgt)``) and projected like the MLP head.
+    Dropout inside the layer follows ``train()``; ``use_dropout`` adds the input dropout of
+    the final projection.
+    """
+
+    def __init__(
+        self, dim: int, reduced_dim: int, num_queries: int, hidden_dim: int = 2048, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.query_pos = nn.Parameter(torch.randn(num_queries, dim))
+        self.self_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.projection = DualProjection(dim, reduced_dim)
+        self.dropout = nn.Dropout(dropout)
+        # The clusterbook is step one's result, not a parameter of this head: not saved with it.
+        self.register_buffer("clusterbook", torch.zeros(0, dim), persistent=False)
+
+    def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
+        self.clusterbook = clusterbook.detach().to(self.query_pos.device, self.query_pos.dtype)
+
+    def decode(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every intermediate of the decoder layer, for inspection and tests."""
+        if self.clusterbook.shape[0] == 0:
+            raise RuntimeError("TRHead needs its clusterbook: call set_clusterbook first")
+        if tokens.shape[1] != self.query_pos.shape[0]:
+            raise ValueError(f"TRHead was built for {self.query_pos.shape[0]} tokens per image, got {tokens.shape[1]}")
+        queries = quantise(tokens, self.clusterbook)
+        with_pos = queries + self.query_pos
+        self_out, self_weights = self.self_attn(with_pos, with_pos, queries)
+        norm1_out = self.norm1(queries + self.dropout1(self_out))
+        cross_out, cross_weights = self.cross_attn(norm1_out + self.query_pos, tokens, tokens)
+        norm2_out = self.norm2(norm1_out + self.dropout2(cross_out))
+        linear2_out = self.linear2(self.ffn_dropout(torch.relu(self.linear1(norm2_out))))
+        norm3_out = self.norm3(norm2_out + self.dropout3(linear2_out))
+        return {
+            "self_attn_out": self_out,
+            "self_attn_weights": self_weights,
+            "norm1_out": norm1_out,
+            "cross_attn_out": cross_out,
+            "cross_attn_weights": cross_weights,
+            "norm2_out": norm2_out,
+            "linear2_out": linear2_out,
+            "norm3_out": norm3_out,
+            "output": tokens + norm3_out,
+        }
+
+    def forward(self, tokens: torch.Tensor, use_dropout: bool = False) -> torch.Tensor:
+        decoded = self.decode(tokens)["output"]
+        return self.projection(decoded, self.dropout if use_dropout else None)
 
 
 class ProjectionHead(nn.Module):
@@ -76,6 +155,17 @@ class ClusterProbe(nn.Module):
         return self.cosine(tokens).argmax(dim=-1)
 
 
+def build_head(kind: str, dim: int, reduced_dim: int, num_queries: int | None, dropout: float) -> nn.Module:
+    """A segmentation head: ``"mlp"``, or ``"tr"`` (which needs the tokens per image)."""
+    if kind == "mlp":
+        return MLPHead(dim, reduced_dim, dropout)
+    if kind == "tr":
+        if num_queries is None:
+            raise ValueError("the TR head needs the number of tokens per image")
+        return TRHead(dim, reduced_dim, num_queries, dropout=dropout)
+    raise ValueError(f"unknown head '{kind}'")
+
+
 class SegmentationHeads(nn.Module):
     """Student and EMA teacher heads with their projection heads, and the linear probe."""
 
@@ -86,15 +176,28 @@ class SegmentationHeads(nn.Module):
         projection_dim: int = 2048,
         num_classes: int = 27,
         dropout: float = 0.1,
+        kind: str = "mlp",
+        num_queries: int | None = None,
     ) -> None:
         super().__init__()
-        self.student = MLPHead(dim, reduced_dim, dropout)
+        self.kind = kind
+        self.student = build_head(kind, dim, reduced_dim, num_queries, dropout)
         self.student_projection = ProjectionHead(reduced_dim, projection_dim)
         self.teacher = copy.deepcopy(self.student)
         self.teacher_projection = copy.deepcopy(self.student_projection)
         for parameter in [*self.teacher.parameters(), *self.teacher_projection.parameters()]:
             parameter.requires_grad_(False)
         self.linear_probe = LinearProbe(reduced_dim, num_classes)
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the head maps each token on its own (so sampling tokens commutes with it)."""
+        return self.kind == "mlp"
+
+    def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
+        for head in (self.student, self.teacher):
+            if isinstance(head, TRHead):
+                head.set_clusterbook(clusterbook)
 
     def student_parameters(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *self.student_projection.parameters()]

@@ -13,14 +13,31 @@ import torch
 
 from ..errors import CauseError
 
-# reference prefix -> this toolkit's prefix, for the MLP variant of the segmentation heads
-MLP_HEAD_PREFIXES = {
-    "head.f1.": "student.linear_branch.",
-    "head.f2.0.": "student.mlp_branch.0.",
-    "head.f2.2.": "student.mlp_branch.2.",
-    "head_ema.f1.": "teacher.linear_branch.",
-    "head_ema.f2.0.": "teacher.mlp_branch.0.",
-    "head_ema.f2.2.": "teacher.mlp_branch.2.",
+# Inside one head: the reference's names -> this toolkit's, per head kind.
+_HEAD_NAMES = {
+    "mlp": {
+        "f1.": "projection.linear_branch.",
+        "f2.0.": "projection.mlp_branch.0.",
+        "f2.2.": "projection.mlp_branch.2.",
+    },
+    "tr": {
+        "query_pos": "query_pos",
+        "tr.self_attn.": "self_attn.",
+        "tr.multihead_attn.": "cross_attn.",
+        "tr.linear1.": "linear1.",
+        "tr.linear2.": "linear2.",
+        "tr.norm1.": "norm1.",
+        "tr.norm2.": "norm2.",
+        "tr.norm3.": "norm3.",
+        "tr.f1.": "projection.linear_branch.",
+        "tr.f2.0.": "projection.mlp_branch.0.",
+        "tr.f2.2.": "projection.mlp_branch.2.",
+    },
+}
+# The reference's module prefixes -> this toolkit's (SegmentationHeads).
+_MODULES = {
+    "head.": "student.",
+    "head_ema.": "teacher.",
     "projection_head.f.": "student_projection.linear.",
     "projection_head_ema.f.": "teacher_projection.linear.",
     "linear.f.": "linear_probe.linear.",
@@ -41,15 +58,30 @@ def load_reference_file(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_mlp_heads(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A reference ``segment_mlp.pth`` state dict as a :class:`SegmentationHeads` state dict."""
+def _rename(key: str, kind: str) -> str | None:
+    for old_module, new_module in _MODULES.items():
+        if not key.startswith(old_module):
+            continue
+        rest = key[len(old_module) :]
+        if old_module in ("head.", "head_ema."):
+            for old, new in _HEAD_NAMES[kind].items():
+                if rest.startswith(old):
+                    return new_module + new + rest[len(old) :]
+            return None
+        return new_module + rest
+    return None
+
+
+def convert_heads(reference: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """A reference ``segment_mlp.pth`` / ``segment_tr.pth`` state dict as a
+    :class:`SegmentationHeads` state dict (``kind`` is ``"mlp"`` or ``"tr"``)."""
     converted: dict[str, torch.Tensor] = {}
     for key, value in reference.items():
-        for old, new in MLP_HEAD_PREFIXES.items():
-            if key.startswith(old):
-                tensor = value.float()
-                if tensor.dim() == 4:  # a 1x1 convolution weight
-                    tensor = tensor[:, :, 0, 0]
-                converted[new + key[len(old) :]] = tensor.contiguous()
-                break
+        new_key = _rename(key, kind)
+        if new_key is None:
+            continue
+        tensor = value.float()
+        if tensor.dim() == 4:  # a 1x1 convolution weight
+            tensor = tensor[:, :, 0, 0]
+        converted[new_key] = tensor.contiguous()
     return converted
