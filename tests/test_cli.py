@@ -227,3 +227,59 @@ def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
     out = tmp_path / "segments"
     assert invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--quiet").exit_code == 0
     assert len(list((out / "labels").glob("*.png"))) == 8
+
+
+crf_only = pytest.mark.skipif(not __import__("cause_cli.crf").crf.crf_available(), reason="pydensecrf missing")
+
+
+@crf_only
+def test_eval_with_crf_writes_both_results_and_pictures(trained_run):
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert 0 <= metrics["crf"]["miou"] <= 100 and set(metrics["crf"]["iou_per_class"]) == set(metrics["iou_per_class"])
+    assert metrics["class_names"][:2] == ["brick", "water"]
+    for picture in ("confusion.png", "samples.png"):
+        assert Image.open(trained_run / picture).size[0] > 50
+    table = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--quiet")
+    assert "with CRF" in table.stdout
+
+
+@crf_only
+def test_eval_survives_a_killed_crf_worker(trained_run, tmp_path, monkeypatch):
+    from cause_cli import crf
+    from tests.test_crf import die_once_job
+
+    monkeypatch.setenv("CAUSE_TEST_CRF_MARKER", str(tmp_path / "marker"))
+    monkeypatch.setattr(crf, "dense_crf", die_once_job)
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "marker").exists()  # a worker really died
+    assert json.loads(result.stdout)["crf"]["miou"] >= 0
+
+
+def test_segment_glob_list_legend_and_classes(trained_run, scenes, tmp_path):
+    invoke("eval", "--run", trained_run, "--device", "cpu", "--no-crf", "--quiet")  # gives the class matching
+    listing = tmp_path / "list.txt"
+    val = sorted((scenes / "images" / "val").glob("*.png"))
+    listing.write_text("\n".join(str(path) for path in val[:3]) + "\n# a comment\n")
+    out = tmp_path / "from-list"
+    assert invoke("segment", listing, "--run", trained_run, "--out", out, "--legend", "--quiet").exit_code == 0
+    assert sorted(p.name for p in (out / "labels").glob("*.png")) == [p.name for p in val[:3]]
+    assert (out / "legend.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["labels_are"] == "classes"
+    pattern = str(scenes / "images" / "**" / "scene_000[0-1].png")
+    out = tmp_path / "from-glob"
+    assert invoke("segment", pattern, "--run", trained_run, "--out", out, "--quiet").exit_code == 0
+    written = sorted(p.relative_to(out / "labels").as_posix() for p in (out / "labels").rglob("*.png"))
+    assert written == ["train/scene_0000.png", "train/scene_0001.png", "val/scene_0000.png", "val/scene_0001.png"]
+    missing = invoke("segment", str(tmp_path / "*.nothing"), "--run", trained_run)
+    assert missing.exit_code == 1 and "No files match" in missing.stderr
+
+
+@crf_only
+def test_segment_with_crf(trained_run, scenes, tmp_path):
+    out = tmp_path / "crf"
+    result = invoke("segment", scenes / "images" / "val", "--run", trained_run, "--out", out, "--crf", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "labels").glob("*.png"))) == 8

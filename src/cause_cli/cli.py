@@ -228,17 +228,28 @@ def evaluate(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Default: the run's.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or all.")] = "val",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
-    workers: Annotated[int, typer.Option("--workers")] = 0,
+    crf: Annotated[
+        bool | None,
+        typer.Option("--crf/--no-crf", help="Also report results after the dense CRF (default: when installed)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
+    ] = None,
+    loader_workers: Annotated[int, typer.Option("--loader-workers", help="DataLoader worker processes.")] = 0,
     device: DeviceOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Evaluate a run: cluster mIoU and pixel accuracy (Hungarian matching) and the linear probe's.
+    """Evaluate a run: cluster mIoU and pixel accuracy after Hungarian matching, with and without
+    the dense CRF, per-class IoU, and the linear probe's figures.
 
-    Writes RUN/metrics.json.
+    Follows the reference's protocol: without CRF the image alone; with CRF the image and its
+    flip averaged, then the CRF. Writes RUN/metrics.json, RUN/confusion.png and RUN/samples.png.
 
     Example: cause eval --run runs/train
     """
+    from .crf import default_workers
     from .evaluate import evaluate_run
 
     result = evaluate_run(
@@ -248,8 +259,10 @@ def evaluate(
         split,
         device,
         batch_size,
-        workers,
+        loader_workers,
         _reporter(quiet or json_output),
+        crf=crf,
+        crf_workers=default_workers() if workers is None else workers,
     )
     if json_output:
         print(json.dumps(result))
@@ -263,38 +276,57 @@ def print_metrics(result: dict[str, Any]) -> None:
     table.add_column("mIoU %", justify="right")
     table.add_column("pixel accuracy %", justify="right")
     table.add_row("clusters (Hungarian)", f"{result['miou']:.1f}", f"{result['pixel_accuracy']:.1f}")
+    if result.get("crf"):
+        crf = result["crf"]
+        table.add_row("clusters + CRF (flip averaged)", f"{crf['miou']:.1f}", f"{crf['pixel_accuracy']:.1f}")
     linear = result["linear_probe"]
     table.add_row("linear probe", f"{linear['miou']:.1f}", f"{linear['pixel_accuracy']:.1f}")
     stdout.print(table)
-    per_class = Table(title="IoU per class (clusters)")
+    per_class = Table(title="IoU per class %")
     per_class.add_column("class")
-    per_class.add_column("IoU %", justify="right")
-    for name, value in result["iou_per_class"].items():
-        per_class.add_row(name, "-" if value is None else f"{value:.1f}")
+    columns = [("clusters", result["iou_per_class"]), ("linear probe", result["linear_probe"]["iou_per_class"])]
+    if result.get("crf"):
+        columns.insert(1, ("with CRF", result["crf"]["iou_per_class"]))
+    for title, _ in columns:
+        per_class.add_column(title, justify="right")
+    for name in result["iou_per_class"]:
+        cells = [column[name] for _, column in columns]
+        per_class.add_row(name, *("-" if value is None else f"{value:.1f}" for value in cells))
     stdout.print(per_class)
 
 
 @app.command()
 @user_errors
 def segment(
-    source: Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).")],
+    source: Annotated[
+        str,
+        typer.Argument(help="An image file, a folder (searched recursively), a glob pattern, or a .txt list of paths."),
+    ],
     run: RunOption,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: a new runs/segmentN).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    crf: Annotated[
+        bool, typer.Option("--crf", help="Refine with the dense CRF (flip averaged, as in evaluation).")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", help="CRF worker processes; 0 runs it in this process.")] = 0,
+    legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Write a label map and a colour overlay for every image under SOURCE.
+    """Write a label map and a colour overlay for every image named by SOURCE.
 
-    Unreadable files are skipped and listed; the exit code stays 0.
+    Labels are clusters, or classes once the run has been evaluated. Unreadable files are
+    skipped and listed; the exit code stays 0.
 
-    Example: cause segment ./photos --run runs/train --out segments
+    Example: cause segment ./photos --run runs/train --out segments --legend
     """
     from .paths import next_numbered_folder, runs_home
     from .segment import segment_images
 
     out_path = out or next_numbered_folder(runs_home(), "segment")
-    result = segment_images(source, run, out_path, device, batch_size, _reporter(quiet))
+    result = segment_images(
+        source, run, out_path, device, batch_size, _reporter(quiet), crf=crf, crf_workers=workers, legend=legend
+    )
     table = Table(title="cause segment")
     table.add_column("images", justify="right")
     table.add_column("skipped", justify="right")

@@ -1,4 +1,11 @@
-"""``cause eval``: a trained run against a labelled split."""
+"""``cause eval``: a trained run against a labelled split, in one pass over the data.
+
+The protocol is the reference's (METHOD.md section 4): without CRF, the image's teacher
+features are upsampled and assigned; with CRF, the image and its horizontal flip both go
+through backbone and head, the two feature maps are averaged, and the dense CRF refines
+``log_softmax(3 * cos)``. Both results come from the same pass: the backbone sees each image
+once and its flip once, never more.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .crf import CRFPool, crf_available, require_crf
 from .data import open_dataset
+from .data.transforms import denormalise_to_uint8
 from .devices import resolve_device
 from .errors import CauseError
-from .metrics import MetricAccumulator
-from .predict import cluster_cosines, head_feature_map, linear_logits, load_trained
+from .figures import colourise, confusion_picture, palette, samples_picture, save_png
+from .metrics import MetricAccumulator, SegmentationScores
+from .paths import write_json
+from .predict import (
+    cluster_cosines,
+    crf_unary,
+    flip_averaged_feature_map,
+    head_feature_map,
+    linear_logits,
+    load_trained,
+)
 from .progress import Reporter
 from .runs import METRICS_FILE, open_run
+
+SAMPLES_SHOWN = 4
 
 
 def evaluate_run(
@@ -29,10 +50,20 @@ def evaluate_run(
     workers: int = 0,
     reporter: Reporter | None = None,
     write: bool = True,
+    crf: bool | None = None,
+    crf_workers: int = 0,
 ) -> dict[str, Any]:
-    """Cluster and linear-probe mIoU and pixel accuracy of a run; written to ``metrics.json``."""
+    """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF.
+
+    ``crf=None`` runs the CRF when ``pydensecrf`` is installed. Writes ``metrics.json``,
+    ``confusion.png`` and ``samples.png`` into the run folder unless ``write=False``.
+    """
     reporter = reporter or Reporter()
     run = open_run(run_path)
+    if crf is None:
+        crf = crf_available()
+    elif crf:
+        require_crf()
     torch_device = resolve_device(device)
     model = load_trained(run, torch_device)
     config = model.config
@@ -46,38 +77,94 @@ def evaluate_run(
     )
     clusters = MetricAccumulator(model.num_classes)
     linear = MetricAccumulator(model.num_classes)
+    refined = MetricAccumulator(model.num_classes)
+    samples: list[tuple[np.ndarray, ...]] = []
     started = time.perf_counter()
-    with reporter.task(f"evaluating {split}", len(loader)) as advance:
-        for batch in loader:
-            images = batch["image"].to(torch_device)
-            labels = batch["label"].to(torch_device)
-            size = tuple(labels.shape[-2:])
-            features = head_feature_map(model, images)
-            clusters.update(cluster_cosines(model, features, size).argmax(dim=1), labels)
-            with torch.no_grad():
-                linear.update(linear_logits(model, features, size).argmax(dim=1), labels)
-            advance(1)
+    pool = CRFPool(crf_workers) if crf else None
+    try:
+        with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), len(loader)) as advance:
+            for batch in loader:
+                images = batch["image"].to(torch_device)
+                labels = batch["label"].to(torch_device)
+                size = (int(labels.shape[-2]), int(labels.shape[-1]))
+                features = head_feature_map(model, images)
+                predictions = cluster_cosines(model, features, size).argmax(dim=1)
+                clusters.update(predictions, labels)
+                with torch.no_grad():
+                    linear.update(linear_logits(model, features, size).argmax(dim=1), labels)
+                refined_predictions = None
+                if pool is not None:
+                    averaged = flip_averaged_feature_map(model, images, features)
+                    unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
+                    rgb = denormalise_to_uint8(images)
+                    marginals = pool.run(list(rgb), list(unary))
+                    refined_predictions = torch.from_numpy(np.stack(marginals).argmax(axis=1)).to(labels.device)
+                    refined.update(refined_predictions, labels)
+                _keep_samples(samples, images, labels, predictions, refined_predictions)
+                advance(1)
+    finally:
+        if pool is not None:
+            pool.close()
+
+    names = model.class_names or [str(index) for index in range(model.num_classes)]
     cluster_scores = clusters.scores(match=True)
     linear_scores = linear.scores(match=False)
-    names = model.class_names
     result: dict[str, Any] = {
         **cluster_scores.as_dict(names),
-        "linear_probe": {
-            "miou": linear_scores.miou,
-            "pixel_accuracy": linear_scores.pixel_accuracy,
-            "iou_per_class": linear_scores.as_dict(names)["iou_per_class"],
-        },
+        "crf": refined.scores(match=True).as_dict(names) if crf else None,
+        "linear_probe": _summary(linear_scores, names),
+        "class_names": names,
         "images": len(data),
         "split": split,
         "dataset": dataset_name,
         "data_dir": str(root),
         "backbone": config.backbone,
+        "head": config.head,
         "num_classes": model.num_classes,
+        "protocol": "no CRF: image only; CRF: image and flip averaged, then dense CRF (the reference's)",
         "seconds": round(time.perf_counter() - started, 2),
         "evaluated_at": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     if write:
-        from .paths import write_json
-
         write_json(run.file(METRICS_FILE), result)
+        final = refined.scores(match=True) if crf else cluster_scores
+        save_png(
+            confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names), run.file("confusion.png")
+        )
+        if samples:
+            save_png(_samples_figure(samples, final.mapping, crf), run.file("samples.png"))
     return result
+
+
+def _summary(scores: SegmentationScores, names: list[str]) -> dict[str, Any]:
+    full = scores.as_dict(names)
+    return {key: full[key] for key in ("miou", "pixel_accuracy", "iou_per_class")}
+
+
+def _keep_samples(
+    samples: list[tuple[np.ndarray, ...]],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    refined: torch.Tensor | None,
+) -> None:
+    missing = SAMPLES_SHOWN - len(samples)
+    if missing <= 0:
+        return
+    rgb = denormalise_to_uint8(images[:missing])
+    for index in range(min(missing, len(rgb))):
+        entry = [rgb[index], labels[index].cpu().numpy(), predictions[index].cpu().numpy()]
+        if refined is not None:
+            entry.append(refined[index].cpu().numpy())
+        samples.append(tuple(entry))
+
+
+def _samples_figure(samples: list[tuple[np.ndarray, ...]], mapping: np.ndarray, crf: bool) -> Any:
+    colours = palette()
+    rows = []
+    for image, label, *predicted in samples:
+        tiles = [image, colourise(label, colours)]
+        tiles.extend(colourise(mapping[prediction], colours) for prediction in predicted)
+        rows.append(tiles)
+    titles = ["image", "ground truth", "prediction"] + (["with CRF"] if crf else [])
+    return samples_picture(rows, titles)

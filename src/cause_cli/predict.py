@@ -71,16 +71,21 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
 
 
 @torch.no_grad()
-def head_feature_map(model: TrainedModel, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """Teacher head features ``[B, r, g, g]``, optionally averaged with the flipped image's."""
+def head_feature_map(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
+    """Teacher head features ``[B, r, g, g]`` of normalised images ``[B, 3, R, R]``."""
     with autocast(model.device):
         features = tokens_to_map(model.heads.teacher(model.backbone(images)).float())
-        if flip:
-            flipped = tokens_to_map(model.heads.teacher(model.backbone(images.flip(dims=[3]))).float())
-            features = (features + flipped.flip(dims=[3])) / 2
     return features.float()
 
 
+@torch.no_grad()
+def flip_averaged_feature_map(model: TrainedModel, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The mean of ``features`` (the images' own) and the flipped images' features flipped back."""
+    flipped = head_feature_map(model, images.flip(dims=[3]))
+    return (features + flipped.flip(dims=[3])) / 2
+
+
+@torch.no_grad()
 def cluster_cosines(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Cosine of every pixel's upsampled feature with every centroid: ``[B, C, H, W]``."""
     upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
@@ -88,6 +93,7 @@ def cluster_cosines(model: TrainedModel, feature_map: torch.Tensor, size: tuple[
     return cosines.transpose(1, 2).reshape(feature_map.shape[0], -1, *size)
 
 
+@torch.no_grad()
 def linear_logits(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Linear-probe logits upsampled to ``size``: ``[B, C, H, W]``."""
     logits = model.linear_probe(map_to_tokens(feature_map))

@@ -1,13 +1,18 @@
-"""``cause segment``: folders of images in, label maps and overlays out.
+"""``cause segment``: images in, label maps and overlays out.
 
-For every readable image under the source: ``OUT/labels/<relative path>.png`` (a palette PNG
-of the image's own size, one value per cluster) and ``OUT/overlays/<relative path>.png``
-(the image with the clusters' colours blended in). Files that are not readable images are
-skipped and listed, never fatal. ``OUT/summary.json`` records what was done.
+The source is an image file, a folder (searched recursively), a glob pattern, or a text file
+listing image paths, one per line. For every readable image, keeping its path relative to the
+source: ``OUT/labels/<path>.png`` (a palette PNG of the image's own size) and
+``OUT/overlays/<path>.png`` (the image with the colours blended in). Label values are
+clusters, or classes when the run has been evaluated (``metrics.json`` holds the matching of
+clusters to classes). Files that are not readable images are skipped and listed, never fatal.
+``OUT/summary.json`` records what was done.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,31 +20,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from .crf import CRFPool, require_crf
 from .data.transforms import normalise, resize_and_crop
 from .devices import resolve_device
 from .errors import CauseError
-from .paths import write_atomically, write_json
-from .predict import cluster_cosines, head_feature_map, load_trained
+from .figures import palette, save_png
+from .paths import write_json
+from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
 from .progress import Reporter
-from .runs import open_run
+from .runs import METRICS_FILE, RunDirectory, open_run
 
 # Cosines are computed at most at this size (longest side), then label maps are resized to
 # the image's own size, so a 40-megapixel photo costs no more memory than a small one.
 MAX_PREDICTION_SIDE = 1024
 OVERLAY_OPACITY = 0.5
-
-
-def palette(num_colours: int = 256) -> np.ndarray:
-    """Distinct colours ``uint8 [N, 3]``: the Pascal VOC bit-interleaved colour map."""
-    index = np.arange(num_colours)
-    colours = np.zeros((num_colours, 3), dtype=np.int64)
-    for shift in range(7, -1, -1):
-        for channel in range(3):
-            colours[:, channel] |= ((index >> channel) & 1) << shift
-        index = index >> 3
-    return colours.astype(np.uint8)
+LIST_SUFFIXES = {".txt", ".lst"}
 
 
 @dataclass
@@ -49,7 +46,7 @@ class SegmentSummary:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def as_dict(self, run: Path, backbone: str) -> dict[str, Any]:
+    def as_dict(self, run: Path, backbone: str, labels_are: str) -> dict[str, Any]:
         per_image = self.seconds / len(self.written) if self.written else None
         return {
             "inputs": self.inputs,
@@ -57,23 +54,59 @@ class SegmentSummary:
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "seconds_per_image": round(per_image, 4) if per_image is not None else None,
+            "labels_are": labels_are,
             "run": str(run),
             "backbone": backbone,
         }
 
 
-def collect_inputs(source: Path) -> list[tuple[Path, Path]]:
-    """``(file, path relative to the source)`` for every non-hidden file under ``source``."""
-    if source.is_file():
-        return [(source, Path(source.name))]
-    if not source.is_dir():
-        raise CauseError(f"{source} does not exist.")
-    files = []
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append((path, relative))
-    return files
+def _common_parent(paths: list[Path]) -> Path:
+    parents = [path.resolve().parent for path in paths]
+    common = parents[0]
+    for parent in parents[1:]:
+        while common not in (parent, *parent.parents):
+            common = common.parent
+    return common
+
+
+def _relative_to_parent(paths: list[Path]) -> list[tuple[Path, Path]]:
+    if not paths:
+        return []
+    parent = _common_parent(paths)
+    return [(path, path.resolve().relative_to(parent)) for path in paths]
+
+
+def collect_inputs(source: Path | str) -> list[tuple[Path, Path]]:
+    """``(file, path for the outputs)`` for every input named by ``source``.
+
+    A folder gives every non-hidden file below it; a glob pattern its matches; a ``.txt``
+    file the paths it lists (relative ones from the list's folder); otherwise one image file.
+    """
+    text = str(source)
+    path = Path(source)
+    if path.is_dir():
+        files = []
+        for candidate in sorted(path.rglob("*")):
+            relative = candidate.relative_to(path)
+            if candidate.is_file() and not any(part.startswith(".") for part in relative.parts):
+                files.append((candidate, relative))
+        return files
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        listed = []
+        for line in path.read_text().splitlines():
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                item = Path(entry).expanduser()
+                listed.append(item if item.is_absolute() else path.parent / item)
+        return _relative_to_parent(listed)
+    if path.is_file():
+        return [(path, Path(path.name))]
+    if glob.has_magic(text):
+        matches = [Path(match) for match in sorted(glob.glob(text, recursive=True)) if Path(match).is_file()]
+        if not matches:
+            raise CauseError(f"No files match {text}.")
+        return _relative_to_parent(matches)
+    raise CauseError(f"{source} does not exist.")
 
 
 def read_rgb(path: Path) -> Image.Image:
@@ -93,6 +126,73 @@ def _prediction_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
+    """The evaluated run's cluster-to-class matching and class names, if it has them."""
+    if not run.has(METRICS_FILE):
+        return None
+    metrics = json.loads(run.file(METRICS_FILE).read_text())
+    mapping, names = metrics.get("cluster_to_class"), metrics.get("class_names")
+    if not mapping or not names:
+        return None
+    return np.asarray(mapping, dtype=np.int64), list(names)
+
+
+def legend_picture(names: list[str], colours: np.ndarray) -> Image.Image:
+    row = 20
+    picture = Image.new("RGB", (220, row * len(names) + 8), "white")
+    draw = ImageDraw.Draw(picture)
+    for index, name in enumerate(names):
+        top = 4 + index * row
+        draw.rectangle((6, top, 26, top + row - 4), fill=tuple(int(c) for c in colours[index]))
+        draw.text((34, top + 3), name, fill="black")
+    return picture
+
+
+@dataclass
+class _Segmenter:
+    model: TrainedModel
+    out: Path
+    mapping: np.ndarray | None
+    pool: CRFPool | None
+    summary: SegmentSummary
+
+    def __post_init__(self) -> None:
+        self.colours = palette()
+        self.flat_palette = self.colours.reshape(-1).tolist()
+
+    def batch(self, pending: list[tuple[Path, Image.Image]]) -> None:
+        model = self.model
+        resized = [resize_and_crop(image, model.resolution, square_resize=True) for _, image in pending]
+        batch = torch.stack([normalise(image) for image in resized]).to(model.device)
+        features = head_feature_map(model, batch)
+        if self.pool is not None:
+            features = flip_averaged_feature_map(model, batch, features)
+        for index, (relative, image) in enumerate(pending):
+            size = _prediction_size(image.width, image.height)
+            cosines = cluster_cosines(model, features[index : index + 1], size)
+            if self.pool is not None:
+                small = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+                marginals = self.pool.run([small], [crf_unary(cosines)[0].cpu().numpy()])[0]
+                clusters = marginals.argmax(axis=0)
+            else:
+                clusters = cosines.argmax(dim=1)[0].cpu().numpy()
+            values = self.mapping[clusters] if self.mapping is not None else clusters
+            self.write(relative, image, values)
+
+    def write(self, relative: Path, image: Image.Image, values: np.ndarray) -> None:
+        label = Image.fromarray(values.astype(np.uint8), "P")
+        label.putpalette(self.flat_palette)
+        label = label.resize(image.size, Image.Resampling.NEAREST)
+        label_path = self.out / "labels" / relative.with_suffix(".png")
+        overlay_path = self.out / "overlays" / relative.with_suffix(".png")
+        save_png(label, label_path)
+        tint = Image.fromarray(self.colours[np.asarray(label)], "RGB")
+        save_png(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
+        self.summary.written.append(
+            {"input": relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
+        )
+
+
 def segment_images(
     source: Path | str,
     run_path: Path | str,
@@ -100,57 +200,45 @@ def segment_images(
     device: str = "auto",
     batch_size: int = 8,
     reporter: Reporter | None = None,
+    crf: bool = False,
+    crf_workers: int = 0,
+    legend: bool = False,
 ) -> dict[str, Any]:
-    """Segment every image under ``source`` with the run's model into ``out``."""
+    """Segment every image named by ``source`` with the run's model into ``out``."""
     reporter = reporter or Reporter()
     run = open_run(run_path)
-    source = Path(source)
     out = Path(out)
     files = collect_inputs(source)
-    torch_device = resolve_device(device)
-    model = load_trained(run, torch_device)
-    colours = palette()
-    flat_palette = colours.reshape(-1).tolist()
+    if crf:
+        require_crf()
+    model = load_trained(run, resolve_device(device))
+    matched = class_mapping(run)
+    mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
     summary = SegmentSummary(inputs=len(files))
     started = time.perf_counter()
-
+    pool = CRFPool(crf_workers) if crf else None
+    segmenter = _Segmenter(model, out, mapping, pool, summary)
     pending: list[tuple[Path, Image.Image]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack(
-            [normalise(resize_and_crop(image, model.resolution, square_resize=True)) for _, image in pending]
-        ).to(torch_device)
-        features = head_feature_map(model, batch)
-        for index, (relative, image) in enumerate(pending):
-            size = _prediction_size(image.width, image.height)
-            clusters = cluster_cosines(model, features[index : index + 1], size).argmax(dim=1)[0]
-            label = Image.fromarray(clusters.to(torch.uint8).cpu().numpy(), "P")
-            label.putpalette(flat_palette)
-            label = label.resize(image.size, Image.Resampling.NEAREST)
-            label_path = out / "labels" / relative.with_suffix(".png")
-            overlay_path = out / "overlays" / relative.with_suffix(".png")
-            _save(label, label_path)
-            tint = Image.fromarray(colours[np.asarray(label)], "RGB")
-            _save(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
-            summary.written.append(
-                {"input": relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
-            )
-        pending.clear()
-
-    with reporter.task("segmenting", len(files)) as advance:
-        for path, relative in files:
-            try:
-                pending.append((relative, read_rgb(path)))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-                summary.skipped.append({"input": relative.as_posix(), "reason": _reason(error)})
-            if len(pending) >= batch_size:
-                flush()
-            advance(1)
-        flush()
+    try:
+        with reporter.task("segmenting", len(files)) as advance:
+            for path, relative in files:
+                try:
+                    pending.append((relative, read_rgb(path)))
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+                    summary.skipped.append({"input": relative.as_posix(), "reason": _reason(error)})
+                if len(pending) >= batch_size:
+                    segmenter.batch(pending)
+                    pending.clear()
+                advance(1)
+            if pending:
+                segmenter.batch(pending)
+    finally:
+        if pool is not None:
+            pool.close()
     summary.seconds = time.perf_counter() - started
-    result = summary.as_dict(run.path, model.config.backbone)
+    if legend:
+        save_png(legend_picture(names, segmenter.colours), out / "legend.png")
+    result = summary.as_dict(run.path, model.config.backbone, "classes" if mapping is not None else "clusters")
     write_json(out / "summary.json", result)
     return result
 
@@ -159,7 +247,3 @@ def _reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image this toolkit can read"
     return f"unreadable image ({type(error).__name__}: {error})"
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    write_atomically(path, lambda target: image.save(target, format="PNG"))

@@ -1,0 +1,142 @@
+"""The dense CRF: the paper's settings on real photos, and a worker pool that never hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cause_cli import crf as crf_module
+from cause_cli.crf import CRFPool, dense_crf
+from cause_cli.errors import CauseError
+from cause_cli.metrics import MetricAccumulator
+
+from .helpers import shared_path
+
+pytestmark = pytest.mark.skipif(not crf_module.crf_available(), reason="pydensecrf is not installed")
+
+VOC_CLASSES = 21
+
+
+def degraded_log_probabilities(label: np.ndarray, seed: int, factor: int = 16, noise: float = 0.5) -> np.ndarray:
+    """A poor unary made from the ground truth: one-hot, downsampled, blurred back up, noisy."""
+    one_hot = F.one_hot(torch.from_numpy(np.where(label == 255, 0, label)).long(), VOC_CLASSES)
+    one_hot = one_hot.permute(2, 0, 1)[None].float()
+    height, width = label.shape
+    small = F.avg_pool2d(one_hot, factor)
+    blurred = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+    generator = torch.Generator().manual_seed(seed)
+    scores = 4.0 * blurred + noise * torch.randn(blurred.shape, generator=generator)
+    return torch.log_softmax(scores, dim=0).numpy()
+
+
+def voc_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
+    root = shared_path("data", "real", "voc2012")
+    pairs = []
+    for image_path in sorted((root / "images").glob("*.png")):
+        image = np.asarray(Image.open(image_path).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR))
+        label = np.asarray(
+            Image.open(root / "SegmentationClass" / image_path.name).resize((256, 256), Image.Resampling.NEAREST)
+        )
+        pairs.append((image, label.astype(np.int64)))
+    return pairs
+
+
+def crf_before_and_after(workers: int = 0) -> tuple[float, float]:
+    before, after = MetricAccumulator(VOC_CLASSES), MetricAccumulator(VOC_CLASSES)
+    pairs = voc_pairs()
+    unaries = [degraded_log_probabilities(label, seed) for seed, (_, label) in enumerate(pairs)]
+    with CRFPool(workers) as pool:
+        refined = pool.run([image for image, _ in pairs], unaries)
+    for (_, label), unary, marginals in zip(pairs, unaries, refined, strict=True):
+        label_t = torch.from_numpy(np.where(label == 255, -1, label))
+        before.update(torch.from_numpy(unary.argmax(axis=0)), label_t)
+        after.update(torch.from_numpy(marginals.argmax(axis=0)), label_t)
+    return before.scores(match=False).miou, after.scores(match=False).miou
+
+
+def test_crf_improves_a_degraded_unary_on_real_voc_photos():
+    before, after = crf_before_and_after(workers=2)
+    print(f"VOC real photos, degraded unary: mIoU {before:.1f} before CRF, {after:.1f} after")
+    assert after > before + 10.0
+
+
+def test_dense_crf_returns_marginals():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    scores = torch.log_softmax(torch.randn(4, 20, 30), dim=0).numpy()
+    marginals = dense_crf(image, scores)
+    assert marginals.shape == (4, 20, 30) and marginals.dtype == np.float32
+    np.testing.assert_allclose(marginals.sum(axis=0), 1.0, rtol=1e-4)
+
+
+def test_confident_unary_survives_a_flat_image():
+    image = np.full((16, 16, 3), 128, dtype=np.uint8)
+    scores = np.full((2, 16, 16), np.log(0.1), dtype=np.float32)
+    scores[1] = np.log(0.9)
+    assert (dense_crf(image, scores).argmax(axis=0) == 1).all()
+
+
+# Jobs for the pool tests; module level so that spawned workers can import them.
+def die_once_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    marker = Path(os.environ["CAUSE_TEST_CRF_MARKER"])
+    if not marker.exists():
+        marker.write_text("died once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dense_crf(image, scores)
+
+
+def always_die_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+def hang_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    time.sleep(600)
+    raise AssertionError("unreachable")
+
+
+def small_inputs(count: int = 3):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(count)]
+    scores = [torch.log_softmax(torch.randn(3, 12, 12), dim=0).numpy() for _ in range(count)]
+    return images, scores
+
+
+def test_a_killed_worker_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAUSE_TEST_CRF_MARKER", str(tmp_path / "marker"))
+    images, scores = small_inputs()
+    with CRFPool(workers=2, job=die_once_job) as pool:
+        results = pool.run(images, scores)
+    assert (tmp_path / "marker").exists()
+    for result, expected in zip(results, [dense_crf(i, s) for i, s in zip(images, scores, strict=True)], strict=True):
+        np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def test_workers_that_keep_dying_fail_with_one_sentence():
+    images, scores = small_inputs()
+    started = time.monotonic()
+    with CRFPool(workers=2, job=always_die_job) as pool, pytest.raises(CauseError, match="died twice"):
+        pool.run(images, scores)
+    assert time.monotonic() - started < 60
+
+
+def test_a_hung_worker_is_stopped():
+    images, scores = small_inputs(1)
+    started = time.monotonic()
+    with CRFPool(workers=1, job=hang_job, seconds_per_image=3) as pool, pytest.raises(CauseError, match="longer than"):
+        pool.run(images, scores)
+    assert time.monotonic() - started < 30
+
+
+def test_missing_pydensecrf_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(crf_module, "crf_available", lambda: False)
+    with pytest.raises(CauseError, match="pip install cause-cli\\[crf\\]"):
+        CRFPool(0)
