@@ -207,7 +207,7 @@ def test_run_with_other_backbone_is_refused(trained_run):
     from cause_cli.errors import CauseError
     from cause_cli.predict import load_trained
 
-    with pytest.raises(CauseError, match="trained with backbone 'toy'"):
+    with pytest.raises(CauseError, match="made with backbone 'toy'"):
         load_trained(RunDirectory(trained_run), torch.device("cpu"), backbone="dino-vits8")
 
 

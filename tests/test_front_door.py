@@ -1,5 +1,5 @@
 """The concept bank, the concept-wise contrastive loss and the EMA update (METHOD.md section 2)
-against loop versions written the way the reference computes them."""
+against the loop versions in cause_cli.model.slow, written the way the reference computes them."""
 
 from __future__ import annotations
 
@@ -10,28 +10,7 @@ import torch.nn.functional as F
 from cause_cli.model.bank import ConceptBank
 from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss
 from cause_cli.model.heads import SegmentationHeads
-
-
-class LoopBank:
-    """A dict of growing tensors, one per code, as the reference keeps it."""
-
-    def __init__(self, num_codes: int, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries = {code: torch.empty(0, 0) for code in range(num_codes)}
-
-    def update(self, codes: torch.Tensor, features: torch.Tensor, random_keys: torch.Tensor) -> None:
-        features = F.normalize(features, dim=1)
-        for code in codes.unique().tolist():
-            members = torch.where(codes == code)[0]
-            chosen = members[torch.argsort(random_keys[members])][: len(members) // 2]
-            old = self.entries[code]
-            merged = torch.cat([old, features[chosen]]) if old.numel() else features[chosen]
-            self.entries[code] = merged[-self.capacity :]
-
-    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        features = [value for value in self.entries.values() if value.numel()]
-        codes = [torch.full((len(value),), code) for code, value in self.entries.items() if value.numel()]
-        return torch.cat(features), torch.cat(codes)
+from cause_cli.model.slow import LoopBank, loop_contrastive_loss
 
 
 def chronological(bank: ConceptBank, code: int) -> torch.Tensor:
@@ -90,35 +69,6 @@ def test_a_new_update_of_more_than_capacity_keeps_only_its_newest():
     ring.update(codes, features, keys)
     loop.update(codes, features, keys)
     torch.testing.assert_close(chronological(ring, 0), loop.entries[0])
-
-
-def loop_contrastive_loss(student, teacher, code_vectors, bank_features, bank_code_vectors, settings):
-    """Per image as anchors, with the full loss matrix, the way the reference computes it."""
-    batch, tokens, _ = student.shape
-    candidates = F.normalize(teacher, dim=-1).reshape(batch * tokens, -1)
-    all_codes = code_vectors.reshape(batch * tokens, -1)
-    terms = []
-    for b in range(batch):
-        anchors = F.normalize(student[b], dim=-1)
-
-        def term(similarity, code_similarity, exclude_self, b=b):
-            positive = code_similarity > settings.positive_threshold
-            if exclude_self:
-                block = positive[:, b * tokens : (b + 1) * tokens]
-                block.fill_diagonal_(False)
-            negative = code_similarity < settings.negative_threshold
-            shifted = similarity - similarity.max(dim=1, keepdim=True).values.detach()
-            denominator = (shifted.exp() * (positive | negative)).sum(dim=1, keepdim=True)
-            matrix = -shifted + torch.log(denominator)
-            return matrix[positive].mean()
-
-        terms.append(term(anchors @ candidates.t() / settings.temperature, code_vectors[b] @ all_codes.t(), True))
-        if bank_features is not None and len(bank_features):
-            terms.append(
-                term(anchors @ bank_features.t() / settings.temperature, code_vectors[b] @ bank_code_vectors.t(), False)
-            )
-    terms = torch.stack(terms)
-    return terms[~torch.isnan(terms)].mean()
 
 
 def contrastive_case(batch=3, tokens=16, dim=32, codes=2048, bank_size=500, seed=0):
@@ -191,3 +141,29 @@ def test_ema_update():
     for before, after, current in zip(teacher_before, teacher_after, student, strict=True):
         torch.testing.assert_close(after, 0.99 * before + 0.01 * current)
     assert all(not p.requires_grad for p in teacher_after)
+
+
+def test_fast_step_equals_loop_step_with_a_full_bank():
+    """Bank filled past capacity, then the loss against it: ring buffer + vectorised loss
+    equals dict of tensors + per-image loop, at K = 2048."""
+    torch.manual_seed(5)
+    codes_total, dim = 2048, 16
+    codebook = torch.randn(codes_total, 8)
+    used = torch.randint(0, codes_total, (12,))
+    ring, loop = ConceptBank(codes_total, dim, capacity=100), LoopBank(codes_total, 100)
+    for _ in range(40):  # 40 steps x 256 tokens over 12 codes: every used code overflows its 100
+        codes = used[torch.randint(0, 12, (256,))]
+        features, keys = torch.randn(256, dim), torch.rand(256)
+        ring.update(codes, features, keys)
+        loop.update(codes, features, keys)
+    assert int(ring.filled[used].min()) == 100
+    normalised = F.normalize(codebook, dim=1)
+    ring_features, ring_codes = ring.entries()
+    loop_features, loop_vectors = loop.flat(codebook)
+    assert ring_features.shape == loop_features.shape
+    token_codes = used[torch.randint(0, 12, (4, 25))]
+    student = torch.randn(4, 25, dim, requires_grad=True)
+    teacher = torch.randn(4, 25, dim)
+    fast = concept_contrastive_loss(student, teacher, normalised[token_codes], ring_features, normalised[ring_codes])
+    slow = loop_contrastive_loss(student, teacher, normalised[token_codes], loop_features, loop_vectors)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)

@@ -81,9 +81,13 @@ def _reporter(quiet: bool) -> Any:
     return RichReporter(stderr, quiet=quiet)
 
 
+DATASET_HELP = "Dataset layout: cocostuff27, cocostuff81, cocostuff171, cityscapes, voc2012 or folder."
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 RunOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
+BackboneCheckOption = Annotated[
+    str | None, typer.Option("--backbone", help="Default: the run's; another name is refused.")
+]
 
 
 @app.command()
@@ -125,39 +129,77 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
 @app.command()
 @user_errors
 def fetch(
-    names: Annotated[list[str] | None, typer.Argument(help="Backbone names, e.g. toy or dino-vits8.")] = None,
-    list_backbones: Annotated[bool, typer.Option("--list", help="List the known backbones.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision to pin.")] = None,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Backbones: names from --list, timm model names, or hf-hub:ORG/NAME ids."),
+    ] = None,
+    list_backbones: Annotated[bool, typer.Option("--list", help="List the known backbones and exit.")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub revision to pin: a branch, tag or commit.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="The toolkit's cache (default: $CAUSE_HOME, else ~/.cache/cause)."),
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-file",
+            help="Convert a checkpoint you downloaded instead (iBOT and MSN: the authors' release file).",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even when cached.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Download self-supervised backbones into the cache (CAUSE_HOME, default ~/.cache/cause).
+    """Download self-supervised backbones into the toolkit's cache, verified, as safetensors.
 
-    Example: cause fetch dino-vits8
+    Downloads go through huggingface_hub, so HF_TOKEN (or hf auth login), HF_HOME, HF_ENDPOINT
+    and HF_HUB_OFFLINE work as usual. A cached backbone is never requested again.
+
+    iBOT and MSN are not on the Hub in timm's form: convert the authors' file with --from-file.
+
+    Example: cause fetch dino-vits8 dinov2-vitb14
+
+    Example: cause fetch ibot-vitb16 --from-file checkpoint_teacher.pth
     """
-    from .backbones import REGISTRY, resolve_spec, weights_path
-    from .backbones import fetch as fetch_backbone
+    from .backbones import fetch_backbones
+    from .backbones import list_backbones as backbone_rows
 
     if list_backbones or not names:
-        table = Table(title="backbones")
-        for column in ("name", "family", "patch", "width", "resolution", "licence", "cached"):
-            table.add_column(column)
-        for spec in REGISTRY.values():
-            cached = "yes" if weights_path(spec).exists() else "no"
-            table.add_row(
-                spec.name, spec.family, str(spec.patch_size), str(spec.dim), str(spec.resolution), spec.licence, cached
-            )
+        from rich import box
+
+        table = Table(
+            title="backbones",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+            caption="res: the paper's input size. *: the reference's 12-head ViT-S, same weights",
+        )
+        columns = ("name", "family", "patch", "width", "parameters", "resolution", "licence", "cached")
+        headers = {"parameters": "params", "resolution": "res"}
+        for column in columns:
+            numeric = column in ("patch", "width", "parameters", "resolution")
+            table.add_column(headers.get(column, column), justify="right" if numeric else "left", no_wrap=True)
+        for row in backbone_rows(cache_dir):
+            parameters = row["parameters"]
+            row["parameters"] = "?" if parameters is None else f"{parameters / 1e6:.1f}M"
+            row["cached"] = "yes" if row["cached"] else "no"
+            if row["reference_heads"]:
+                row["name"] += "*"
+            table.add_row(*(str(row[column]) for column in columns))
         stdout.print(table)
         return
-    for name in names:
-        spec = resolve_spec(name)
-        path = fetch_backbone(spec, revision)
-        stdout.print(f"{name}: {path}")
+    for spec, path in fetch_backbones(
+        names, revision, cache_dir=cache_dir, from_file=from_file, force=force, reporter=_reporter(quiet)
+    ):
+        stdout.print(f"{spec.name}: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @user_errors
 def train(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="The dataset folder.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Dataset layout: folder.")] = "folder",
+    dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: a new runs/trainN).")] = None,
     head: Annotated[
@@ -183,7 +225,9 @@ def train(
         float, typer.Option("--negative-threshold", help="Concept similarity below which two tokens are negatives.")
     ] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Processes loading images (0: in this process); memory is pinned on CUDA.")
+    ] = 0,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -220,6 +264,57 @@ def train(
     stderr.print(f"run written to {run_path}")
 
 
+@app.command()
+@user_errors
+def prepare(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="The dataset folder.")],
+    dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Threads writing crops (default: one per CPU).", min=1)
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Write the paper's training crops once; cause train then trains on them.
+
+    Five-crop at 0.5 for cocostuff27, cityscapes and folder; ten-crop at 0.5 and 0.8 for
+    cocostuff81/171; ten-crop at 0.3 to 0.7 for voc2012. Run it again after an interruption
+    to finish; unreadable images are skipped and listed.
+
+    Example: cause prepare --dataset cocostuff27 --data-dir ~/datasets
+    """
+    from .data.crops import prepare_crops
+
+    summary = prepare_crops(dataset, data_dir, workers, _reporter(quiet))
+    if summary.made_elsewhere:
+        stdout.print(
+            f"{summary.folder} already holds {summary.crops:,} crops (not made by cause prepare); kept",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    if summary.already_prepared:
+        stdout.print(
+            f"{summary.folder} already holds the {summary.crops:,} prepared crops", highlight=False, soft_wrap=True
+        )
+        return
+    table = Table(title=f"cause prepare {dataset}")
+    for column in ("images", "already done", "cropped now", "skipped", "crops", "folder"):
+        table.add_column(column, justify="left" if column == "folder" else "right")
+    table.add_row(
+        f"{summary.images:,}",
+        f"{summary.done_before:,}",
+        f"{summary.written:,}",
+        f"{len(summary.skipped):,}",
+        f"{summary.crops:,}",
+        str(summary.folder),
+    )
+    stdout.print(table)
+    for path, reason in summary.skipped:
+        stderr.print(f"skipped {path}: {reason}", highlight=False, soft_wrap=True)
+    for line in summary.unknown_lines(dataset):
+        stderr.print(line, highlight=False, soft_wrap=True)
+
+
 @app.command(name="eval")
 @user_errors
 def evaluate(
@@ -237,6 +332,7 @@ def evaluate(
         typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
     ] = None,
     loader_workers: Annotated[int, typer.Option("--loader-workers", help="DataLoader worker processes.")] = 0,
+    backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quiet: QuietOption = False,
@@ -263,6 +359,7 @@ def evaluate(
         _reporter(quiet or json_output),
         crf=crf,
         crf_workers=default_workers() if workers is None else workers,
+        backbone=backbone,
     )
     if json_output:
         print(json.dumps(result))
@@ -310,6 +407,7 @@ def segment(
     ] = False,
     workers: Annotated[int, typer.Option("--workers", help="CRF worker processes; 0 runs it in this process.")] = 0,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
+    backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -325,7 +423,16 @@ def segment(
 
     out_path = out or next_numbered_folder(runs_home(), "segment")
     result = segment_images(
-        source, run, out_path, device, batch_size, _reporter(quiet), crf=crf, crf_workers=workers, legend=legend
+        source,
+        run,
+        out_path,
+        device,
+        batch_size,
+        _reporter(quiet),
+        crf=crf,
+        crf_workers=workers,
+        legend=legend,
+        backbone=backbone,
     )
     table = Table(title="cause segment")
     table.add_column("images", justify="right")
@@ -342,6 +449,48 @@ def segment(
     stdout.print(table)
     for skipped in result["skipped"]:
         stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="import")
+@user_errors
+def import_reference(
+    backbone: Annotated[
+        str, typer.Option("--backbone", help="The backbone the reference trained on (ViT-S: its 12-head variant).")
+    ],
+    folder: Annotated[
+        Path | None, typer.Argument(help="The reference's CAUSE/ folder, or a folder holding its files side by side.")
+    ] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="New run folder (default: a new runs/importN).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="The dataset it was trained on (names the classes).")
+    ] = None,
+    head: Annotated[str | None, typer.Option("--head", help="mlp or tr, when the folder holds both.")] = None,
+    segment_file: Annotated[Path | None, typer.Option("--segment", help="segment_mlp.pth or segment_tr.pth.")] = None,
+    cluster_file: Annotated[Path | None, typer.Option("--cluster", help="cluster_mlp.pth or cluster_tr.pth.")] = None,
+    modular_file: Annotated[Path | None, typer.Option("--modular", help="modular.npy (the clusterbook).")] = None,
+) -> None:
+    """Import heads trained by the reference CAUSE code as a run of this toolkit.
+
+    Reads segment_{mlp,tr}.pth, cluster_{mlp,tr}.pth and modular.npy in the reference's layout
+    (CAUSE/<dataset>/<backbone>/<K>/ and CAUSE/<dataset>/modularity/<backbone>/<K>/), side by
+    side, or named one by one; tensors only, nothing in them is executed.
+
+    Example: cause import CAUSE/cocostuff27 --backbone dino-vitb8 --dataset cocostuff27 --run runs/ref
+    """
+    from .importer import find_reference_files
+    from .importer import import_reference as convert
+    from .paths import next_numbered_folder, runs_home
+
+    files = find_reference_files(folder, head, segment_file, cluster_file, modular_file)
+    run_path = run or next_numbered_folder(runs_home(), "import")
+    imported = convert(files, backbone, run_path, dataset=dataset, class_names=_dataset_class_names(dataset))
+    stderr.print(f"imported the {files.head.upper()} head into {run_path} (backbone {imported.config().backbone})")
+
+
+def _dataset_class_names(dataset: str | None) -> list[str] | None:
+    from .data import dataset_class_names
+
+    return dataset_class_names(dataset)
 
 
 @app.command()

@@ -20,6 +20,9 @@ class TrainConfig:
     data_dir: str
     dataset: str = "folder"
     backbone: str = "toy"
+    # How position embeddings are resized to the input's grid: "reference" (the reference code's
+    # rule for the backbone, so heads match reference-trained ones) or "timm".
+    pos_embed: str = "reference"
     head: str = "mlp"
     resolution: int | None = None  # None: the backbone's resolution
     num_classes: int | None = None  # clusters of the cluster probe; None: from the dataset
@@ -51,6 +54,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.head not in HEADS:
             raise CauseError(f"Unknown head '{self.head}'; this version offers: {', '.join(HEADS)}.")
+        if self.pos_embed not in ("reference", "timm"):
+            raise CauseError(f"Unknown position-embedding rule '{self.pos_embed}'; choose reference or timm.")
         if self.batch_size < 1:
             raise CauseError("--batch-size must be at least 1.")
         if self.clusterbook_size < 2:

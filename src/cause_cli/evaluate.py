@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .crf import CRFPool, crf_available, require_crf
 from .data import open_dataset
+from .data.loading import LoadReport, iterate_batches
 from .data.transforms import denormalise_to_uint8
 from .devices import resolve_device
 from .errors import CauseError
@@ -52,6 +52,7 @@ def evaluate_run(
     write: bool = True,
     crf: bool | None = None,
     crf_workers: int = 0,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF.
 
@@ -65,16 +66,16 @@ def evaluate_run(
     elif crf:
         require_crf()
     torch_device = resolve_device(device)
-    model = load_trained(run, torch_device)
+    model = load_trained(run, torch_device, backbone)
     config = model.config
     dataset_name = dataset or config.dataset
     root = data_dir or config.data_dir
     data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
     if not data.has_labels:
         raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
-    loader = DataLoader(
-        data, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch_device.type == "cuda"
-    )
+    report = LoadReport()
+    batches = iterate_batches(data, batch_size, report, workers=workers, pin_memory=torch_device.type == "cuda")
+    steps = (len(data) + batch_size - 1) // batch_size
     clusters = MetricAccumulator(model.num_classes)
     linear = MetricAccumulator(model.num_classes)
     refined = MetricAccumulator(model.num_classes)
@@ -82,8 +83,8 @@ def evaluate_run(
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
     try:
-        with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), len(loader)) as advance:
-            for batch in loader:
+        with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
+            for batch in batches:
                 images = batch["image"].to(torch_device)
                 labels = batch["label"].to(torch_device)
                 size = (int(labels.shape[-2]), int(labels.shape[-1]))
@@ -106,7 +107,9 @@ def evaluate_run(
         if pool is not None:
             pool.close()
 
-    names = model.class_names or [str(index) for index in range(model.num_classes)]
+    for line in report.lines(dataset_name):
+        reporter.message(line)
+    names = model.class_names or data.class_names or [str(index) for index in range(model.num_classes)]
     cluster_scores = clusters.scores(match=True)
     linear_scores = linear.scores(match=False)
     result: dict[str, Any] = {
@@ -114,7 +117,8 @@ def evaluate_run(
         "crf": refined.scores(match=True).as_dict(names) if crf else None,
         "linear_probe": _summary(linear_scores, names),
         "class_names": names,
-        "images": len(data),
+        "images": len(data) - len(report.skipped),
+        "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())],
         "split": split,
         "dataset": dataset_name,
         "data_dir": str(root),

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backbones import FrozenBackbone, load_backbone
+from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from .config import TrainConfig
 from .devices import autocast
-from .errors import CauseError
 from .model.heads import ClusterProbe, LinearProbe, SegmentationHeads
 from .model.ops import map_to_tokens, tokens_to_map
 from .runs import PROBE_FILE, RunDirectory
@@ -48,9 +47,10 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
     """The trained model of ``run``; refuses a backbone other than the one it was trained with."""
     info = run.read_run_info()
     config = run.config()
-    if backbone is not None and backbone != config.backbone:
-        raise CauseError(f"Run {run.path} was trained with backbone '{config.backbone}', not '{backbone}'.")
-    loaded_backbone = load_backbone(config.backbone, device)
+    if backbone is not None:
+        refuse_other_backbone(run.path, info, backbone)
+    loaded_backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
+    refuse_other_backbone(run.path, info, loaded_backbone)
     num_classes = int(info["num_classes"])
     heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
     probe_state = run.load_tensors(PROBE_FILE, device)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -15,6 +16,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -43,6 +45,11 @@ class Reporter:
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
         yield _ignore_progress
 
+    @contextmanager
+    def download(self, description: str, total_bytes: int | None) -> Iterator[Advance]:
+        """Like :meth:`task`, counting bytes."""
+        yield _ignore_progress
+
     def message(self, text: str) -> None:
         pass
 
@@ -68,6 +75,23 @@ class RichReporter(Reporter):
         )
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total)
+            yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
+
+    @contextmanager
+    def download(self, description: str, total_bytes: int | None) -> Iterator[Advance]:
+        if self.quiet:
+            yield _ignore_progress
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task_id = progress.add_task(description, total=total_bytes)
             yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
 
     def message(self, text: str) -> None:

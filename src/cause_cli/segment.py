@@ -203,6 +203,7 @@ def segment_images(
     crf: bool = False,
     crf_workers: int = 0,
     legend: bool = False,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``."""
     reporter = reporter or Reporter()
@@ -211,7 +212,7 @@ def segment_images(
     files = collect_inputs(source)
     if crf:
         require_crf()
-    model = load_trained(run, resolve_device(device))
+    model = load_trained(run, resolve_device(device), backbone)
     matched = class_mapping(run)
     mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
     summary = SegmentSummary(inputs=len(files))

@@ -15,19 +15,19 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from . import __version__
-from .backbones import FrozenBackbone, file_sha256, load_backbone, weights_path
+from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from .config import TrainConfig
-from .data import open_dataset
-from .data.folder import ImageFolderDataset
+from .data import SegmentationDataset, canonical_name, open_dataset
+from .data.loading import LoadReport, iterate_batches
 from .devices import autocast, resolve_device
 from .errors import CauseError
 from .model.bank import ConceptBank
@@ -45,30 +45,33 @@ class TrainingContext:
     run: RunDirectory
     device: torch.device
     backbone: FrozenBackbone
-    train_set: ImageFolderDataset
+    train_set: SegmentationDataset
     num_classes: int
     reporter: Reporter
     generator: torch.Generator
+    load_report: LoadReport = field(default_factory=LoadReport)
 
     @property
     def has_labels(self) -> bool:
         return self.train_set.has_labels
 
-    def batches(self, epoch: int) -> DataLoader:
+    def batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """One epoch of shuffled batches; unreadable files are skipped and recorded."""
         order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
-        return DataLoader(
+        return iterate_batches(
             self.train_set,
-            batch_size=self.config.batch_size,
+            self.config.batch_size,
+            self.load_report,
             shuffle=True,
             drop_last=len(self.train_set) >= self.config.batch_size,
             generator=order,
-            num_workers=self.config.workers,
+            workers=self.config.workers,
             pin_memory=self.device.type == "cuda",
         )
 
-    def tokens_and_labels(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def tokens_and_labels(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
-        for batch in loader:
+        for batch in batches:
             images = batch["image"].to(self.device, non_blocking=non_blocking)
             with autocast(self.device):
                 tokens = self.backbone(images)
@@ -106,39 +109,33 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
     """Check the configuration against the data and the run folder; load the backbone."""
     config.validate()
     device = resolve_device(device_name)
-    backbone = load_backbone(config.backbone, device)
+    if run.has("run.json"):  # a run made with another backbone is refused before anything loads
+        refuse_other_backbone(run.path, run.read_run_info(), config.backbone)
+    backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
     if config.resolution is None:
         config.resolution = backbone.spec.resolution
     if config.resolution % backbone.patch_size:
         raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
-    train_set = open_dataset(config.dataset, config.data_dir, "train", config.resolution, config.val_fraction)
+    config.dataset = canonical_name(config.dataset)
+    train_set = open_dataset(
+        config.dataset, config.data_dir, "train", config.resolution, config.val_fraction, crops=True
+    )
+    if train_set.note:
+        reporter.message(train_set.note)
+        run.log(train_set.note)
     num_classes = config.num_classes or train_set.infer_num_classes()
     if num_classes is None:
         raise CauseError(
             "The data has no labels and no classes.txt, so say how many clusters to find with --num-classes."
         )
     config.num_classes = num_classes
-    backbone_hash = file_sha256(weights_path(backbone.spec))
-
     if run.has("run.json"):
-        recorded = run.read_run_info()
-        if recorded.get("backbone", {}).get("sha256") not in (None, backbone_hash):
-            raise CauseError(f"Run {run.path} was trained with other weights for backbone '{config.backbone}'.")
-        if recorded["config"].get("backbone") != config.backbone:
-            raise CauseError(
-                f"Run {run.path} was made with backbone '{recorded['config'].get('backbone')}', "
-                f"not '{config.backbone}'."
-            )
+        refuse_other_backbone(run.path, run.read_run_info(), backbone)
     run.write_run_info(
         {
             "toolkit_version": __version__,
             "config": config.to_dict(),
-            "backbone": {
-                "name": config.backbone,
-                "sha256": backbone_hash,
-                "dim": backbone.dim,
-                "patch_size": backbone.patch_size,
-            },
+            "backbone": backbone.describe(),
             "num_classes": num_classes,
             "class_names": train_set.class_names,
         }
@@ -170,6 +167,9 @@ def train(
         elapsed = time.perf_counter() - started
         run.log(f"{title}: done in {elapsed:.1f}s")
         reporter.message(f"{title}: done in {elapsed:.1f}s")
+    for line in context.load_report.lines(config.dataset):
+        reporter.message(line)
+        run.log(line)
     return run
 
 

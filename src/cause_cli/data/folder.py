@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from ..errors import CauseError
+from .base import Item, SegmentationDataset, no_label, read_image, read_label
 from .transforms import label_tensor, normalise, resize_and_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -42,6 +41,15 @@ def hashed_split(relative: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> s
     return "val" if fraction < val_fraction else "train"
 
 
+def read_class_names(root: Path) -> list[str] | None:
+    """The names in ``root/classes.txt``, one a line; None without that file."""
+    names_file = root / "classes.txt"
+    if not names_file.is_file():
+        return None
+    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    return names or None
+
+
 @dataclass(frozen=True)
 class Sample:
     image: Path
@@ -49,7 +57,7 @@ class Sample:
     relative: str  # path below the images folder, with the suffix
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(SegmentationDataset):
     """Images (and labels) of one split, transformed as METHOD.md section 0 says."""
 
     def __init__(
@@ -88,7 +96,7 @@ class ImageFolderDataset(Dataset):
             raise CauseError(f"No images for split '{split}' under {images_dir}.")
 
         self.samples = [self._pair(path, images_dir, labels_dir) for path in chosen]
-        self.class_names = self._read_class_names()
+        self.class_names = read_class_names(self.root)
 
     def _pair(self, image: Path, images_dir: Path, labels_dir: Path) -> Sample:
         relative = image.relative_to(images_dir)
@@ -98,13 +106,6 @@ class ImageFolderDataset(Dataset):
         if not label.is_file():
             raise CauseError(f"Image {image} has no label {label}; every image needs one when {labels_dir} exists.")
         return Sample(image, label, relative.as_posix())
-
-    def _read_class_names(self) -> list[str] | None:
-        names_file = self.root / "classes.txt"
-        if not names_file.is_file():
-            return None
-        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        return names or None
 
     def infer_num_classes(self) -> int | None:
         """Number of classes: from classes.txt, else the largest label value + 1, else None."""
@@ -124,21 +125,22 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+    def raw(self, index: int) -> tuple[Image.Image, np.ndarray | None, list[int]]:
+        """Full-size RGB image and its label (``-1`` ignore); no label map, so no unknown ids."""
         sample = self.samples[index]
-        try:
-            with Image.open(sample.image) as opened:
-                size = opened.size
-                image = resize_and_crop(opened.convert("RGB"), self.resolution)
-        except OSError as error:
-            raise CauseError(f"Cannot read image {sample.image}: {error}.") from error
+        image = read_image(sample.image)
+        if sample.label is None:
+            return image, None, []
+        label = label_tensor(read_label(sample.label, sample.image, image.size)).numpy()
+        return image, label, []
+
+    def load(self, index: int) -> tuple[Item, list[int]]:
+        sample = self.samples[index]
+        image = read_image(sample.image)
         if sample.label is not None:
-            with Image.open(sample.label) as opened:
-                if opened.mode not in ("L", "P", "I", "I;16"):
-                    raise CauseError(f"Label {sample.label} is not a single-channel image (mode {opened.mode}).")
-                if opened.size != size:
-                    raise CauseError(f"Label {sample.label} is {opened.size}, its image {sample.image} is {size}.")
-                label = label_tensor(resize_and_crop(opened, self.resolution))
+            opened = read_label(sample.label, sample.image, image.size)
+            label = label_tensor(resize_and_crop(opened, self.resolution))
         else:
-            label = torch.full((self.resolution, self.resolution), -1, dtype=torch.long)
-        return {"image": normalise(image), "label": label, "index": index, "path": sample.relative}
+            label = no_label(self.resolution)
+        pixels = normalise(resize_and_crop(image, self.resolution))
+        return {"image": pixels, "label": label, "index": index, "path": sample.relative}, []
