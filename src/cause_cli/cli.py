@@ -224,6 +224,15 @@ def train(
     negative_threshold: Annotated[
         float, typer.Option("--negative-threshold", help="Concept similarity below which two tokens are negatives.")
     ] = 0.1,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="default: labels train nothing but the linear probe. reference: the reference code's recipe "
+            "exactly (lr x 4 on a quarter of each epoch, its clipping, MLP steps 2-3 at 224) including its "
+            "label leak: the linear probe's cross-entropy trains the teacher head in step 3.",
+        ),
+    ] = "default",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[
         int, typer.Option("--workers", help="Processes loading images (0: in this process); memory is pinned on CUDA.")
@@ -258,6 +267,7 @@ def train(
         negative_threshold=negative_threshold,
         seed=seed,
         workers=workers,
+        recipe=recipe,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import CauseError
 
 HEADS = ("mlp", "tr")
+RECIPES = ("default", "reference")
 # The reference fits the cluster probe for 1 epoch after the MLP head and 5 after the TR head.
 CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
 
@@ -49,9 +50,17 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     workers: int = 0
+    # "default": labels reach nothing but the linear probe. "reference": the reference code's
+    # recipe exactly (see apply_reference_recipe), label leak included.
+    recipe: str = "default"
+    reference_gpus: int = 4  # the reference's process count, which its recipe depends on
+    front_door_resolution: int | None = None  # steps two and three; None: the run's resolution
+    epoch_fraction: float = 1.0  # share of each epoch's batches a step trains on
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise CauseError(f"Unknown recipe '{self.recipe}'; choose {' or '.join(RECIPES)}.")
         if self.head not in HEADS:
             raise CauseError(f"Unknown head '{self.head}'; this version offers: {', '.join(HEADS)}.")
         if self.pos_embed not in ("reference", "timm"):
@@ -77,3 +86,33 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+# Gradient-clipping norms of the reference's scripts, by (head, dataset), for steps two and
+# three. Its scripts stop with NotImplementedError for the other datasets in step two and do
+# not clip there in step three; this toolkit uses the COCO-Stuff-27 values for them.
+_REFERENCE_CLIP = {("mlp", "cityscapes"): 1.0, ("tr", "cityscapes"): 1.0, ("mlp", "cocostuff27"): 0.1}
+_REFERENCE_CLIP_OTHERWISE = {"mlp": 0.1, "tr": 2.0}
+# The CAUSE-MLP scripts train steps two and three at 224; CAUSE-TR, step one and evaluation at
+# the backbone's resolution.
+REFERENCE_MLP_TRAIN_RESOLUTION = 224
+
+
+def apply_reference_recipe(config: TrainConfig) -> None:
+    """Set what the reference recipe fixes (METHOD.md section 7).
+
+    Its four processes never average gradients: each trains its own copy on a quarter of every
+    epoch at lr 1e-3 x 4, and process 0's copy is kept. One process reproduces that with lr
+    1e-3 x ``reference_gpus`` and ``1 / reference_gpus`` of each epoch's batches.
+    """
+    if config.recipe != "reference":
+        return
+    gpus = max(1, config.reference_gpus)
+    config.learning_rate = 1e-3 * gpus
+    config.epoch_fraction = 1.0 / gpus
+    config.weight_decay = 0.0 if config.dataset == "cityscapes" else 1e-4
+    config.grad_clip = _REFERENCE_CLIP.get((config.head, config.dataset), _REFERENCE_CLIP_OTHERWISE[config.head])
+    if config.head == "mlp":
+        config.front_door_resolution = REFERENCE_MLP_TRAIN_RESOLUTION
+    config.epochs_clusterbook, config.epochs_front_door = 1, 2
+    config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]

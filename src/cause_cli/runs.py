@@ -28,6 +28,7 @@ from .paths import write_atomically, write_json
 
 CLUSTERBOOK_FILE = "clusterbook.safetensors"
 HEAD_FILE = "head.safetensors"
+FRONT_DOOR_HEAD_FILE = "head_front_door.safetensors"  # step two's head, kept by the reference recipe
 PROBE_FILE = "probe.safetensors"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"

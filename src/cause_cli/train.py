@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
-from .config import TrainConfig
+from .config import TrainConfig, apply_reference_recipe
 from .data import SegmentationDataset, canonical_name, open_dataset
 from .data.loading import LoadReport, iterate_batches
 from .devices import autocast, resolve_device
@@ -35,8 +36,9 @@ from .model.contrastive import ContrastiveSettings, concept_contrastive_loss
 from .model.heads import ClusterProbe, SegmentationHeads
 from .model.modularity import modularity_loss
 from .model.ops import draw_grid_choice, grid_sample_tokens, grid_side, nearest_code
+from .paths import write_atomically
 from .progress import Reporter
-from .runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
+from .runs import CLUSTERBOOK_FILE, FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
 
 
 @dataclass
@@ -50,20 +52,37 @@ class TrainingContext:
     reporter: Reporter
     generator: torch.Generator
     load_report: LoadReport = field(default_factory=LoadReport)
+    other_resolutions: dict[int, SegmentationDataset] = field(default_factory=dict)
 
     @property
     def has_labels(self) -> bool:
         return self.train_set.has_labels
 
-    def batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    @property
+    def reference_recipe(self) -> bool:
+        return self.config.recipe == "reference"
+
+    def data_at(self, resolution: int | None) -> SegmentationDataset:
+        """The training images at ``resolution`` (None: the run's)."""
+        if resolution is None or resolution == self.config.resolution:
+            return self.train_set
+        if resolution not in self.other_resolutions:
+            config = self.config
+            self.other_resolutions[resolution] = open_dataset(
+                config.dataset, config.data_dir, "train", resolution, config.val_fraction, crops=True
+            )
+        return self.other_resolutions[resolution]
+
+    def batches(self, epoch: int, resolution: int | None = None) -> Iterator[dict[str, Any]]:
         """One epoch of shuffled batches; unreadable files are skipped and recorded."""
         order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        data = self.data_at(resolution)
         return iterate_batches(
-            self.train_set,
+            data,
             self.config.batch_size,
             self.load_report,
             shuffle=True,
-            drop_last=len(self.train_set) >= self.config.batch_size,
+            drop_last=len(data) >= self.config.batch_size,
             generator=order,
             workers=self.config.workers,
             pin_memory=self.device.type == "cuda",
@@ -78,13 +97,20 @@ class TrainingContext:
             yield tokens.float(), batch["label"].to(self.device, non_blocking=non_blocking)
 
     def training_batches(
-        self, epochs: int, title: str, end_of_epoch: Callable[[], None] | None = None
+        self,
+        epochs: int,
+        title: str,
+        end_of_epoch: Callable[[], None] | None = None,
+        resolution: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Backbone tokens and labels of every training batch for ``epochs`` epochs, with a
-        progress bar; ``end_of_epoch`` runs after each epoch (a learning-rate schedule)."""
-        with self.reporter.task(title, epochs * _steps_per_epoch(self)) as advance:
+        """Backbone tokens and labels of every training batch for ``epochs`` epochs (the
+        configured share of each), with a progress bar; ``end_of_epoch`` runs after each
+        epoch (a learning-rate schedule)."""
+        per_epoch = max(1, math.ceil(_steps_per_epoch(self) * self.config.epoch_fraction))
+        with self.reporter.task(title, epochs * per_epoch) as advance:
             for epoch in range(epochs):
-                for tokens, labels in self.tokens_and_labels(self.batches(epoch)):
+                batches = self.tokens_and_labels(self.batches(epoch, resolution))
+                for _, (tokens, labels) in zip(range(per_epoch), batches, strict=False):
                     yield tokens, labels
                     advance(1)
                 if end_of_epoch is not None:
@@ -117,6 +143,7 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
     if config.resolution % backbone.patch_size:
         raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
     config.dataset = canonical_name(config.dataset)
+    apply_reference_recipe(config)
     train_set = open_dataset(
         config.dataset, config.data_dir, "train", config.resolution, config.val_fraction, crops=True
     )
@@ -129,6 +156,8 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
             "The data has no labels and no classes.txt, so say how many clusters to find with --num-classes."
         )
     config.num_classes = num_classes
+    if config.recipe == "reference" and not train_set.has_labels:
+        raise CauseError("--recipe reference trains with labels (the reference's linear probe); this data has none.")
     if run.has("run.json"):
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
     run.write_run_info(
@@ -199,13 +228,14 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
 
 
 def _linear_probe_loss(
-    heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int
+    heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int, detach: bool = True
 ) -> torch.Tensor | None:
-    """Cross-entropy of the linear probe on detached features, labels at their own size."""
+    """Cross-entropy of the linear probe, labels at their own size; on detached features
+    unless the reference recipe asks otherwise."""
     valid = (labels >= 0) & (labels < num_classes)
     if not bool(valid.any()):
         return None
-    logits = heads.linear_probe(features.detach())
+    logits = heads.linear_probe(features.detach() if detach else features)
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
 
@@ -227,13 +257,19 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     heads = build_heads(config, context.backbone.dim, context.backbone.patch_size, context.num_classes).to(device)
     heads.set_clusterbook(clusterbook)
     heads.train()
-    optimiser = torch.optim.Adam(heads.student_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    reference = context.reference_recipe
+    # The reference trains the linear probe with the student, in one optimiser under one
+    # gradient clip; by default the probe has its own optimiser and sees detached features.
+    trained = heads.student_parameters() + (list(heads.linear_probe.parameters()) if reference else [])
+    optimiser = torch.optim.Adam(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
     bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
     settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
 
     last_loss = math.nan
-    for tokens, labels in context.training_batches(config.epochs_front_door, title):
+    first_step = True
+    batches = context.training_batches(config.epochs_front_door, title, resolution=config.front_door_resolution)
+    for tokens, labels in batches:
         with autocast(device):
             if heads.per_token:
                 # A per-token head commutes with sampling: sample first, compute 16x less.
@@ -256,14 +292,27 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             normalised_codes[bank_codes] if bank_codes is not None else None,
             settings,
         )
+        if reference:
+            with autocast(device):
+                probe_features = heads.teacher(tokens, use_dropout=True).float()
+            probe_loss = _linear_probe_loss(heads, probe_features, labels, context.num_classes)
+            total = loss + probe_loss if probe_loss is not None else loss
+        else:
+            total = loss
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.student_parameters(), config.grad_clip)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimiser.step()
-        heads.update_teacher(config.ema_momentum)
+        if reference and first_step:
+            # The reference's teacher shares its tensors with the student until the first EMA
+            # update, so after one step the teacher is the updated student.
+            heads.update_teacher(0.0)
+        else:
+            heads.update_teacher(config.ema_momentum)
+        first_step = False
         if config.use_bank:
             bank.update(codes, teacher)
-        if context.has_labels:
+        if context.has_labels and not reference:
             _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
         last_loss = loss.item()
     context.run.log(f"front door: last contrastive loss {last_loss:.5f}, bank entries {len(bank)}")
@@ -291,53 +340,92 @@ def _step_linear_probe(
 
 
 def load_heads(
-    run: RunDirectory, config: TrainConfig, dim: int, patch_size: int, num_classes: int, device: torch.device
+    run: RunDirectory,
+    config: TrainConfig,
+    dim: int,
+    patch_size: int,
+    num_classes: int,
+    device: torch.device,
+    file_name: str = HEAD_FILE,
 ) -> SegmentationHeads:
     heads = build_heads(config, dim, patch_size, num_classes).to(device)
     if heads.kind == "tr":
         heads.set_clusterbook(run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"])
-    state = run.load_tensors(HEAD_FILE, device)
+    state = run.load_tensors(file_name, device)
     try:
         heads.load_state_dict(state)
     except RuntimeError as error:
-        raise CauseError(f"{run.file(HEAD_FILE)} does not fit this run's configuration.") from error
+        raise CauseError(f"{run.file(file_name)} does not fit this run's configuration.") from error
     return heads
 
 
 def train_cluster_probe(context: TrainingContext, title: str) -> None:
-    """Step three: centroids ``Phi [C, r]`` by modularity over the frozen teacher's features."""
+    """Step three: centroids ``Phi [C, r]`` by modularity over the teacher head's features.
+
+    By default the teacher is frozen and the linear probe learns on its detached features. The
+    reference recipe instead trains the teacher with the linear probe's cross-entropy (labels
+    reach the unsupervised features) and rewrites ``head.safetensors``; the step-two head is
+    kept as ``head_front_door.safetensors`` so the step can be rerun from it.
+    """
     config = context.config
     device = context.device
+    reference = context.reference_recipe
+    source = HEAD_FILE
+    if reference:
+        if not context.run.has(FRONT_DOOR_HEAD_FILE):
+            front_door = context.run.file(HEAD_FILE)
+            write_atomically(context.run.file(FRONT_DOOR_HEAD_FILE), lambda target: shutil.copyfile(front_door, target))
+        source = FRONT_DOOR_HEAD_FILE
     heads = load_heads(
-        context.run, config, context.backbone.dim, context.backbone.patch_size, context.num_classes, device
+        context.run, config, context.backbone.dim, context.backbone.patch_size, context.num_classes, device, source
     )
     heads.train()  # dropout on the input features, as during training
     for parameter in heads.parameters():
         parameter.requires_grad_(False)
-    for parameter in heads.linear_probe.parameters():
+    head_trained = [*heads.linear_probe.parameters(), *(heads.teacher.parameters() if reference else [])]
+    for parameter in head_trained:
         parameter.requires_grad_(True)
     probe = ClusterProbe(config.reduced_dim, context.num_classes).to(device)
     optimiser = torch.optim.Adam(probe.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)
-    probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
+    head_optimiser = torch.optim.Adam(
+        head_trained, lr=config.learning_rate, weight_decay=config.weight_decay if reference else 0.0
+    )
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)]
+    if reference:
+        schedulers.append(torch.optim.lr_scheduler.StepLR(head_optimiser, step_size=2, gamma=0.5))
+
+    def end_of_epoch() -> None:
+        for scheduler in schedulers:
+            scheduler.step()
+
     last_loss = math.nan
     assert config.epochs_cluster_probe is not None
-    for tokens, labels in context.training_batches(config.epochs_cluster_probe, title, scheduler.step):
-        with torch.no_grad(), autocast(device):
+    batches = context.training_batches(
+        config.epochs_cluster_probe, title, end_of_epoch, resolution=config.front_door_resolution
+    )
+    for tokens, labels in batches:
+        with torch.set_grad_enabled(reference), autocast(device):
             features = heads.teacher(tokens, use_dropout=True).float()
         (sampled,) = context.grid_sample(features)
         loss = modularity_loss(probe.centroids, sampled, config.modularity_temperature)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        probe_loss = None
         if context.has_labels:
-            probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes)
-            if probe_loss is not None:
-                probe_optimiser.zero_grad(set_to_none=True)
-                probe_loss.backward()
-                probe_optimiser.step()
+            # In the reference recipe the cross-entropy reaches the teacher: one backward for
+            # both losses, the head's gradient clipped.
+            probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes, detach=not reference)
+        optimiser.zero_grad(set_to_none=True)
+        head_optimiser.zero_grad(set_to_none=True)
+        total = loss + probe_loss if probe_loss is not None else loss
+        total.backward()
+        if reference:
+            torch.nn.utils.clip_grad_norm_(head_trained, config.grad_clip)
+        optimiser.step()
+        if probe_loss is not None:
+            head_optimiser.step()
         last_loss = loss.item()
     context.run.log(f"cluster probe: last modularity loss {last_loss:.5f}")
+    if reference:
+        context.run.save_tensors(HEAD_FILE, heads.state_dict())
     tensors = {"centroids": probe.centroids.detach()}
     tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
     context.run.save_tensors(PROBE_FILE, tensors)
