@@ -8,20 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.labels import bit_palette as palette
 from .paths import write_atomically
 
+__all__ = ["colourise", "confusion_picture", "palette", "samples_picture", "save_png"]
+
 IGNORE_COLOUR = (255, 255, 255)
-
-
-def palette(num_colours: int = 256) -> np.ndarray:
-    """Distinct colours ``uint8 [N, 3]``: the Pascal VOC bit-interleaved colour map."""
-    index = np.arange(num_colours)
-    colours = np.zeros((num_colours, 3), dtype=np.int64)
-    for shift in range(7, -1, -1):
-        for channel in range(3):
-            colours[:, channel] |= ((index >> channel) & 1) << shift
-        index = index >> 3
-    return colours.astype(np.uint8)
 
 
 def colourise(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:

@@ -60,39 +60,24 @@ class RichReporter(Reporter):
         self.quiet = quiet
 
     @contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+    def _bar(self, description: str, total: int | None, *columns: ProgressColumn) -> Iterator[Advance]:
         if self.quiet:
             yield _ignore_progress
             return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        layout = (TextColumn("{task.description}"), BarColumn(), *columns, TextColumn("eta"), TimeRemainingColumn())
+        with Progress(*layout, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total)
             yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
 
     @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        with self._bar(description, total, MofNCompleteColumn(), RateColumn(), TimeElapsedColumn()) as advance:
+            yield advance
+
+    @contextmanager
     def download(self, description: str, total_bytes: int | None) -> Iterator[Advance]:
-        if self.quiet:
-            yield _ignore_progress
-            return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task_id = progress.add_task(description, total=total_bytes)
-            yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
+        with self._bar(description, total_bytes, DownloadColumn(), TransferSpeedColumn()) as advance:
+            yield advance
 
     def message(self, text: str) -> None:
         if not self.quiet:
