@@ -182,9 +182,10 @@ def main() -> None:
     if args.full:
         bench_front_door(device, args.dim, projection=2048, batch=16, tokens=100, repeats=args.repeats)
     else:
-        # The loop form rebuilds the whole bank by concatenation every step, which costs time
-        # quadratic in the bank's size: a small projection keeps it to seconds on a CPU.
-        bench_front_door(device, args.dim, projection=32, batch=4, tokens=16, repeats=args.repeats)
+        # The loop form rebuilds the whole bank (features and code vectors) by concatenation
+        # every step, which costs time quadratic in the bank's size: small widths keep it to
+        # seconds on a CPU.
+        bench_front_door(device, 64, projection=32, batch=4, tokens=16, repeats=args.repeats)
 
 
 if __name__ == "__main__":
