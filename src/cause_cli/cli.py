@@ -198,7 +198,7 @@ def fetch(
 @app.command()
 @user_errors
 def train(
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="The dataset folder.")],
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="The dataset folder.")] = None,
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
     run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: a new runs/trainN).")] = None,
@@ -224,6 +224,15 @@ def train(
     negative_threshold: Annotated[
         float, typer.Option("--negative-threshold", help="Concept similarity below which two tokens are negatives.")
     ] = 0.1,
+    probe_restarts: Annotated[
+        int, typer.Option("--probe-restarts", help="Random starts of the cluster probe; the best modularity is kept.")
+    ] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run).")
+    ] = False,
+    checkpoint_every: Annotated[
+        float, typer.Option("--checkpoint-every", help="Seconds between resumable checkpoints (0: every batch).")
+    ] = 60.0,
     recipe: Annotated[
         str,
         typer.Option(
@@ -251,6 +260,18 @@ def train(
     from .paths import next_numbered_folder, runs_home
     from .train import train as train_run
 
+    if resume:
+        if run is None:
+            raise CauseError("--resume needs the run folder to continue: --run R.")
+        from .runs import open_run
+
+        config = open_run(run).config()
+        config.checkpoint_seconds = checkpoint_every
+        train_run(config, run, device, _reporter(quiet), resume=True)
+        stderr.print(f"run written to {run}")
+        return
+    if data_dir is None:
+        raise CauseError("Say where the images are with --data-dir.")
     config = TrainConfig(
         data_dir=str(data_dir),
         dataset=dataset,
@@ -268,6 +289,8 @@ def train(
         seed=seed,
         workers=workers,
         recipe=recipe,
+        probe_restarts=probe_restarts,
+        checkpoint_seconds=checkpoint_every,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))

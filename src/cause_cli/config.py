@@ -56,6 +56,10 @@ class TrainConfig:
     reference_gpus: int = 4  # the reference's process count, which its recipe depends on
     front_door_resolution: int | None = None  # steps two and three; None: the run's resolution
     epoch_fraction: float = 1.0  # share of each epoch's batches a step trains on
+    # Random starts of the cluster probe, trained side by side; the best modularity is kept
+    # (1: the paper's single start).
+    probe_restarts: int = 1
+    checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

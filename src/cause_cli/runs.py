@@ -32,6 +32,7 @@ FRONT_DOOR_HEAD_FILE = "head_front_door.safetensors"  # step two's head, kept by
 PROBE_FILE = "probe.safetensors"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+RESUME_FILE = "resume.pt"  # the unfinished step's training state; gone once the step is done
 LOG_FILE = "train.log"
 
 
@@ -61,6 +62,16 @@ class RunDirectory:
             return load_file(str(path), device=str(device))
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise CauseError(f"{path} is damaged or not a safetensors file.") from error
+
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Training state (tensors, numbers, nested dicts) that only this toolkit reads back."""
+        write_atomically(self.file(name), lambda target: torch.save(state, target))
+
+    def load_state(self, name: str) -> dict[str, Any]:
+        try:
+            return torch.load(self.file(name), map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for damaged or foreign files
+            raise CauseError(f"{self.file(name)} is damaged; delete it to start the step over.") from error
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         write_json(self.file(RUN_FILE), info)

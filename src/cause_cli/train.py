@@ -38,7 +38,7 @@ from .model.modularity import modularity_loss
 from .model.ops import draw_grid_choice, grid_sample_tokens, grid_side, nearest_code
 from .paths import write_atomically
 from .progress import Reporter
-from .runs import CLUSTERBOOK_FILE, FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
+from .runs import CLUSTERBOOK_FILE, FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 
 
 @dataclass
@@ -53,6 +53,10 @@ class TrainingContext:
     generator: torch.Generator
     load_report: LoadReport = field(default_factory=LoadReport)
     other_resolutions: dict[int, SegmentationDataset] = field(default_factory=dict)
+    resume: bool = False
+    position: tuple[int, int] = (0, 0)  # (epoch, batches of it done) of the running step
+    start: tuple[int, int] = (0, 0)  # where the running step (re)starts
+    last_checkpoint: float = field(default_factory=time.monotonic)
 
     @property
     def has_labels(self) -> bool:
@@ -107,14 +111,59 @@ class TrainingContext:
         configured share of each), with a progress bar; ``end_of_epoch`` runs after each
         epoch (a learning-rate schedule)."""
         per_epoch = max(1, math.ceil(_steps_per_epoch(self) * self.config.epoch_fraction))
+        first_epoch, done = self.start
         with self.reporter.task(title, epochs * per_epoch) as advance:
-            for epoch in range(epochs):
-                batches = self.tokens_and_labels(self.batches(epoch, resolution))
-                for _, (tokens, labels) in zip(range(per_epoch), batches, strict=False):
+            advance(first_epoch * per_epoch + done)
+            for epoch in range(first_epoch, epochs):
+                raw = self.batches(epoch, resolution)
+                skip = done if epoch == first_epoch else 0
+                # A resumed step passes over the batches it had done, without the backbone.
+                for _ in zip(range(skip), raw, strict=False):
+                    pass
+                batches = self.tokens_and_labels(raw)
+                for index, (tokens, labels) in zip(range(skip, per_epoch), batches, strict=False):
+                    self.position = (epoch, index + 1)
                     yield tokens, labels
                     advance(1)
                 if end_of_epoch is not None:
                     end_of_epoch()
+
+    def restore(self, step: str, apply: Callable[[dict[str, Any]], None]) -> None:
+        """With --resume, load the running step's checkpoint into its objects and random
+        number generators, and start where it stopped."""
+        self.start = (0, 0)
+        self.last_checkpoint = time.monotonic()
+        if not (self.resume and self.run.has(RESUME_FILE)):
+            return
+        state = self.run.load_state(RESUME_FILE)
+        if state.get("step") != step:
+            return
+        apply(state["objects"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["grid_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.start = (int(state["epoch"]), int(state["batch"]))
+        message = f"{step}: resumed at epoch {self.start[0] + 1}, batch {self.start[1]}"
+        self.reporter.message(message)
+        self.run.log(message)
+
+    def checkpoint(self, step: str, objects: Callable[[], dict[str, Any]]) -> None:
+        """After a batch: save the step's state when the checkpoint interval has passed."""
+        if time.monotonic() - self.last_checkpoint < self.config.checkpoint_seconds:
+            return
+        state: dict[str, Any] = {
+            "step": step,
+            "epoch": self.position[0],
+            "batch": self.position[1],
+            "torch_rng": torch.get_rng_state(),
+            "grid_rng": self.generator.get_state(),
+            "objects": objects(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        self.run.save_state(RESUME_FILE, state)
+        self.last_checkpoint = time.monotonic()
 
     def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Grid-sample every tensor with one shared random choice (or return them as they are)."""
@@ -174,25 +223,37 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
 
 
 def train(
-    config: TrainConfig, run_path: Path | str, device: str = "auto", reporter: Reporter | None = None
+    config: TrainConfig,
+    run_path: Path | str,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+    resume: bool = False,
 ) -> RunDirectory:
-    """Run the three steps into ``run_path``, skipping the steps already done there."""
+    """Run the three steps into ``run_path``, skipping the steps already done there; with
+    ``resume``, an interrupted step continues from its last checkpoint."""
     reporter = reporter or Reporter()
     run = RunDirectory(Path(run_path))
     context = prepare(config, run, device, reporter)
-    seed_everything(config.seed)
+    context.resume = resume
+    if run.has(RESUME_FILE) and not resume:
+        reporter.message(f"{run.path} holds an interrupted step; starting it over (--resume continues it)")
     steps = (
         (CLUSTERBOOK_FILE, "step 1/3 clusterbook", train_clusterbook),
         (HEAD_FILE, "step 2/3 front door", train_front_door),
         (PROBE_FILE, "step 3/3 cluster probe", train_cluster_probe),
     )
-    for file_name, title, step in steps:
+    for index, (file_name, title, step) in enumerate(steps):
         if run.has(file_name):
             reporter.message(f"{title}: {file_name} already in {run.path}, skipped")
             run.log(f"{title}: skipped, {file_name} exists")
             continue
+        # Each step draws from its own seed, so it computes the same whether or not the
+        # steps before it ran in this process.
+        seed_everything(config.seed * 1000 + index)
+        context.generator.manual_seed(config.seed * 1000 + index)
         started = time.perf_counter()
         step(context, title)
+        run.file(RESUME_FILE).unlink(missing_ok=True)
         elapsed = time.perf_counter() - started
         run.log(f"{title}: done in {elapsed:.1f}s")
         reporter.message(f"{title}: done in {elapsed:.1f}s")
@@ -215,6 +276,13 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
     torch.nn.init.uniform_(clusterbook, -1.0 / size, 1.0 / size)
     clusterbook.requires_grad_(True)
     optimiser = torch.optim.Adam([clusterbook], lr=config.learning_rate)
+
+    def restore(state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            clusterbook.copy_(state["clusterbook"])
+        optimiser.load_state_dict(state["optimiser"])
+
+    context.restore("clusterbook", restore)
     last_loss = math.nan
     for tokens, _ in context.training_batches(config.epochs_clusterbook, title):
         (sampled,) = context.grid_sample(tokens)
@@ -223,6 +291,9 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
         loss.backward()
         optimiser.step()
         last_loss = loss.item()
+        context.checkpoint(
+            "clusterbook", lambda: {"clusterbook": clusterbook.detach(), "optimiser": optimiser.state_dict()}
+        )
     context.run.log(f"clusterbook: last modularity loss {last_loss:.5f}")
     context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
 
@@ -266,8 +337,26 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
     settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
 
+    progress = {"first_step": True}
+
+    def restore(state: dict[str, Any]) -> None:
+        heads.load_state_dict(state["heads"])
+        optimiser.load_state_dict(state["optimiser"])
+        probe_optimiser.load_state_dict(state["probe_optimiser"])
+        bank.load_state_dict(state["bank"])
+        progress["first_step"] = bool(state["first_step"])
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "heads": heads.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "probe_optimiser": probe_optimiser.state_dict(),
+            "bank": bank.state_dict(),
+            "first_step": progress["first_step"],
+        }
+
+    context.restore("front_door", restore)
     last_loss = math.nan
-    first_step = True
     batches = context.training_batches(config.epochs_front_door, title, resolution=config.front_door_resolution)
     for tokens, labels in batches:
         with autocast(device):
@@ -303,18 +392,19 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         total.backward()
         torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimiser.step()
-        if reference and first_step:
+        if reference and progress["first_step"]:
             # The reference's teacher shares its tensors with the student until the first EMA
             # update, so after one step the teacher is the updated student.
             heads.update_teacher(0.0)
         else:
             heads.update_teacher(config.ema_momentum)
-        first_step = False
+        progress["first_step"] = False
         if config.use_bank:
             bank.update(codes, teacher)
         if context.has_labels and not reference:
             _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
         last_loss = loss.item()
+        context.checkpoint("front_door", snapshot)
     context.run.log(f"front door: last contrastive loss {last_loss:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
 
@@ -385,8 +475,15 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     head_trained = [*heads.linear_probe.parameters(), *(heads.teacher.parameters() if reference else [])]
     for parameter in head_trained:
         parameter.requires_grad_(True)
-    probe = ClusterProbe(config.reduced_dim, context.num_classes).to(device)
-    optimiser = torch.optim.Adam(probe.parameters(), lr=config.learning_rate)
+    # Several probes from different random starts can learn side by side on the same batches;
+    # the one whose last epoch reached the best modularity is kept (labels play no part).
+    starts = [ClusterProbe(config.reduced_dim, context.num_classes) for _ in range(max(1, config.probe_restarts))]
+    probes = torch.nn.ModuleList(starts).to(device)
+    assert config.epochs_cluster_probe is not None
+    epochs = config.epochs_cluster_probe
+    optimiser = torch.optim.Adam(probes.parameters(), lr=config.learning_rate)
+    epoch_losses = torch.zeros(len(probes))
+    epoch_batches = [0]
     head_optimiser = torch.optim.Adam(
         head_trained, lr=config.learning_rate, weight_decay=config.weight_decay if reference else 0.0
     )
@@ -397,17 +494,41 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     def end_of_epoch() -> None:
         for scheduler in schedulers:
             scheduler.step()
+        if context.position[0] + 1 < epochs:  # keep the last epoch's sums
+            epoch_losses.zero_()
+            epoch_batches[0] = 0
 
-    last_loss = math.nan
-    assert config.epochs_cluster_probe is not None
-    batches = context.training_batches(
-        config.epochs_cluster_probe, title, end_of_epoch, resolution=config.front_door_resolution
-    )
+    def restore(state: dict[str, Any]) -> None:
+        heads.load_state_dict(state["heads"])
+        probes.load_state_dict(state["probes"])
+        epoch_losses.copy_(state["epoch_losses"])
+        epoch_batches[0] = int(state["epoch_batches"])
+        optimiser.load_state_dict(state["optimiser"])
+        head_optimiser.load_state_dict(state["head_optimiser"])
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "heads": heads.state_dict(),
+            "probes": probes.state_dict(),
+            "epoch_losses": epoch_losses.clone(),
+            "epoch_batches": epoch_batches[0],
+            "optimiser": optimiser.state_dict(),
+            "head_optimiser": head_optimiser.state_dict(),
+            "schedulers": [scheduler.state_dict() for scheduler in schedulers],
+        }
+
+    context.restore("cluster_probe", restore)
+    batches = context.training_batches(epochs, title, end_of_epoch, resolution=config.front_door_resolution)
     for tokens, labels in batches:
         with torch.set_grad_enabled(reference), autocast(device):
             features = heads.teacher(tokens, use_dropout=True).float()
         (sampled,) = context.grid_sample(features)
-        loss = modularity_loss(probe.centroids, sampled, config.modularity_temperature)
+        losses = torch.stack([modularity_loss(p.centroids, sampled, config.modularity_temperature) for p in starts])
+        epoch_losses.add_(losses.detach().cpu())
+        epoch_batches[0] += 1
+        loss = losses.sum()
         probe_loss = None
         if context.has_labels:
             # In the reference recipe the cross-entropy reaches the teacher: one backward for
@@ -422,10 +543,13 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         optimiser.step()
         if probe_loss is not None:
             head_optimiser.step()
-        last_loss = loss.item()
-    context.run.log(f"cluster probe: last modularity loss {last_loss:.5f}")
+        context.checkpoint("cluster_probe", snapshot)
+    means = epoch_losses / max(1, epoch_batches[0])
+    best = int(means.argmin())
+    listed = ", ".join(f"{value:.5f}" for value in means.tolist())
+    context.run.log(f"cluster probe: last-epoch modularity loss {listed}; kept start {best + 1} of {len(probes)}")
     if reference:
         context.run.save_tensors(HEAD_FILE, heads.state_dict())
-    tensors = {"centroids": probe.centroids.detach()}
+    tensors = {"centroids": starts[best].centroids.detach()}
     tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
     context.run.save_tensors(PROBE_FILE, tensors)
