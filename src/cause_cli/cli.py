@@ -438,7 +438,10 @@ def segment(
     crf: Annotated[
         bool, typer.Option("--crf", help="Refine with the dense CRF (flip averaged, as in evaluation).")
     ] = False,
-    workers: Annotated[int, typer.Option("--workers", help="CRF worker processes; 0 runs it in this process.")] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
+    ] = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
@@ -451,6 +454,7 @@ def segment(
 
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
+    from .crf import default_workers
     from .paths import next_numbered_folder, runs_home
     from .segment import segment_images
 
@@ -463,7 +467,7 @@ def segment(
         batch_size,
         _reporter(quiet),
         crf=crf,
-        crf_workers=workers,
+        crf_workers=default_workers() if workers is None else workers,
         legend=legend,
         backbone=backbone,
     )
