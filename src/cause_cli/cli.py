@@ -227,6 +227,13 @@ def train(
     probe_restarts: Annotated[
         int, typer.Option("--probe-restarts", help="Random starts of the cluster probe; the best modularity is kept.")
     ] = 1,
+    cache_features: Annotated[
+        bool,
+        typer.Option(
+            "--cache-features",
+            help="Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps.",
+        ),
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run).")
     ] = False,
@@ -290,6 +297,7 @@ def train(
         workers=workers,
         recipe=recipe,
         probe_restarts=probe_restarts,
+        cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")

@@ -59,6 +59,7 @@ class TrainConfig:
     # Random starts of the cluster probe, trained side by side; the best modularity is kept
     # (1: the paper's single start).
     probe_restarts: int = 1
+    cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     extra: dict[str, Any] = field(default_factory=dict)
 

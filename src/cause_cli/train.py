@@ -11,6 +11,7 @@ its own file in the run folder and is skipped when that file already exists.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import shutil
@@ -31,6 +32,7 @@ from .data import SegmentationDataset, canonical_name, open_dataset
 from .data.loading import LoadReport, iterate_batches
 from .devices import autocast, resolve_device
 from .errors import CauseError
+from .feature_cache import FeatureCache
 from .model.bank import ConceptBank
 from .model.contrastive import ContrastiveSettings, concept_contrastive_loss
 from .model.heads import ClusterProbe, SegmentationHeads
@@ -57,6 +59,7 @@ class TrainingContext:
     position: tuple[int, int] = (0, 0)  # (epoch, batches of it done) of the running step
     start: tuple[int, int] = (0, 0)  # where the running step (re)starts
     last_checkpoint: float = field(default_factory=time.monotonic)
+    caches: dict[int, FeatureCache] = field(default_factory=dict)
 
     @property
     def has_labels(self) -> bool:
@@ -92,13 +95,44 @@ class TrainingContext:
             pin_memory=self.device.type == "cuda",
         )
 
-    def tokens_and_labels(self, batches: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def feature_cache(self, resolution: int) -> FeatureCache | None:
+        """The token cache for the training images at ``resolution`` (None without --cache-features)."""
+        if not self.config.cache_features:
+            return None
+        if resolution not in self.caches:
+            tokens = (resolution // self.backbone.patch_size) ** 2
+            data = self.data_at(resolution)
+            # The folder names the images it holds, so other data never reads these tokens.
+            listing = "\n".join(str(sample) for sample in getattr(data, "samples", []))
+            fingerprint = hashlib.sha1(f"{self.backbone.sha256}\n{listing}".encode()).hexdigest()[:12]
+            folder = self.run.path / "feature-cache" / f"{resolution}-{fingerprint}"
+            cache = FeatureCache(folder, len(data), tokens, self.backbone.dim)
+            message = f"feature cache: {cache.size_bytes / 2**20:.0f} MiB in {cache.path}"
+            self.reporter.message(message)
+            self.run.log(message)
+            self.caches[resolution] = cache
+        return self.caches[resolution]
+
+    def tokens_and_labels(
+        self, batches: Iterator[dict[str, Any]], resolution: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
+        assert self.config.resolution is not None
+        cache = self.feature_cache(resolution or self.config.resolution)
         for batch in batches:
+            labels = batch["label"].to(self.device, non_blocking=non_blocking)
+            cached = cache.get(batch["index"]) if cache is not None else None
+            if cached is not None:
+                yield cached.to(self.device, non_blocking=non_blocking), labels
+                continue
             images = batch["image"].to(self.device, non_blocking=non_blocking)
             with autocast(self.device):
-                tokens = self.backbone(images)
-            yield tokens.float(), batch["label"].to(self.device, non_blocking=non_blocking)
+                tokens = self.backbone(images).float()
+            if cache is not None:
+                cache.put(batch["index"], tokens)
+                # Read back what later epochs will read, so every epoch sees the same values.
+                tokens = tokens.half().float()
+            yield tokens, labels
 
     def training_batches(
         self,
@@ -120,7 +154,7 @@ class TrainingContext:
                 # A resumed step passes over the batches it had done, without the backbone.
                 for _ in zip(range(skip), raw, strict=False):
                     pass
-                batches = self.tokens_and_labels(raw)
+                batches = self.tokens_and_labels(raw, resolution)
                 for index, (tokens, labels) in zip(range(skip, per_epoch), batches, strict=False):
                     self.position = (epoch, index + 1)
                     yield tokens, labels
