@@ -30,3 +30,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def gradient_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for float16 mixed precision; a no-op with bfloat16 or on the CPU."""
+    float16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=float16)

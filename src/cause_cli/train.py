@@ -30,7 +30,7 @@ from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from .config import TrainConfig, apply_reference_recipe
 from .data import SegmentationDataset, canonical_name, open_dataset
 from .data.loading import LoadReport, iterate_batches
-from .devices import autocast, resolve_device
+from .devices import autocast, gradient_scaler, resolve_device
 from .errors import CauseError
 from .feature_cache import FeatureCache
 from .model.bank import ConceptBank
@@ -372,12 +372,14 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
 
     progress = {"first_step": True}
+    scaler = gradient_scaler(device)
 
     def restore(state: dict[str, Any]) -> None:
         heads.load_state_dict(state["heads"])
         optimiser.load_state_dict(state["optimiser"])
         probe_optimiser.load_state_dict(state["probe_optimiser"])
         bank.load_state_dict(state["bank"])
+        scaler.load_state_dict(state["scaler"])
         progress["first_step"] = bool(state["first_step"])
 
     def snapshot() -> dict[str, Any]:
@@ -386,6 +388,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             "optimiser": optimiser.state_dict(),
             "probe_optimiser": probe_optimiser.state_dict(),
             "bank": bank.state_dict(),
+            "scaler": scaler.state_dict(),
             "first_step": progress["first_step"],
         }
 
@@ -423,9 +426,11 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         else:
             total = loss
         optimiser.zero_grad(set_to_none=True)
-        total.backward()
+        scaler.scale(total).backward()
+        scaler.unscale_(optimiser)
         torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
-        optimiser.step()
+        scaler.step(optimiser)
+        scaler.update()
         if reference and progress["first_step"]:
             # The reference's teacher shares its tensors with the student until the first EMA
             # update, so after one step the teacher is the updated student.
@@ -525,6 +530,10 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     if reference:
         schedulers.append(torch.optim.lr_scheduler.StepLR(head_optimiser, step_size=2, gamma=0.5))
 
+    # With float16 autocast the reference recipe back-propagates through the teacher's half
+    # precision activations; the scaler keeps those gradients from underflowing.
+    scaler = gradient_scaler(device)
+
     def end_of_epoch() -> None:
         for scheduler in schedulers:
             scheduler.step()
@@ -537,6 +546,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         probes.load_state_dict(state["probes"])
         epoch_losses.copy_(state["epoch_losses"])
         epoch_batches[0] = int(state["epoch_batches"])
+        scaler.load_state_dict(state["scaler"])
         optimiser.load_state_dict(state["optimiser"])
         head_optimiser.load_state_dict(state["head_optimiser"])
         for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
@@ -548,6 +558,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
             "probes": probes.state_dict(),
             "epoch_losses": epoch_losses.clone(),
             "epoch_batches": epoch_batches[0],
+            "scaler": scaler.state_dict(),
             "optimiser": optimiser.state_dict(),
             "head_optimiser": head_optimiser.state_dict(),
             "schedulers": [scheduler.state_dict() for scheduler in schedulers],
@@ -571,12 +582,14 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         optimiser.zero_grad(set_to_none=True)
         head_optimiser.zero_grad(set_to_none=True)
         total = loss + probe_loss if probe_loss is not None else loss
-        total.backward()
+        scaler.scale(total).backward()
         if reference:
+            scaler.unscale_(head_optimiser)
             torch.nn.utils.clip_grad_norm_(head_trained, config.grad_clip)
-        optimiser.step()
+        scaler.step(optimiser)
         if probe_loss is not None:
-            head_optimiser.step()
+            scaler.step(head_optimiser)
+        scaler.update()
         context.checkpoint("cluster_probe", snapshot)
     means = epoch_losses / max(1, epoch_batches[0])
     best = int(means.argmin())
