@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from .crf import CRFPool, require_crf
+from .data.base import UnreadableFile, read_image
 from .data.transforms import normalise, resize_and_crop
 from .devices import resolve_device
 from .errors import CauseError
@@ -107,18 +108,6 @@ def collect_inputs(source: Path | str) -> list[tuple[Path, Path]]:
             raise CauseError(f"No files match {text}.")
         return _relative_to_parent(matches)
     raise CauseError(f"{source} does not exist.")
-
-
-def read_rgb(path: Path) -> Image.Image:
-    """Any image PIL reads (grey, palette, RGBA, CMYK, 16-bit...) as 8-bit RGB, upright."""
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray((np.clip(array / top, 0, 1) * 255).round().astype(np.uint8), "L")
-    return image.convert("RGB")
 
 
 def _prediction_size(width: int, height: int) -> tuple[int, int]:
@@ -224,9 +213,9 @@ def segment_images(
         with reporter.task("segmenting", len(files)) as advance:
             for path, relative in files:
                 try:
-                    pending.append((relative, read_rgb(path)))
-                except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-                    summary.skipped.append({"input": relative.as_posix(), "reason": _reason(error)})
+                    pending.append((relative, read_image(path, upright=True)))
+                except UnreadableFile as error:
+                    summary.skipped.append({"input": relative.as_posix(), "reason": error.reason})
                 if len(pending) >= batch_size:
                     segmenter.batch(pending)
                     pending.clear()
@@ -242,9 +231,3 @@ def segment_images(
     result = summary.as_dict(run.path, model.config.backbone, "classes" if mapping is not None else "clusters")
     write_json(out / "summary.json", result)
     return result
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image this toolkit can read"
-    return f"unreadable image ({type(error).__name__}: {error})"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..errors import CauseError
@@ -35,11 +35,28 @@ class UnreadableFile(CauseError):
         super().__init__(f"Cannot read {self.path}: {self.reason}.")
 
 
-def read_image(path: Path) -> Image.Image:
-    """The image at ``path`` as RGB, fully decoded."""
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """Any mode PIL reads (grey, palette, RGBA, CMYK, 16-bit, float) as 8-bit RGB.
+
+    A 16-bit or float image is scaled to 8 bits rather than clipped, which would turn it white.
+    """
+    if image.mode in _HIGH_DEPTH_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(array / top, 0, 1) * 255).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def read_image(path: Path, upright: bool = False) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB, fully decoded; ``upright`` applies its EXIF rotation
+    (not for dataset images, whose labels follow the stored pixels)."""
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            opened.load()
+            return as_rgb(ImageOps.exif_transpose(opened) if upright else opened)
     except _READ_ERRORS as error:
         raise UnreadableFile(path, str(error) or type(error).__name__) from error
 
