@@ -198,6 +198,7 @@ def fetch(
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="The dataset folder.")] = None,
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
@@ -249,10 +250,20 @@ def train(
             "label leak: the linear probe's cross-entropy trains the teacher head in step 3.",
         ),
     ] = "default",
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the heads (the paper's 0.1).")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[
         int, typer.Option("--workers", help="Processes loading images (0: in this process); memory is pinned on CUDA.")
     ] = 0,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus",
+            min=1,
+            help="Train data-parallel in this many processes, one per GPU, started through torchrun; "
+            "--batch-size is per process. With --device cpu: CPU processes (gloo).",
+        ),
+    ] = 1,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -264,9 +275,15 @@ def train(
     Example: cause train --data-dir ./my-images --num-classes 8 --run runs/mine
     """
     from .config import TrainConfig
+    from .distributed import from_environment
     from .paths import next_numbered_folder, runs_home
     from .train import train as train_run
 
+    if gpus > 1 and not from_environment().distributed:
+        if resume and run is None:
+            raise CauseError("--resume needs the run folder to continue: --run R.")
+        _launch_training(ctx, gpus, run or next_numbered_folder(runs_home(), "train"), device)
+        return
     if resume:
         if run is None:
             raise CauseError("--resume needs the run folder to continue: --run R.")
@@ -275,7 +292,8 @@ def train(
         config = open_run(run).config()
         config.checkpoint_seconds = checkpoint_every
         train_run(config, run, device, _reporter(quiet), resume=True)
-        stderr.print(f"run written to {run}")
+        if from_environment().is_main:
+            stderr.print(f"run written to {run}")
         return
     if data_dir is None:
         raise CauseError("Say where the images are with --data-dir.")
@@ -293,6 +311,7 @@ def train(
         epochs_cluster_probe=epochs_cluster_probe,
         positive_threshold=positive_threshold,
         negative_threshold=negative_threshold,
+        dropout=dropout,
         seed=seed,
         workers=workers,
         recipe=recipe,
@@ -302,7 +321,42 @@ def train(
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))
-    stderr.print(f"run written to {run_path}")
+    if from_environment().is_main:
+        stderr.print(f"run written to {run_path}")
+
+
+def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str) -> None:
+    """Start this same ``cause train`` in ``processes`` processes through torchrun."""
+    import torch
+
+    from .devices import resolve_device
+    from .distributed import REFERENCE_RECIPE_ALONE, launch
+
+    if ctx.params.get("recipe") == "reference":
+        raise CauseError(REFERENCE_RECIPE_ALONE)
+    available = torch.cuda.device_count()
+    if resolve_device(device).type == "cuda":
+        if available < processes:
+            raise CauseError(f"--gpus {processes} asks for more GPUs than this machine has ({available}).")
+    elif device != "cpu":
+        raise CauseError(
+            f"--gpus {processes} needs GPUs and this machine has none; --device cpu trains in CPU processes."
+        )
+    # The options given on this command line, passed on as they came; the others default alike.
+    arguments: list[str] = [ctx.info_name or "train", "--run", str(run)]
+    for option in ctx.command.params:
+        if option.param_type_name != "option" or option.name in ("gpus", "run", None):
+            continue
+        if option.name not in ctx.params or ctx.params[option.name] is None:
+            continue
+        value = ctx.params[option.name]
+        if getattr(option, "is_flag", False):
+            arguments += [option.opts[0]] if value else []
+        else:
+            arguments += [option.opts[0], str(value)]
+    status = launch(processes, arguments)
+    if status != 0:
+        raise CauseError(f"Training in {processes} processes failed (exit status {status}); their messages are above.")
 
 
 @app.command()

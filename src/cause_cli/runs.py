@@ -39,6 +39,8 @@ LOG_FILE = "train.log"
 @dataclass
 class RunDirectory:
     path: Path
+    # False in every training process but rank 0: they read the run folder, rank 0 writes it.
+    writes: bool = True
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -49,6 +51,8 @@ class RunDirectory:
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
+        if not self.writes:
+            return
         contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
         write_atomically(self.file(name), lambda target: save_file(contiguous, str(target)))
 
@@ -65,6 +69,8 @@ class RunDirectory:
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         """Training state (tensors, numbers, nested dicts) that only this toolkit reads back."""
+        if not self.writes:
+            return
         write_atomically(self.file(name), lambda target: torch.save(state, target))
 
     def load_state(self, name: str) -> dict[str, Any]:
@@ -74,6 +80,8 @@ class RunDirectory:
             raise CauseError(f"{self.file(name)} is damaged; delete it to start the step over.") from error
 
     def write_run_info(self, info: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         write_json(self.file(RUN_FILE), info)
 
     def read_run_info(self) -> dict[str, Any]:
@@ -89,6 +97,8 @@ class RunDirectory:
         return TrainConfig.from_dict(self.read_run_info()["config"])
 
     def log(self, message: str) -> None:
+        if not self.writes:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         with self.file(LOG_FILE).open("a") as handle:

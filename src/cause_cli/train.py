@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,17 @@ from . import __version__
 from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from .config import TrainConfig, apply_reference_recipe
 from .data import SegmentationDataset, canonical_name, open_dataset
-from .data.loading import LoadReport, iterate_batches
+from .data.loading import LoadReport, ShuffledBatches, iterate_batches
 from .devices import autocast, gradient_scaler, resolve_device
+from .distributed import REFERENCE_RECIPE_ALONE, SINGLE_PROCESS, ProcessGroup, from_environment
+from .distributed import start as join_processes
+from .distributed import stop as leave_processes
 from .errors import CauseError
 from .feature_cache import FeatureCache
 from .model.bank import ConceptBank
-from .model.contrastive import ContrastiveSettings, concept_contrastive_loss
+from .model.contrastive import ContrastiveSettings, concept_contrastive_terms
 from .model.heads import ClusterProbe, SegmentationHeads
-from .model.modularity import modularity_loss
+from .model.modularity import ModularityObjective
 from .model.ops import draw_grid_choice, grid_sample_tokens, grid_side, nearest_code
 from .paths import write_atomically
 from .progress import Reporter
@@ -60,6 +64,8 @@ class TrainingContext:
     start: tuple[int, int] = (0, 0)  # where the running step (re)starts
     last_checkpoint: float = field(default_factory=time.monotonic)
     caches: dict[int, FeatureCache] = field(default_factory=dict)
+    group: ProcessGroup = SINGLE_PROCESS
+    sizes: list[int] = field(default_factory=list)  # every process's images in this step
 
     @property
     def has_labels(self) -> bool:
@@ -80,17 +86,23 @@ class TrainingContext:
             )
         return self.other_resolutions[resolution]
 
-    def batches(self, epoch: int, resolution: int | None = None) -> Iterator[dict[str, Any]]:
-        """One epoch of shuffled batches; unreadable files are skipped and recorded."""
-        order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+    def shuffled_batches(self, resolution: int | None = None) -> ShuffledBatches:
+        group = self.group
         data = self.data_at(resolution)
+        return ShuffledBatches(len(data), self.config.batch_size, self.config.seed, group.rank, group.world_size)
+
+    def batches(self, epoch: int, resolution: int | None = None) -> Iterator[dict[str, Any]]:
+        """This process's shuffled batches of one epoch; unreadable files are skipped and
+        recorded (with several processes, a batch of nothing else comes as an empty dict)."""
+        order = self.shuffled_batches(resolution)
+        order.set_epoch(epoch)
         return iterate_batches(
-            data,
+            self.data_at(resolution),
             self.config.batch_size,
             self.load_report,
-            shuffle=True,
-            drop_last=len(data) >= self.config.batch_size,
-            generator=order,
+            batches=order,
+            generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
+            keep_empty=self.group.distributed,
             workers=self.config.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -115,11 +127,14 @@ class TrainingContext:
 
     def tokens_and_labels(
         self, batches: Iterator[dict[str, Any]], resolution: int | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         non_blocking = self.device.type == "cuda"
         assert self.config.resolution is not None
         cache = self.feature_cache(resolution or self.config.resolution)
         for batch in batches:
+            if not batch:
+                yield None
+                continue
             labels = batch["label"].to(self.device, non_blocking=non_blocking)
             cached = cache.get(batch["index"]) if cache is not None else None
             if cached is not None:
@@ -144,8 +159,14 @@ class TrainingContext:
         """Backbone tokens and labels of every training batch for ``epochs`` epochs (the
         configured share of each), with a progress bar; ``end_of_epoch`` runs after each
         epoch (a learning-rate schedule)."""
-        per_epoch = max(1, math.ceil(_steps_per_epoch(self) * self.config.epoch_fraction))
+        per_epoch = max(1, math.ceil(len(self.shuffled_batches(resolution)) * self.config.epoch_fraction))
         first_epoch, done = self.start
+        if self.config.cache_features and self.group.distributed:
+            # Rank 0 makes the cache's files; every process then fills in its own images.
+            assert self.config.resolution is not None
+            if self.group.is_main:
+                self.feature_cache(resolution or self.config.resolution)
+            self.group.barrier()
         with self.reporter.task(title, epochs * per_epoch) as advance:
             advance(first_epoch * per_epoch + done)
             for epoch in range(first_epoch, epochs):
@@ -155,9 +176,13 @@ class TrainingContext:
                 for _ in zip(range(skip), raw, strict=False):
                     pass
                 batches = self.tokens_and_labels(raw, resolution)
-                for index, (tokens, labels) in zip(range(skip, per_epoch), batches, strict=False):
+                for index, batch in zip(range(skip, per_epoch), batches, strict=False):
                     self.position = (epoch, index + 1)
-                    yield tokens, labels
+                    self.sizes = self.group.batch_sizes(0 if batch is None else len(batch[0]), self.device)
+                    # Processes train in step: where one has no readable image, all pass.
+                    if min(self.sizes) > 0:
+                        assert batch is not None
+                        yield batch
                     advance(1)
                 if end_of_epoch is not None:
                     end_of_epoch()
@@ -167,6 +192,7 @@ class TrainingContext:
         number generators, and start where it stopped."""
         self.start = (0, 0)
         self.last_checkpoint = time.monotonic()
+        self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}".encode()))
         if not (self.resume and self.run.has(RESUME_FILE)):
             return
         state = self.run.load_state(RESUME_FILE)
@@ -178,13 +204,15 @@ class TrainingContext:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.start = (int(state["epoch"]), int(state["batch"]))
+        self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}/{self.start}".encode()))
         message = f"{step}: resumed at epoch {self.start[0] + 1}, batch {self.start[1]}"
         self.reporter.message(message)
         self.run.log(message)
 
     def checkpoint(self, step: str, objects: Callable[[], dict[str, Any]]) -> None:
-        """After a batch: save the step's state when the checkpoint interval has passed."""
-        if time.monotonic() - self.last_checkpoint < self.config.checkpoint_seconds:
+        """After a batch: save the step's state when the checkpoint interval has passed (rank 0
+        only: the state is the same in every process but for the dropout masks' generator)."""
+        if not self.run.writes or time.monotonic() - self.last_checkpoint < self.config.checkpoint_seconds:
             return
         state: dict[str, Any] = {
             "step": step,
@@ -200,12 +228,40 @@ class TrainingContext:
         self.last_checkpoint = time.monotonic()
 
     def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Grid-sample every tensor with one shared random choice (or return them as they are)."""
+        """Grid-sample every tensor with one shared random choice (or return them as they are).
+
+        With several processes the choice is drawn for the global batch, identically in every
+        process, and each takes its own images' part.
+        """
         if not self.config.grid_sampling:
             return list(tensors)
         batch, num_tokens = tensors[0].shape[:2]
-        choice = draw_grid_choice(batch, grid_side(num_tokens), self.config.grid_window, self.generator)
+        images = sum(self.sizes) if self.group.distributed else batch
+        choice = draw_grid_choice(images, grid_side(num_tokens), self.config.grid_window, self.generator)
+        per_image = choice.numel() // images
+        choice = choice[self.first_image * per_image : (self.first_image + batch) * per_image]
         return [grid_sample_tokens(tensor, choice, self.config.grid_window) for tensor in tensors]
+
+    @property
+    def first_image(self) -> int:
+        """Where this process's images start in the global batch."""
+        return sum(self.sizes[: self.group.rank]) if self.group.distributed else 0
+
+    def batch_share(self) -> float:
+        """The factor that turns a mean over this process's images into its part of the mean
+        over the global batch (gradients are averaged over processes): 1 for one process."""
+        if not self.group.distributed:
+            return 1.0
+        return self.sizes[self.group.rank] * self.group.world_size / sum(self.sizes)
+
+    def global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's part of the mean of ``values`` over all processes (their mean with one)."""
+        count = self.group.all_sum(torch.tensor(float(values.numel()), device=values.device))
+        return values.sum() * self.group.world_size / count.clamp_min(1)
+
+    def global_loss_value(self, loss: torch.Tensor) -> float:
+        """The loss of the global batch, from every process's part of it."""
+        return float(self.group.all_sum(loss.detach().clone())) / self.group.world_size
 
 
 def seed_everything(seed: int) -> None:
@@ -214,10 +270,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: Reporter) -> TrainingContext:
+def prepare(
+    config: TrainConfig,
+    run: RunDirectory,
+    device_name: str,
+    reporter: Reporter,
+    group: ProcessGroup = SINGLE_PROCESS,
+) -> TrainingContext:
     """Check the configuration against the data and the run folder; load the backbone."""
     config.validate()
-    device = resolve_device(device_name)
+    if group.distributed and config.recipe == "reference":
+        raise CauseError(REFERENCE_RECIPE_ALONE)
+    if group.distributed and config.cache_features and not group.single_node:
+        raise CauseError("--cache-features works with the processes of one machine only, not across machines.")
+    device = join_processes(group, resolve_device(device_name))
     if run.has("run.json"):  # a run made with another backbone is refused before anything loads
         refuse_other_backbone(run.path, run.read_run_info(), config.backbone)
     backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
@@ -241,6 +307,8 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
     config.num_classes = num_classes
     if config.recipe == "reference" and not train_set.has_labels:
         raise CauseError("--recipe reference trains with labels (the reference's linear probe); this data has none.")
+    if len(train_set) < group.world_size:
+        raise CauseError(f"{len(train_set)} training images cannot be shared among {group.world_size} processes.")
     if run.has("run.json"):
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
     run.write_run_info(
@@ -253,7 +321,9 @@ def prepare(config: TrainConfig, run: RunDirectory, device_name: str, reporter: 
         }
     )
     generator = torch.Generator().manual_seed(config.seed)
-    return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator)
+    context = TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator)
+    context.group = group
+    return context
 
 
 def train(
@@ -264,10 +334,25 @@ def train(
     resume: bool = False,
 ) -> RunDirectory:
     """Run the three steps into ``run_path``, skipping the steps already done there; with
-    ``resume``, an interrupted step continues from its last checkpoint."""
-    reporter = reporter or Reporter()
-    run = RunDirectory(Path(run_path))
-    context = prepare(config, run, device, reporter)
+    ``resume``, an interrupted step continues from its last checkpoint.
+
+    Started by torchrun, the process trains together with the others (see
+    :mod:`cause_cli.distributed`); rank 0 reports and writes.
+    """
+    group = from_environment()
+    reporter = (reporter or Reporter()) if group.is_main else Reporter()
+    run = RunDirectory(Path(run_path), writes=group.is_main)
+    try:
+        return _train_steps(config, run, device, reporter, resume, group)
+    finally:
+        leave_processes(group)
+
+
+def _train_steps(
+    config: TrainConfig, run: RunDirectory, device: str, reporter: Reporter, resume: bool, group: ProcessGroup
+) -> RunDirectory:
+    context = prepare(config, run, device, reporter, group)
+    group.barrier()
     context.resume = resume
     if run.has(RESUME_FILE) and not resume:
         reporter.message(f"{run.path} holds an interrupted step; starting it over (--resume continues it)")
@@ -287,28 +372,30 @@ def train(
         context.generator.manual_seed(config.seed * 1000 + index)
         started = time.perf_counter()
         step(context, title)
-        run.file(RESUME_FILE).unlink(missing_ok=True)
+        if run.writes:
+            run.file(RESUME_FILE).unlink(missing_ok=True)
+        group.barrier()  # the step's file is written before any process reads it
         elapsed = time.perf_counter() - started
         run.log(f"{title}: done in {elapsed:.1f}s")
         reporter.message(f"{title}: done in {elapsed:.1f}s")
+    for report in group.gather_objects(context.load_report)[1:]:  # what the other processes met
+        assert isinstance(report, LoadReport)
+        context.load_report.merge(report)
     for line in context.load_report.lines(config.dataset):
         reporter.message(line)
         run.log(line)
     return run
 
 
-def _steps_per_epoch(context: TrainingContext) -> int:
-    size, batch = len(context.train_set), context.config.batch_size
-    return size // batch if size >= batch else 1
-
-
 def train_clusterbook(context: TrainingContext, title: str) -> None:
     """Step one: learn ``M [K, D]`` by maximising the modularity of the token graph."""
     config = context.config
     size = config.clusterbook_size
-    clusterbook = torch.empty(size, context.backbone.dim, device=context.device)
+    clusterbook = torch.nn.Parameter(torch.empty(size, context.backbone.dim, device=context.device))
     torch.nn.init.uniform_(clusterbook, -1.0 / size, 1.0 / size)
-    clusterbook.requires_grad_(True)
+    objective = context.group.parallel(
+        ModularityObjective([clusterbook], config.modularity_temperature), context.device
+    )
     optimiser = torch.optim.Adam([clusterbook], lr=config.learning_rate)
 
     def restore(state: dict[str, Any]) -> None:
@@ -317,32 +404,39 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
         optimiser.load_state_dict(state["optimiser"])
 
     context.restore("clusterbook", restore)
-    last_loss = math.nan
+    last_loss = torch.tensor(math.nan)
     for tokens, _ in context.training_batches(config.epochs_clusterbook, title):
         (sampled,) = context.grid_sample(tokens)
-        loss = modularity_loss(clusterbook, sampled, config.modularity_temperature)
+        loss = objective(sampled)[0] * context.batch_share()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        last_loss = loss.item()
+        last_loss = loss.detach()
         context.checkpoint(
             "clusterbook", lambda: {"clusterbook": clusterbook.detach(), "optimiser": optimiser.state_dict()}
         )
-    context.run.log(f"clusterbook: last modularity loss {last_loss:.5f}")
+    context.run.log(f"clusterbook: last modularity loss {context.global_loss_value(last_loss):.5f}")
     context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
 
 
 def _linear_probe_loss(
-    heads: SegmentationHeads, features: torch.Tensor, labels: torch.Tensor, num_classes: int, detach: bool = True
+    context: TrainingContext,
+    probe: torch.nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    detach: bool = True,
 ) -> torch.Tensor | None:
-    """Cross-entropy of the linear probe, labels at their own size; on detached features
-    unless the reference recipe asks otherwise."""
-    valid = (labels >= 0) & (labels < num_classes)
-    if not bool(valid.any()):
+    """Cross-entropy of the linear probe over the labelled pixels of the global batch, labels
+    at their own size; on detached features unless the reference recipe asks otherwise. None
+    when no pixel of the global batch is labelled."""
+    valid = (labels >= 0) & (labels < context.num_classes)
+    labelled = context.group.all_sum(valid.sum().to(torch.float32))
+    if not bool(labelled > 0):
         return None
-    logits = heads.linear_probe(features.detach() if detach else features)
+    logits = probe(features.detach() if detach else features)
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
+    summed = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid], reduction="sum")
+    return summed * context.group.world_size / labelled
 
 
 def build_heads(config: TrainConfig, dim: int, patch_size: int, num_classes: int) -> SegmentationHeads:
@@ -366,6 +460,9 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     # The reference trains the linear probe with the student, in one optimiser under one
     # gradient clip; by default the probe has its own optimiser and sees detached features.
     trained = heads.student_parameters() + (list(heads.linear_probe.parameters()) if reference else [])
+    group = context.group
+    student_branch = group.parallel(heads.student_branch(), device)
+    linear_probe = group.parallel(heads.linear_probe, device) if context.has_labels else heads.linear_probe
     optimiser = torch.optim.Adam(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
     bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
@@ -393,7 +490,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         }
 
     context.restore("front_door", restore)
-    last_loss = math.nan
+    last_loss = torch.tensor(math.nan)
     batches = context.training_batches(config.epochs_front_door, title, resolution=config.front_door_resolution)
     for tokens, labels in batches:
         with autocast(device):
@@ -402,26 +499,32 @@ def train_front_door(context: TrainingContext, title: str) -> None:
                 (sampled,) = context.grid_sample(tokens)
                 with torch.no_grad():
                     teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
-                student = heads.student_projection(heads.student(sampled, use_dropout=True))
+                student = student_branch(sampled)
             else:
                 with torch.no_grad():
                     teacher = heads.teacher_projection(heads.teacher(tokens, use_dropout=True))
-                student = heads.student_projection(heads.student(tokens, use_dropout=True))
+                student = student_branch(tokens)
                 sampled, student, teacher = context.grid_sample(tokens, student, teacher)
         codes = nearest_code(sampled, clusterbook)
+        # Anchors meet the teacher's tokens of the global batch, as in one process.
+        all_teacher = group.gather_rows(teacher, context.sizes)
+        all_codes = group.gather_rows(codes, context.sizes)
         bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
-        loss = concept_contrastive_loss(
+        values, defined = concept_contrastive_terms(
             student,
-            teacher,
             normalised_codes[codes],
+            all_teacher,
+            normalised_codes[all_codes],
+            context.first_image,
             bank_features,
             normalised_codes[bank_codes] if bank_codes is not None else None,
             settings,
         )
+        loss = context.global_mean(values[defined])
         if reference:
             with autocast(device):
                 probe_features = heads.teacher(tokens, use_dropout=True).float()
-            probe_loss = _linear_probe_loss(heads, probe_features, labels, context.num_classes)
+            probe_loss = _linear_probe_loss(context, linear_probe, probe_features, labels)
             total = loss + probe_loss if probe_loss is not None else loss
         else:
             total = loss
@@ -439,28 +542,31 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             heads.update_teacher(config.ema_momentum)
         progress["first_step"] = False
         if config.use_bank:
-            bank.update(codes, teacher)
+            # Drawn from the generator every process shares, so their banks stay identical.
+            keys = torch.rand(all_codes.numel(), generator=context.generator)
+            bank.update(all_codes, all_teacher, keys)
         if context.has_labels and not reference:
-            _step_linear_probe(heads, tokens, labels, context.num_classes, probe_optimiser, device)
-        last_loss = loss.item()
+            _step_linear_probe(context, heads, linear_probe, tokens, labels, probe_optimiser)
+        last_loss = loss.detach()
         context.checkpoint("front_door", snapshot)
-    context.run.log(f"front door: last contrastive loss {last_loss:.5f}, bank entries {len(bank)}")
+    last = context.global_loss_value(last_loss)
+    context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
 
 
 def _step_linear_probe(
+    context: TrainingContext,
     heads: SegmentationHeads,
+    linear_probe: torch.nn.Module,
     tokens: torch.Tensor,
     labels: torch.Tensor,
-    num_classes: int,
     optimiser: torch.optim.Optimizer,
-    device: torch.device,
 ) -> None:
     # The probe reads the teacher's features as inference sees them (no dropout), which also
     # keeps the random number stream, and so the unsupervised steps, independent of labels.
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(context.device):
         features = heads.teacher(tokens).float()
-    loss = _linear_probe_loss(heads, features, labels, num_classes)
+    loss = _linear_probe_loss(context, linear_probe, features, labels)
     if loss is None:
         return
     optimiser.zero_grad(set_to_none=True)
@@ -501,10 +607,11 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     reference = context.reference_recipe
     source = HEAD_FILE
     if reference:
-        if not context.run.has(FRONT_DOOR_HEAD_FILE):
+        if context.run.writes and not context.run.has(FRONT_DOOR_HEAD_FILE):
             front_door = context.run.file(HEAD_FILE)
             write_atomically(context.run.file(FRONT_DOOR_HEAD_FILE), lambda target: shutil.copyfile(front_door, target))
         source = FRONT_DOOR_HEAD_FILE
+    context.group.barrier()
     heads = load_heads(
         context.run, config, context.backbone.dim, context.backbone.patch_size, context.num_classes, device, source
     )
@@ -518,6 +625,12 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     # the one whose last epoch reached the best modularity is kept (labels play no part).
     starts = [ClusterProbe(config.reduced_dim, context.num_classes) for _ in range(max(1, config.probe_restarts))]
     probes = torch.nn.ModuleList(starts).to(device)
+    group = context.group
+    objective = group.parallel(
+        ModularityObjective([probe.centroids for probe in starts], config.modularity_temperature), device
+    )
+    linear_probe = group.parallel(heads.linear_probe, device) if context.has_labels else heads.linear_probe
+    teacher = group.parallel(heads.teacher, device) if reference else heads.teacher
     assert config.epochs_cluster_probe is not None
     epochs = config.epochs_cluster_probe
     optimiser = torch.optim.Adam(probes.parameters(), lr=config.learning_rate)
@@ -568,17 +681,18 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     batches = context.training_batches(epochs, title, end_of_epoch, resolution=config.front_door_resolution)
     for tokens, labels in batches:
         with torch.set_grad_enabled(reference), autocast(device):
-            features = heads.teacher(tokens, use_dropout=True).float()
+            features = teacher(tokens, use_dropout=True).float()
         (sampled,) = context.grid_sample(features)
-        losses = torch.stack([modularity_loss(p.centroids, sampled, config.modularity_temperature) for p in starts])
-        epoch_losses.add_(losses.detach().cpu())
+        losses = objective(sampled) * context.batch_share()
+        # Every process keeps the same start: the one best on the global batches.
+        epoch_losses.add_(group.all_sum(losses.detach().clone()).cpu() / group.world_size)
         epoch_batches[0] += 1
         loss = losses.sum()
         probe_loss = None
         if context.has_labels:
             # In the reference recipe the cross-entropy reaches the teacher: one backward for
             # both losses, the head's gradient clipped.
-            probe_loss = _linear_probe_loss(heads, features, labels, context.num_classes, detach=not reference)
+            probe_loss = _linear_probe_loss(context, linear_probe, features, labels, detach=not reference)
         optimiser.zero_grad(set_to_none=True)
         head_optimiser.zero_grad(set_to_none=True)
         total = loss + probe_loss if probe_loss is not None else loss

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .base import SegmentationDataset, UnreadableFile
 
@@ -60,6 +60,13 @@ class LoadReport:
                 if path not in holders:
                     holders.append(path)
 
+    def merge(self, other: LoadReport) -> None:
+        for path, reason in other.skipped.items():
+            self.skipped.setdefault(path, reason)
+        for value, holders in other.unknown_ids.items():
+            mine = self.unknown_ids.setdefault(value, [])
+            mine += [path for path in holders if path not in mine]
+
     def __bool__(self) -> bool:
         return bool(self.skipped or self.unknown_ids)
 
@@ -77,6 +84,41 @@ class LoadReport:
         return lines
 
 
+class ShuffledBatches(Sampler[list[int]]):
+    """One process's training batches of an epoch.
+
+    The items are shuffled by ``(seed, epoch)`` and cut into global batches of ``batch_size``
+    x ``world_size`` items (the last, incomplete one dropped); process ``rank`` takes the
+    ``rank``-th contiguous part of each. Put together in rank order, the parts are the batches
+    one process with a ``world_size`` times larger batch trains on. When the data holds less
+    than one global batch, all of it is the one batch, shared out as evenly as it goes.
+    Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if size < world_size:
+            raise ValueError(f"{size} items cannot be shared among {world_size} processes")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, self.size // (self.batch_size * self.world_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        per_step = self.batch_size * self.world_size
+        if self.size < per_step:
+            yield order.tensor_split(self.world_size)[self.rank].tolist()
+            return
+        for start in range(0, len(self) * per_step, per_step):
+            first = start + self.rank * self.batch_size
+            yield order[first : first + self.batch_size].tolist()
+
+
 def iterate_batches(
     dataset: SegmentationDataset,
     batch_size: int,
@@ -87,24 +129,35 @@ def iterate_batches(
     workers: int = 0,
     pin_memory: bool = False,
     generator: torch.Generator | None = None,
+    batches: Sampler[list[int]] | None = None,
+    keep_empty: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Batches ``{"image", "label", "index", "path"}`` of the readable items of ``dataset``.
+    """Batches ``{"image", "label", "index", "path"}`` of the readable items of ``dataset``,
+    in the order ``batches`` gives (else ``batch_size`` at a time, shuffled or not).
 
-    A batch may hold fewer items than ``batch_size`` where files were skipped; a batch of
-    nothing but unreadable files is left out.
+    A batch may hold fewer items than asked for where files were skipped; a batch of nothing
+    but unreadable files is left out, or comes as an empty dict with ``keep_empty`` (so that
+    processes training together stay in step).
     """
+    sizing: dict[str, Any] = (
+        {"batch_sampler": batches}
+        if batches is not None
+        else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
+    )
     loader = DataLoader(
         _Guarded(dataset),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
+        # With a generator of its own the loader never draws from the global one, which
+        # dropout uses and a resumed run restores.
+        generator=generator or torch.Generator().manual_seed(0),
         num_workers=workers,
         pin_memory=pin_memory,
-        generator=generator,
         collate_fn=_collate,
         persistent_workers=False,
+        **sizing,
     )
     for packed in loader:
         report.record(packed)
         if packed["batch"] is not None:
             yield packed["batch"]
+        elif keep_empty:
+            yield {}

@@ -1,7 +1,8 @@
 """Concept-wise contrastive loss of the front-door step (METHOD.md section 2.4 to 2.6).
 
 Anchors are the student's projected tokens of one image; candidates are the teacher's
-projected tokens of the whole batch (and, separately, the concept bank). Whether a pair is
+projected tokens of the whole batch (of every process, when several train together) and,
+separately, the concept bank. Whether a pair is
 positive or negative is decided by the clusterbook: the cosine of the two tokens' code
 vectors above ``positive_threshold`` makes a positive (a token is never its own positive),
 below ``negative_threshold`` a negative, anything in between is ignored. For an anchor row
@@ -55,6 +56,51 @@ def _per_image_terms(
     return image_total / image_count.clamp_min(1), image_count > 0
 
 
+def concept_contrastive_terms(
+    student: torch.Tensor,
+    code_vectors: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_code_vectors: torch.Tensor,
+    first_image: int = 0,
+    bank_features: torch.Tensor | None = None,
+    bank_code_vectors: torch.Tensor | None = None,
+    settings: ContrastiveSettings = ContrastiveSettings(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's term against the batch, then each image's term against the bank, ``[2B]``
+    (``[B]`` without a bank), and whether each is defined (the image has a positive pair).
+
+    ``student [B, P, E]`` and its tokens' normalised code vectors ``[B, P, D]`` are the
+    anchors. ``teacher [G, P, E]`` with ``teacher_code_vectors [G, P, D]`` are the candidates:
+    the same images (``G = B``) or a larger batch holding them from image ``first_image`` on,
+    whose other images' tokens are candidates too.
+    """
+    batch, tokens, _ = student.shape
+    anchors = F.normalize(student.float(), dim=-1).reshape(batch * tokens, -1)
+    candidates = F.normalize(teacher.float(), dim=-1).reshape(-1, anchors.shape[1])
+    anchor_codes = code_vectors.float().reshape(batch * tokens, -1)
+    candidate_codes = teacher_code_vectors.float().reshape(candidates.shape[0], -1)
+
+    code_similarity = anchor_codes @ candidate_codes.t()
+    positive = code_similarity > settings.positive_threshold
+    rows = torch.arange(batch * tokens, device=positive.device)
+    positive[rows, rows + first_image * tokens] = False  # a token is not its own positive
+    negative = code_similarity < settings.negative_threshold
+    terms = [_per_image_terms(anchors @ candidates.t() / settings.temperature, positive, negative, batch)]
+
+    if bank_features is not None and bank_features.shape[0] > 0:
+        assert bank_code_vectors is not None
+        bank_code_similarity = anchor_codes @ bank_code_vectors.float().t()
+        terms.append(
+            _per_image_terms(
+                anchors @ bank_features.float().t() / settings.temperature,
+                bank_code_similarity > settings.positive_threshold,
+                bank_code_similarity < settings.negative_threshold,
+                batch,
+            )
+        )
+    return torch.cat([value for value, _ in terms]), torch.cat([mask for _, mask in terms])
+
+
 def concept_contrastive_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -71,30 +117,9 @@ def concept_contrastive_loss(
     Terms of images without any positive pair (where the reference's mean would be NaN) are
     left out of the mean.
     """
-    batch, tokens, _ = student.shape
-    anchors = F.normalize(student.float(), dim=-1).reshape(batch * tokens, -1)
-    candidates = F.normalize(teacher.float(), dim=-1).reshape(batch * tokens, -1)
-    anchor_codes = code_vectors.float().reshape(batch * tokens, -1)
-
-    code_similarity = anchor_codes @ anchor_codes.t()
-    positive = code_similarity > settings.positive_threshold
-    positive.fill_diagonal_(False)
-    negative = code_similarity < settings.negative_threshold
-    terms = [_per_image_terms(anchors @ candidates.t() / settings.temperature, positive, negative, batch)]
-
-    if bank_features is not None and bank_features.shape[0] > 0:
-        assert bank_code_vectors is not None
-        bank_code_similarity = anchor_codes @ bank_code_vectors.float().t()
-        terms.append(
-            _per_image_terms(
-                anchors @ bank_features.float().t() / settings.temperature,
-                bank_code_similarity > settings.positive_threshold,
-                bank_code_similarity < settings.negative_threshold,
-                batch,
-            )
-        )
-    values = torch.cat([value for value, _ in terms])
-    defined = torch.cat([mask for _, mask in terms])
+    values, defined = concept_contrastive_terms(
+        student, code_vectors, teacher, code_vectors, 0, bank_features, bank_code_vectors, settings
+    )
     if not bool(defined.any()):
-        return anchors.sum() * 0.0
+        return student.sum() * 0.0
     return values[defined].mean()

@@ -202,6 +202,10 @@ class SegmentationHeads(nn.Module):
     def student_parameters(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *self.student_projection.parameters()]
 
+    def student_branch(self) -> StudentBranch:
+        """The student head and its projection as one module (sharing their parameters)."""
+        return StudentBranch(self.student, self.student_projection)
+
     def update_teacher(self, momentum: float = 0.99) -> None:
         ema_update_(self.teacher, self.student, momentum)
         ema_update_(self.teacher_projection, self.student_projection, momentum)
@@ -209,3 +213,17 @@ class SegmentationHeads(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Inference: the teacher head's features ``[B, P, r]``."""
         return self.teacher(tokens)
+
+
+class StudentBranch(nn.Module):
+    """Tokens ``[B, P, D]`` to the student's projections ``[B, P, E]``, with the input
+    dropout of training: what step two differentiates, as one module for data-parallel
+    training."""
+
+    def __init__(self, head: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.projection = projection
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.head(tokens, use_dropout=True))

@@ -17,8 +17,11 @@ winning term per pair with autograd, which needs ``O(B P^2)`` memory plus one ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 DEFAULT_TEMPERATURE = 0.1
 
@@ -95,3 +98,19 @@ def modularity_loss(
         # trace((W / e) @ Delta) with Delta symmetric is the elementwise sum of W * Delta / e.
         per_image = (weights * delta).sum(dim=(1, 2)) / edges.view(-1)
         return -per_image.mean()
+
+
+class ModularityObjective(nn.Module):
+    """The modularity losses ``[S]`` of ``S`` sets of centres on one batch of tokens.
+
+    A module around the centres (which it shares, not copies) so that data-parallel training
+    can average their gradients over processes.
+    """
+
+    def __init__(self, centres: Sequence[nn.Parameter], temperature: float = DEFAULT_TEMPERATURE) -> None:
+        super().__init__()
+        self.centres = nn.ParameterList(centres)
+        self.temperature = temperature
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.stack([modularity_loss(centres, tokens, self.temperature) for centres in self.centres])
