@@ -10,6 +10,10 @@ Cases, one line each with the ratio (reference form / this toolkit's):
   front-door   one step of step two with every code of a K = 2048 bank at its 100 entries:
                dict-of-tensors bank rebuilt by concatenation and a loop over images against
                the ring buffer and the vectorised loss (time);
+  segment      a batch of images to cluster maps without and with the dense CRF (ViT-S/8,
+               random weights): the reference's two passes (three backbone runs per image,
+               an einsum over upsampled features, the CRF by Pool.map) against the toolkit's
+               one pass (two backbone runs, the CRF in its worker pool) (time);
 and checks that both forms give the same loss (and gradient) before timing them.
 
 Peak memory on the CPU is how far the process's resident high-water mark (Linux VmHWM, reset
@@ -20,18 +24,28 @@ torch's peak allocation.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cause_cli.backbones import REGISTRY, FrozenBackbone, build_model
+from cause_cli.config import TrainConfig
+from cause_cli.crf import CRFPool, crf_available, dense_crf
+from cause_cli.data.transforms import denormalise_to_uint8
 from cause_cli.model.bank import ConceptBank
 from cause_cli.model.contrastive import concept_contrastive_loss
-from cause_cli.model.heads import SegmentationHeads
+from cause_cli.model.heads import ClusterProbe, SegmentationHeads
 from cause_cli.model.modularity import modularity_loss
+from cause_cli.model.ops import map_to_tokens, tokens_to_map
 from cause_cli.model.slow import LoopBank, loop_contrastive_loss
+from cause_cli.predict import TrainedModel, predict_batch
 
 
 def timed(step: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -170,12 +184,74 @@ def bench_front_door(device: torch.device, dim: int, projection: int, batch: int
     )
 
 
+# --- segmenting images ---------------------------------------------------------------------
+
+
+def segmenting_model(device: torch.device, resolution: int, classes: int = 27) -> TrainedModel:
+    """A randomly initialised ViT-S/8 with random heads and centroids, as a trained run loads."""
+    spec = REGISTRY["dino-vits8"]
+    torch.manual_seed(4)
+    backbone = FrozenBackbone(spec, build_model(spec)).to(device)
+    heads = SegmentationHeads(spec.dim, 90, 2048, classes).to(device).eval()
+    cluster_probe = ClusterProbe(90, classes).to(device)
+    config = TrainConfig(data_dir="", backbone=spec.name, resolution=resolution)
+    return TrainedModel(config, backbone, heads, cluster_probe, heads.linear_probe, classes, None, device)
+
+
+def reference_way_of_segmenting(
+    model: TrainedModel, images: torch.Tensor, size: tuple[int, int], pool: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster maps without and with the dense CRF the way the reference's test script gets
+    them: a pass for each (the image alone, then image and flip through the backbone again),
+    cosines by an einsum over the upsampled features, the CRF by a pool's map over the batch."""
+
+    def cosines_at(features: torch.Tensor) -> torch.Tensor:
+        upsampled = F.interpolate(tokens_to_map(features), size, mode="bilinear", align_corners=False)
+        centroids = F.normalize(model.cluster_probe.centroids, dim=1)
+        return torch.einsum("bchw,nc->bnhw", F.normalize(upsampled, dim=1), centroids)
+
+    with torch.no_grad():
+        plain = cosines_at(model.heads.teacher(model.backbone(images))).argmax(dim=1)
+        own = tokens_to_map(model.heads.teacher(model.backbone(images)))
+        flipped = tokens_to_map(model.heads.teacher(model.backbone(images.flip(dims=[3]))))
+        averaged = map_to_tokens((own + flipped.flip(dims=[3])) / 2)
+        unary = torch.log_softmax(3 * cosines_at(averaged), dim=1)
+    marginals = pool.starmap(dense_crf, zip(denormalise_to_uint8(images), unary.cpu().numpy(), strict=True))
+    return plain, torch.from_numpy(np.stack(marginals).argmax(axis=1))
+
+
+def bench_segment(device: torch.device, batch: int, resolution: int, workers: int, repeats: int) -> None:
+    if not crf_available():
+        print("segment      skipped: the dense CRF (pydensecrf) is not installed")
+        return
+    model = segmenting_model(device, resolution)
+    images = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(5)).to(device)
+    size = (resolution, resolution)
+    with CRFPool(workers) as crf_pool, multiprocessing.get_context("spawn").Pool(workers) as reference_pool:
+        ours = predict_batch(model, images, size, crf_pool)
+        plain, refined = reference_way_of_segmenting(model, images, size, reference_pool)
+        assert ours.refined is not None
+        same_plain = (ours.clusters.cpu() == plain.cpu()).float().mean().item()
+        same_refined = (ours.refined.cpu() == refined).float().mean().item()
+        assert same_plain >= 0.9999 and same_refined >= 0.999, (same_plain, same_refined)
+        our_time = timed(lambda: predict_batch(model, images, size, crf_pool), device, repeats)
+        reference_time = timed(
+            lambda: reference_way_of_segmenting(model, images, size, reference_pool), device, repeats
+        )
+    print(
+        f"segment      ViT-S/8 B={batch} at {resolution}, with and without CRF ({workers} CRF processes): "
+        f"reference way {reference_time:.2f} s, one pass {our_time:.2f} s (speed-up x{reference_time / our_time:.2f}); "
+        f"same clusters at {100 * same_plain:.3f}% of pixels, after CRF {100 * same_refined:.3f}%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full", action="store_true", help="the paper's shapes (for a GPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--crf-workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     device = torch.device(args.device)
     bench_clusterbook(device, args.dim, args.repeats)
@@ -186,6 +262,10 @@ def main() -> None:
         # every step, which costs time quadratic in the bank's size: small widths keep it to
         # seconds on a CPU.
         bench_front_door(device, 64, projection=32, batch=4, tokens=16, repeats=args.repeats)
+    if args.full:
+        bench_segment(device, batch=16, resolution=320, workers=args.crf_workers, repeats=args.repeats)
+    else:
+        bench_segment(device, batch=4, resolution=224, workers=args.crf_workers, repeats=args.repeats)
 
 
 if __name__ == "__main__":

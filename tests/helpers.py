@@ -34,3 +34,18 @@ def assert_close(actual, expected, rtol: float = 1e-5, atol: float | None = None
         scale = float(expected_t.abs().max()) if expected_t.numel() else 0.0
         atol = max(rtol * scale, 1e-8)
     torch.testing.assert_close(actual_t.to(expected_t.dtype), expected_t, rtol=rtol, atol=atol)
+
+
+TRAINED_FILES = ("clusterbook.safetensors", "head.safetensors", "probe.safetensors")
+
+
+def assert_same_weights(actual_run: Path, expected_run: Path, rtol: float, atol: float) -> None:
+    """The two runs' clusterbook, heads and cluster probe agree tensor by tensor."""
+    from cause_cli.runs import RunDirectory
+
+    for name in TRAINED_FILES:
+        expected = RunDirectory(expected_run).load_tensors(name)
+        actual = RunDirectory(actual_run).load_tensors(name)
+        assert expected.keys() == actual.keys(), name
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=f"{name}:{key}")

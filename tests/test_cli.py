@@ -279,7 +279,17 @@ def test_segment_glob_list_legend_and_classes(trained_run, scenes, tmp_path):
 
 @crf_only
 def test_segment_with_crf(trained_run, scenes, tmp_path):
-    out = tmp_path / "crf"
-    result = invoke("segment", scenes / "images" / "val", "--run", trained_run, "--out", out, "--crf", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert len(list((out / "labels").glob("*.png"))) == 8
+    outputs = {}
+    # One image at a time in this process, and batches of three in two worker processes.
+    for workers, batch_size in (("0", "1"), ("2", "3")):
+        out = tmp_path / f"crf{workers}"
+        result = invoke(
+            "segment", scenes / "images" / "val", "--run", trained_run, "--out", out, "--crf", "--workers", workers,
+            "--batch-size", batch_size, "--quiet",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[workers] = {path.name: np.asarray(Image.open(path)) for path in (out / "labels").glob("*.png")}
+    assert len(outputs["0"]) == 8
+    assert outputs["0"].keys() == outputs["2"].keys()
+    for name, label in outputs["0"].items():
+        np.testing.assert_array_equal(outputs["2"][name], label)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,7 +19,8 @@ from cause_cli.data.synthetic import write_scenes
 from cause_cli.distributed import from_environment, start, stop
 from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss, concept_contrastive_terms
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
-from cause_cli.runs import RunDirectory
+
+from .helpers import assert_same_weights
 
 # --- sampling -----------------------------------------------------------------------------
 
@@ -157,17 +159,26 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_combined_b
     )
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
-    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
-        expected = RunDirectory(one).load_tensors(name)
-        actual = RunDirectory(two).load_tensors(name)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=2e-5, msg=f"{name}:{key}")
+    assert_same_weights(two, one, rtol=1e-4, atol=2e-5)
     log = (two / "train.log").read_text()
     assert log.count("step 3/3 cluster probe: done") == 1  # rank 0 alone writes
     assert log.count("skipped 1 unreadable file(s)") == 1
     assert launched.stderr.count("run written to") == 1
     assert not (two / "resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_processes_share_one_feature_cache(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", num_train=8, num_val=1, seed=2, size_range=(64, 72))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run, batch, extra in ((one, 4, []), (two, 2, ["--gpus", "2"])):
+        arguments = [*_train_arguments(scenes, run, batch), "--cache-features", *extra]
+        done = subprocess.run(_cause(*arguments), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (flags,) = (two / "feature-cache").glob("*/*.filled")
+    assert np.fromfile(flags, dtype=np.uint8).tolist() == [1] * 8  # each process filled in its images
+    assert_same_weights(two, one, rtol=1e-4, atol=2e-5)
 
 
 def test_gpus_without_gpus_is_refused_in_one_sentence(tmp_path):

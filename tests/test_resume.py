@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cause_cli.data.synthetic import write_scenes
-from cause_cli.runs import RunDirectory
+
+from .helpers import assert_same_weights
 
 
 def cause(*args: object, env: dict[str, str]) -> list[str]:
@@ -60,9 +61,4 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at epoch" in (interrupted / "train.log").read_text()
     assert not (interrupted / "resume.pt").exists()
-    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
-        expected = RunDirectory(whole).load_tensors(name)
-        actual = RunDirectory(interrupted).load_tensors(name)
-        assert expected.keys() == actual.keys()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+    assert_same_weights(interrupted, whole, rtol=1e-5, atol=1e-6)

@@ -26,14 +26,7 @@ from .errors import CauseError
 from .figures import colourise, confusion_picture, palette, samples_picture, save_png
 from .metrics import MetricAccumulator, SegmentationScores
 from .paths import write_json
-from .predict import (
-    cluster_cosines,
-    crf_unary,
-    flip_averaged_feature_map,
-    head_feature_map,
-    linear_logits,
-    load_trained,
-)
+from .predict import load_trained, predict_batch
 from .progress import Reporter
 from .runs import METRICS_FILE, open_run
 
@@ -88,20 +81,12 @@ def evaluate_run(
                 images = batch["image"].to(torch_device)
                 labels = batch["label"].to(torch_device)
                 size = (int(labels.shape[-2]), int(labels.shape[-1]))
-                features = head_feature_map(model, images)
-                predictions = cluster_cosines(model, features, size).argmax(dim=1)
-                clusters.update(predictions, labels)
-                with torch.no_grad():
-                    linear.update(linear_logits(model, features, size).argmax(dim=1), labels)
-                refined_predictions = None
-                if pool is not None:
-                    averaged = flip_averaged_feature_map(model, images, features)
-                    unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
-                    rgb = denormalise_to_uint8(images)
-                    marginals = pool.run(list(rgb), list(unary))
-                    refined_predictions = torch.from_numpy(np.stack(marginals).argmax(axis=1)).to(labels.device)
-                    refined.update(refined_predictions, labels)
-                _keep_samples(samples, images, labels, predictions, refined_predictions)
+                predicted = predict_batch(model, images, size, pool)
+                clusters.update(predicted.clusters, labels)
+                linear.update(predicted.linear, labels)
+                if predicted.refined is not None:
+                    refined.update(predicted.refined, labels)
+                _keep_samples(samples, images, labels, predicted.clusters, predicted.refined)
                 advance(1)
     finally:
         if pool is not None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from .config import TrainConfig
+from .crf import CRFPool
+from .data.transforms import denormalise_to_uint8
 from .devices import autocast
 from .model.heads import ClusterProbe, LinearProbe, SegmentationHeads
 from .model.ops import map_to_tokens, tokens_to_map
@@ -103,3 +106,32 @@ def linear_logits(model: TrainedModel, feature_map: torch.Tensor, size: tuple[in
 def crf_unary(cosines: torch.Tensor) -> torch.Tensor:
     """Log-probabilities the dense CRF starts from: ``log_softmax(3 * cos)`` over clusters."""
     return torch.log_softmax(CRF_SHARPNESS * cosines, dim=1)
+
+
+@dataclass
+class BatchPredictions:
+    """Cluster maps ``[B, H, W]`` of one batch: from the image alone (``clusters``), from the
+    linear probe, and after the dense CRF on the image-and-flip average (``refined``)."""
+
+    clusters: torch.Tensor
+    linear: torch.Tensor
+    refined: torch.Tensor | None
+
+
+@torch.no_grad()
+def predict_batch(
+    model: TrainedModel, images: torch.Tensor, size: tuple[int, int], pool: CRFPool | None
+) -> BatchPredictions:
+    """Every prediction evaluation reports, in one pass: the image's own features serve both
+    the plain maps and the flip average, so the backbone runs twice per image (the reference
+    runs it three times, in two passes)."""
+    features = head_feature_map(model, images)
+    clusters = cluster_cosines(model, features, size).argmax(dim=1)
+    linear = linear_logits(model, features, size).argmax(dim=1)
+    refined = None
+    if pool is not None:
+        averaged = flip_averaged_feature_map(model, images, features)
+        unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
+        marginals = pool.run(list(denormalise_to_uint8(images)), list(unary))
+        refined = torch.from_numpy(np.stack(marginals).argmax(axis=1)).to(clusters.device)
+    return BatchPredictions(clusters, linear, refined)

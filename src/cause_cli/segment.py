@@ -156,15 +156,21 @@ class _Segmenter:
         features = head_feature_map(model, batch)
         if self.pool is not None:
             features = flip_averaged_feature_map(model, batch, features)
-        for index, (relative, image) in enumerate(pending):
+        cluster_maps: list[np.ndarray] = []
+        crf_images: list[np.ndarray] = []
+        crf_unaries: list[np.ndarray] = []
+        for index, (_, image) in enumerate(pending):
             size = _prediction_size(image.width, image.height)
             cosines = cluster_cosines(model, features[index : index + 1], size)
-            if self.pool is not None:
-                small = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR))
-                marginals = self.pool.run([small], [crf_unary(cosines)[0].cpu().numpy()])[0]
-                clusters = marginals.argmax(axis=0)
+            if self.pool is None:
+                cluster_maps.append(cosines.argmax(dim=1)[0].cpu().numpy())
             else:
-                clusters = cosines.argmax(dim=1)[0].cpu().numpy()
+                crf_images.append(np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)))
+                crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
+        if self.pool is not None:
+            # The whole batch at once, so the pool's workers refine several images together.
+            cluster_maps = [marginals.argmax(axis=0) for marginals in self.pool.run(crf_images, crf_unaries)]
+        for (relative, image), clusters in zip(pending, cluster_maps, strict=True):
             values = self.mapping[clusters] if self.mapping is not None else clusters
             self.write(relative, image, values)
 
