@@ -4,9 +4,11 @@ one process with their combined batch, and only rank 0 writes."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,62 @@ def test_processes_share_one_feature_cache(tmp_path):
     (flags,) = (two / "feature-cache").glob("*/*.filled")
     assert np.fromfile(flags, dtype=np.uint8).tolist() == [1] * 8  # each process filled in its images
     assert_same_weights(two, one, rtol=1e-4, atol=2e-5)
+
+
+def _kill_processes_training(run: Path) -> int:
+    """SIGKILL every process whose command line names ``run``; how many there were."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run).encode() in arguments and b"train" in arguments:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+@pytest.mark.slow
+def test_killed_processes_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", num_train=16, num_val=2, seed=4, size_range=(64, 72))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+
+    def arguments(run: Path) -> list[object]:
+        return [*_train_arguments(scenes, run, 2), "--epochs-front-door", "8", "--checkpoint-every", "0", "--gpus", "2"]
+
+    subprocess.run(_cause(*arguments(whole)), env=env, check=True, capture_output=True)
+    launcher = subprocess.Popen(
+        _cause(*arguments(interrupted)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline, killed = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and launcher.poll() is None and not killed:
+        try:
+            state = torch.load(interrupted / "resume.pt", weights_only=True)
+        except Exception:  # not there yet, or replaced while being read
+            time.sleep(0.01)
+            continue
+        if state["step"] == "front_door" and state["epoch"] >= 1:
+            killed = _kill_processes_training(interrupted)  # the launcher, torchrun and both workers
+    launcher.wait(timeout=60)
+    assert killed >= 2, "step two finished before the processes could be killed"
+    assert not (interrupted / "head.safetensors").exists()
+
+    resumed = subprocess.run(
+        _cause("train", "--resume", "--run", interrupted, "--device", "cpu", "--gpus", "2"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "front_door: resumed at epoch" in (interrupted / "train.log").read_text()
+    assert_same_weights(interrupted, whole, rtol=1e-4, atol=2e-5)
 
 
 def test_gpus_without_gpus_is_refused_in_one_sentence(tmp_path):
