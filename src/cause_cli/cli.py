@@ -279,20 +279,20 @@ def train(
     from .paths import next_numbered_folder, runs_home
     from .train import train as train_run
 
-    if gpus > 1 and not from_environment().distributed:
-        if resume and run is None:
-            raise CauseError("--resume needs the run folder to continue: --run R.")
+    if resume and run is None:
+        raise CauseError("--resume needs the run folder to continue: --run R.")
+    process = from_environment()
+    if gpus > 1 and not process.distributed:
         _launch_training(ctx, gpus, run or next_numbered_folder(runs_home(), "train"), device)
         return
     if resume:
-        if run is None:
-            raise CauseError("--resume needs the run folder to continue: --run R.")
+        assert run is not None
         from .runs import open_run
 
         config = open_run(run).config()
         config.checkpoint_seconds = checkpoint_every
         train_run(config, run, device, _reporter(quiet), resume=True)
-        if from_environment().is_main:
+        if process.is_main:
             stderr.print(f"run written to {run}")
         return
     if data_dir is None:
@@ -321,7 +321,7 @@ def train(
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))
-    if from_environment().is_main:
+    if process.is_main:
         stderr.print(f"run written to {run_path}")
 
 

@@ -321,9 +321,7 @@ def prepare(
         }
     )
     generator = torch.Generator().manual_seed(config.seed)
-    context = TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator)
-    context.group = group
-    return context
+    return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
 
 
 def train(
