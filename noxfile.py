@@ -39,9 +39,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: lint and formatting check."""
-    session.install("ruff>=0.6")
+    """ruff, and the layers contract of pyproject.toml (import-linter): nothing imports upward."""
+    session.install("ruff>=0.6,<0.18", "import-linter>=2.1")
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    # The contract reads the source tree; nothing of the package is imported or installed.
+    session.run("lint-imports", "--no-cache", env={"PYTHONPATH": "src"})
 
 
 @nox.session

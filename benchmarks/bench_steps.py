@@ -37,15 +37,15 @@ import torch.nn.functional as F
 
 from cause_cli.backbones import REGISTRY, FrozenBackbone, build_model
 from cause_cli.config import TrainConfig
-from cause_cli.crf import CRFPool, crf_available, dense_crf
 from cause_cli.data.transforms import denormalise_to_uint8
+from cause_cli.inference.crf import CRFPool, crf_available, dense_crf
+from cause_cli.inference.predict import TrainedModel, predict_batch
 from cause_cli.model.bank import ConceptBank
 from cause_cli.model.contrastive import concept_contrastive_loss
 from cause_cli.model.heads import ClusterProbe, SegmentationHeads
 from cause_cli.model.modularity import modularity_loss
 from cause_cli.model.ops import map_to_tokens, tokens_to_map
 from cause_cli.model.slow import LoopBank, loop_contrastive_loss
-from cause_cli.predict import TrainedModel, predict_batch
 
 
 def timed(step: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -33,10 +33,10 @@ from cause_cli.backbones import (
     resolve_spec,
     weights_path,
 )
+from cause_cli.backbones.pos_embed import resize_grid
 from cause_cli.cli import app
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
-from cause_cli.pos_embed import resize_grid
 
 from .fake_hub import FakeHub, closed_port_url, forbid_remote_connections, point_hub_at
 from .helpers import assert_close

@@ -15,8 +15,9 @@ from cause_cli import __version__
 from cause_cli.cli import app
 from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
+from cause_cli.inference.crf import crf_available
 from cause_cli.runs import RunDirectory
-from cause_cli.train import train
+from cause_cli.training import train
 
 runner = CliRunner()
 
@@ -205,7 +206,7 @@ def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path):
 
 def test_run_with_other_backbone_is_refused(trained_run):
     from cause_cli.errors import CauseError
-    from cause_cli.predict import load_trained
+    from cause_cli.inference.predict import load_trained
 
     with pytest.raises(CauseError, match="made with backbone 'toy'"):
         load_trained(RunDirectory(trained_run), torch.device("cpu"), backbone="dino-vits8")
@@ -229,7 +230,7 @@ def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
     assert len(list((out / "labels").glob("*.png"))) == 8
 
 
-crf_only = pytest.mark.skipif(not __import__("cause_cli.crf").crf.crf_available(), reason="pydensecrf missing")
+crf_only = pytest.mark.skipif(not crf_available(), reason="pydensecrf missing")
 
 
 @crf_only
@@ -247,7 +248,7 @@ def test_eval_with_crf_writes_both_results_and_pictures(trained_run):
 
 @crf_only
 def test_eval_survives_a_killed_crf_worker(trained_run, tmp_path, monkeypatch):
-    from cause_cli import crf
+    from cause_cli.inference import crf
     from tests.test_crf import die_once_job
 
     monkeypatch.setenv("CAUSE_TEST_CRF_MARKER", str(tmp_path / "marker"))

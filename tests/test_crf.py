@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cause_cli import crf as crf_module
-from cause_cli.crf import CRFPool, dense_crf
 from cause_cli.errors import CauseError
-from cause_cli.metrics import MetricAccumulator
+from cause_cli.inference import crf as crf_module
+from cause_cli.inference.crf import CRFPool, dense_crf
+from cause_cli.inference.metrics import MetricAccumulator
 
 from .helpers import shared_path
 

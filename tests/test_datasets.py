@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from cause_cli.cli import app
 from cause_cli.data import DATASETS, canonical_name, open_dataset
-from cause_cli.data import crops as crops_module
-from cause_cli.data.crops import RECIPES, crop_plan, find_crops, prepare_crops
+from cause_cli.data import preparing as crops_module
+from cause_cli.data.crops import RECIPES, crop_plan, find_crops
 from cause_cli.data.labels import LABEL_MAPS
 from cause_cli.data.loading import LoadReport, iterate_batches
+from cause_cli.data.preparing import prepare_crops
 from cause_cli.errors import CauseError
 
 from .helpers import shared_path
@@ -606,7 +607,7 @@ def test_train_on_voc_crops_then_eval_end_to_end(tmp_path):
 def test_training_skips_unreadable_files_and_lists_them_at_the_end(tmp_path):
     from cause_cli.config import TrainConfig
     from cause_cli.progress import Reporter
-    from cause_cli.train import train
+    from cause_cli.training import train
 
     class Collecting(Reporter):
         def __init__(self) -> None:

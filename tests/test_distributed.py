@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 
 from cause_cli.data.loading import ShuffledBatches
 from cause_cli.data.synthetic import write_scenes
-from cause_cli.distributed import from_environment, start, stop
 from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss, concept_contrastive_terms
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
+from cause_cli.training.distributed import from_environment, start, stop
 
 from .helpers import assert_same_weights
 

@@ -13,9 +13,9 @@ from cause_cli.backbones import FrozenBackbone
 from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
-from cause_cli.feature_cache import FeatureCache
 from cause_cli.runs import RunDirectory
-from cause_cli.train import train
+from cause_cli.training import train
+from cause_cli.training.feature_cache import FeatureCache
 
 
 @pytest.fixture(scope="module")

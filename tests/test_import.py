@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from cause_cli.backbones import build_model, file_sha256, resolve_spec, weights_path
 from cause_cli.cli import app
+from cause_cli.inference.predict import load_trained
 from cause_cli.paths import write_json
-from cause_cli.predict import load_trained
 from cause_cli.runs import RunDirectory
 
 from .helpers import assert_close, shared_path

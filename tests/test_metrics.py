@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cause_cli.metrics import MetricAccumulator, confusion_histogram, hungarian_mapping, scores_from_histogram
+from cause_cli.inference.metrics import MetricAccumulator, confusion_histogram, hungarian_mapping, scores_from_histogram
 
 from .helpers import assert_close
 

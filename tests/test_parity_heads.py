@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cause_cli.inference.predict import CRF_SHARPNESS
 from cause_cli.model.heads import ClusterProbe, SegmentationHeads
 from cause_cli.model.ops import map_to_tokens, tokens_to_map
 from cause_cli.model.reference import convert_heads, load_reference_file
-from cause_cli.predict import CRF_SHARPNESS
 
 from .helpers import assert_close, shared_path
 

@@ -12,7 +12,7 @@ from cause_cli.config import TrainConfig, apply_reference_recipe
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 from cause_cli.runs import RunDirectory
-from cause_cli.train import train
+from cause_cli.training import train
 
 
 @pytest.mark.parametrize(

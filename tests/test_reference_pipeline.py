@@ -22,10 +22,16 @@ from typer.testing import CliRunner
 
 from cause_cli.backbones import REGISTRY
 from cause_cli.cli import app
-from cause_cli.crf import CRFPool, crf_available
 from cause_cli.data.transforms import normalise, resize_and_crop
+from cause_cli.inference.crf import CRFPool, crf_available
+from cause_cli.inference.predict import (
+    cluster_cosines,
+    crf_unary,
+    flip_averaged_feature_map,
+    head_feature_map,
+    load_trained,
+)
 from cause_cli.model.reference import load_reference_file
-from cause_cli.predict import cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
 from cause_cli.runs import RunDirectory
 
 from .fake_hub import FakeHub, forbid_remote_connections, point_hub_at

@@ -275,9 +275,9 @@ def train(
     Example: cause train --data-dir ./my-images --num-classes 8 --run runs/mine
     """
     from .config import TrainConfig
-    from .distributed import from_environment
     from .paths import next_numbered_folder, runs_home
-    from .train import train as train_run
+    from .training import train as train_run
+    from .training.distributed import from_environment
 
     if resume and run is None:
         raise CauseError("--resume needs the run folder to continue: --run R.")
@@ -330,7 +330,7 @@ def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str)
     import torch
 
     from .devices import resolve_device
-    from .distributed import REFERENCE_RECIPE_ALONE, launch
+    from .training.distributed import REFERENCE_RECIPE_ALONE, launch
 
     if ctx.params.get("recipe") == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
@@ -377,7 +377,7 @@ def prepare(
 
     Example: cause prepare --dataset cocostuff27 --data-dir ~/datasets
     """
-    from .data.crops import prepare_crops
+    from .data.preparing import prepare_crops
 
     summary = prepare_crops(dataset, data_dir, workers, _reporter(quiet))
     if summary.made_elsewhere:
@@ -440,8 +440,8 @@ def evaluate(
 
     Example: cause eval --run runs/train
     """
-    from .crf import default_workers
-    from .evaluate import evaluate_run
+    from .inference.crf import default_workers
+    from .inference.evaluate import evaluate_run
 
     result = evaluate_run(
         run,
@@ -516,9 +516,9 @@ def segment(
 
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
-    from .crf import default_workers
+    from .inference.crf import default_workers
+    from .inference.segment import segment_images
     from .paths import next_numbered_folder, runs_home
-    from .segment import segment_images
 
     out_path = out or next_numbered_folder(runs_home(), "segment")
     result = segment_images(

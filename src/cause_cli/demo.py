@@ -8,10 +8,10 @@ from typing import Any
 
 from .config import TrainConfig
 from .data.synthetic import write_scenes
-from .evaluate import evaluate_run
+from .inference.evaluate import evaluate_run
+from .inference.segment import segment_images
 from .progress import Reporter
-from .segment import segment_images
-from .train import train
+from .training import train
 
 DEMO_TRAIN_IMAGES = 320
 DEMO_VAL_IMAGES = 64

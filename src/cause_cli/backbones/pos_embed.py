@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CauseError
+from ..errors import CauseError
 
 # What the user chooses: the reference code's rule for the backbone's family, or timm's.
 POS_EMBED_CHOICES = ("reference", "timm")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import CauseError
+from ..errors import CauseError
 
 # Where each family's state dict sits in the authors' files, most specific first.
 _STATE_KEYS = {

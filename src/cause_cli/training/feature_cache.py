@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import CauseError
+from ..errors import CauseError
 
 # Room to leave free on the disk besides the cache itself.
 DISK_MARGIN_BYTES = 1 << 30

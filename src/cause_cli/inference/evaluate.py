@@ -17,18 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import open_dataset
+from ..data.loading import LoadReport, iterate_batches
+from ..data.transforms import denormalise_to_uint8
+from ..devices import resolve_device
+from ..errors import CauseError
+from ..paths import write_json
+from ..progress import Reporter
+from ..runs import METRICS_FILE, open_run
 from .crf import CRFPool, crf_available, require_crf
-from .data import open_dataset
-from .data.loading import LoadReport, iterate_batches
-from .data.transforms import denormalise_to_uint8
-from .devices import resolve_device
-from .errors import CauseError
 from .figures import colourise, confusion_picture, palette, samples_picture, save_png
 from .metrics import MetricAccumulator, SegmentationScores
-from .paths import write_json
 from .predict import load_trained, predict_batch
-from .progress import Reporter
-from .runs import METRICS_FILE, open_run
 
 SAMPLES_SHOWN = 4
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.labels import bit_palette as palette
-from .paths import write_atomically
+from ..data.labels import bit_palette as palette
+from ..paths import write_atomically
 
 __all__ = ["colourise", "confusion_picture", "palette", "samples_picture", "save_png"]
 

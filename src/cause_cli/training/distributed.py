@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import CauseError
+from ..errors import CauseError
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..data.base import UnreadableFile, read_image
+from ..data.transforms import normalise, resize_and_crop
+from ..devices import resolve_device
+from ..errors import CauseError
+from ..paths import write_json
+from ..progress import Reporter
+from ..runs import METRICS_FILE, RunDirectory, open_run
 from .crf import CRFPool, require_crf
-from .data.base import UnreadableFile, read_image
-from .data.transforms import normalise, resize_and_crop
-from .devices import resolve_device
-from .errors import CauseError
 from .figures import palette, save_png
-from .paths import write_json
 from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
-from .progress import Reporter
-from .runs import METRICS_FILE, RunDirectory, open_run
 
 # Cosines are computed at most at this size (longest side), then label maps are resized to
 # the image's own size, so a 40-megapixel photo costs no more memory than a small one.

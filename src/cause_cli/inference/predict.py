@@ -14,15 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import FrozenBackbone, load_backbone, refuse_other_backbone
-from .config import TrainConfig
+from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
+from ..config import TrainConfig
+from ..data.transforms import denormalise_to_uint8
+from ..devices import autocast
+from ..model.heads import ClusterProbe, LinearProbe, SegmentationHeads
+from ..model.ops import map_to_tokens, tokens_to_map
+from ..runs import PROBE_FILE, RunDirectory
+from ..training import load_heads
 from .crf import CRFPool
-from .data.transforms import denormalise_to_uint8
-from .devices import autocast
-from .model.heads import ClusterProbe, LinearProbe, SegmentationHeads
-from .model.ops import map_to_tokens, tokens_to_map
-from .runs import PROBE_FILE, RunDirectory
-from .train import load_heads
 
 CRF_SHARPNESS = 3.0
 

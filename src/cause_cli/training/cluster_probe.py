@@ -1,0 +1,140 @@
+"""Step three: the cluster probe, centroids ``Phi [C, r]`` fitted by modularity over the
+teacher head's features (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import torch
+
+from ..devices import autocast, gradient_scaler
+from ..model.heads import ClusterProbe
+from ..model.modularity import ModularityObjective
+from ..paths import write_atomically
+from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
+from .context import TrainingContext
+from .front_door import load_heads
+from .linear_probe import linear_probe_loss
+
+
+def train_cluster_probe(context: TrainingContext, title: str) -> None:
+    """Step three: centroids ``Phi [C, r]`` by modularity over the teacher head's features.
+
+    By default the teacher is frozen and the linear probe learns on its detached features. The
+    reference recipe instead trains the teacher with the linear probe's cross-entropy (labels
+    reach the unsupervised features) and rewrites ``head.safetensors``; the step-two head is
+    kept as ``head_front_door.safetensors`` so the step can be rerun from it.
+    """
+    config = context.config
+    device = context.device
+    reference = context.reference_recipe
+    source = HEAD_FILE
+    if reference:
+        if context.run.writes and not context.run.has(FRONT_DOOR_HEAD_FILE):
+            front_door = context.run.file(HEAD_FILE)
+            write_atomically(context.run.file(FRONT_DOOR_HEAD_FILE), lambda target: shutil.copyfile(front_door, target))
+        source = FRONT_DOOR_HEAD_FILE
+    context.group.barrier()
+    heads = load_heads(
+        context.run, config, context.backbone.dim, context.backbone.patch_size, context.num_classes, device, source
+    )
+    heads.train()  # dropout on the input features, as during training
+    for parameter in heads.parameters():
+        parameter.requires_grad_(False)
+    head_trained = [*heads.linear_probe.parameters(), *(heads.teacher.parameters() if reference else [])]
+    for parameter in head_trained:
+        parameter.requires_grad_(True)
+    # Several probes from different random starts can learn side by side on the same batches;
+    # the one whose last epoch reached the best modularity is kept (labels play no part).
+    starts = [ClusterProbe(config.reduced_dim, context.num_classes) for _ in range(max(1, config.probe_restarts))]
+    probes = torch.nn.ModuleList(starts).to(device)
+    group = context.group
+    objective = group.parallel(
+        ModularityObjective([probe.centroids for probe in starts], config.modularity_temperature), device
+    )
+    linear_probe = group.parallel(heads.linear_probe, device) if context.has_labels else heads.linear_probe
+    teacher = group.parallel(heads.teacher, device) if reference else heads.teacher
+    assert config.epochs_cluster_probe is not None
+    epochs = config.epochs_cluster_probe
+    optimiser = torch.optim.Adam(probes.parameters(), lr=config.learning_rate)
+    epoch_losses = torch.zeros(len(probes))
+    epoch_batches = [0]
+    head_optimiser = torch.optim.Adam(
+        head_trained, lr=config.learning_rate, weight_decay=config.weight_decay if reference else 0.0
+    )
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)]
+    if reference:
+        schedulers.append(torch.optim.lr_scheduler.StepLR(head_optimiser, step_size=2, gamma=0.5))
+
+    # With float16 autocast the reference recipe back-propagates through the teacher's half
+    # precision activations; the scaler keeps those gradients from underflowing.
+    scaler = gradient_scaler(device)
+
+    def end_of_epoch() -> None:
+        for scheduler in schedulers:
+            scheduler.step()
+        if context.position[0] + 1 < epochs:  # keep the last epoch's sums
+            epoch_losses.zero_()
+            epoch_batches[0] = 0
+
+    def restore(state: dict[str, Any]) -> None:
+        heads.load_state_dict(state["heads"])
+        probes.load_state_dict(state["probes"])
+        epoch_losses.copy_(state["epoch_losses"])
+        epoch_batches[0] = int(state["epoch_batches"])
+        scaler.load_state_dict(state["scaler"])
+        optimiser.load_state_dict(state["optimiser"])
+        head_optimiser.load_state_dict(state["head_optimiser"])
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "heads": heads.state_dict(),
+            "probes": probes.state_dict(),
+            "epoch_losses": epoch_losses.clone(),
+            "epoch_batches": epoch_batches[0],
+            "scaler": scaler.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "head_optimiser": head_optimiser.state_dict(),
+            "schedulers": [scheduler.state_dict() for scheduler in schedulers],
+        }
+
+    context.restore("cluster_probe", restore)
+    batches = context.training_batches(epochs, title, end_of_epoch, resolution=config.front_door_resolution)
+    for tokens, labels in batches:
+        with torch.set_grad_enabled(reference), autocast(device):
+            features = teacher(tokens, use_dropout=True).float()
+        (sampled,) = context.grid_sample(features)
+        losses = objective(sampled) * context.batch_share()
+        # Every process keeps the same start: the one best on the global batches.
+        epoch_losses.add_(group.all_sum(losses.detach().clone()).cpu() / group.world_size)
+        epoch_batches[0] += 1
+        loss = losses.sum()
+        probe_loss = None
+        if context.has_labels:
+            # In the reference recipe the cross-entropy reaches the teacher: one backward for
+            # both losses, the head's gradient clipped.
+            probe_loss = linear_probe_loss(context, linear_probe, features, labels, detach=not reference)
+        optimiser.zero_grad(set_to_none=True)
+        head_optimiser.zero_grad(set_to_none=True)
+        total = loss + probe_loss if probe_loss is not None else loss
+        scaler.scale(total).backward()
+        if reference:
+            scaler.unscale_(head_optimiser)
+            torch.nn.utils.clip_grad_norm_(head_trained, config.grad_clip)
+        scaler.step(optimiser)
+        if probe_loss is not None:
+            scaler.step(head_optimiser)
+        scaler.update()
+        context.checkpoint("cluster_probe", snapshot)
+    means = epoch_losses / max(1, epoch_batches[0])
+    best = int(means.argmin())
+    listed = ", ".join(f"{value:.5f}" for value in means.tolist())
+    context.run.log(f"cluster probe: last-epoch modularity loss {listed}; kept start {best + 1} of {len(probes)}")
+    if reference:
+        context.run.save_tensors(HEAD_FILE, heads.state_dict())
+    tensors = {"centroids": starts[best].centroids.detach()}
+    tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
+    context.run.save_tensors(PROBE_FILE, tensors)

@@ -1,0 +1,250 @@
+"""What every training step shares: batches of backbone tokens, the feature cache,
+checkpoints for resuming, and the process group that several processes train in."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backbones import FrozenBackbone
+from ..config import TrainConfig
+from ..data import SegmentationDataset, open_dataset
+from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
+from ..devices import autocast
+from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
+from ..progress import Reporter
+from ..runs import RESUME_FILE, RunDirectory
+from .distributed import SINGLE_PROCESS, ProcessGroup
+from .feature_cache import FeatureCache
+
+
+@dataclass
+class TrainingContext:
+    config: TrainConfig
+    run: RunDirectory
+    device: torch.device
+    backbone: FrozenBackbone
+    train_set: SegmentationDataset
+    num_classes: int
+    reporter: Reporter
+    generator: torch.Generator
+    load_report: LoadReport = field(default_factory=LoadReport)
+    other_resolutions: dict[int, SegmentationDataset] = field(default_factory=dict)
+    resume: bool = False
+    position: tuple[int, int] = (0, 0)  # (epoch, batches of it done) of the running step
+    start: tuple[int, int] = (0, 0)  # where the running step (re)starts
+    last_checkpoint: float = field(default_factory=time.monotonic)
+    caches: dict[int, FeatureCache] = field(default_factory=dict)
+    group: ProcessGroup = SINGLE_PROCESS
+    sizes: list[int] = field(default_factory=list)  # every process's images in this step
+
+    @property
+    def has_labels(self) -> bool:
+        return self.train_set.has_labels
+
+    @property
+    def reference_recipe(self) -> bool:
+        return self.config.recipe == "reference"
+
+    def data_at(self, resolution: int | None) -> SegmentationDataset:
+        """The training images at ``resolution`` (None: the run's)."""
+        if resolution is None or resolution == self.config.resolution:
+            return self.train_set
+        if resolution not in self.other_resolutions:
+            config = self.config
+            self.other_resolutions[resolution] = open_dataset(
+                config.dataset, config.data_dir, "train", resolution, config.val_fraction, crops=True
+            )
+        return self.other_resolutions[resolution]
+
+    def shuffled_batches(self, resolution: int | None = None) -> ShuffledBatches:
+        group = self.group
+        data = self.data_at(resolution)
+        return ShuffledBatches(len(data), self.config.batch_size, self.config.seed, group.rank, group.world_size)
+
+    def batches(self, epoch: int, resolution: int | None = None) -> Iterator[dict[str, Any]]:
+        """This process's shuffled batches of one epoch; unreadable files are skipped and
+        recorded (with several processes, a batch of nothing else comes as an empty dict)."""
+        order = self.shuffled_batches(resolution)
+        order.set_epoch(epoch)
+        return iterate_batches(
+            self.data_at(resolution),
+            self.config.batch_size,
+            self.load_report,
+            batches=order,
+            generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
+            keep_empty=self.group.distributed,
+            workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def feature_cache(self, resolution: int) -> FeatureCache | None:
+        """The token cache for the training images at ``resolution`` (None without --cache-features)."""
+        if not self.config.cache_features:
+            return None
+        if resolution not in self.caches:
+            tokens = (resolution // self.backbone.patch_size) ** 2
+            data = self.data_at(resolution)
+            # The folder names the images it holds, so other data never reads these tokens.
+            listing = "\n".join(str(sample) for sample in getattr(data, "samples", []))
+            fingerprint = hashlib.sha1(f"{self.backbone.sha256}\n{listing}".encode()).hexdigest()[:12]
+            folder = self.run.path / "feature-cache" / f"{resolution}-{fingerprint}"
+            cache = FeatureCache(folder, len(data), tokens, self.backbone.dim)
+            message = f"feature cache: {cache.size_bytes / 2**20:.0f} MiB in {cache.path}"
+            self.reporter.message(message)
+            self.run.log(message)
+            self.caches[resolution] = cache
+        return self.caches[resolution]
+
+    def tokens_and_labels(
+        self, batches: Iterator[dict[str, Any]], resolution: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        non_blocking = self.device.type == "cuda"
+        assert self.config.resolution is not None
+        cache = self.feature_cache(resolution or self.config.resolution)
+        for batch in batches:
+            if not batch:
+                yield None
+                continue
+            labels = batch["label"].to(self.device, non_blocking=non_blocking)
+            cached = cache.get(batch["index"]) if cache is not None else None
+            if cached is not None:
+                yield cached.to(self.device, non_blocking=non_blocking), labels
+                continue
+            images = batch["image"].to(self.device, non_blocking=non_blocking)
+            with autocast(self.device):
+                tokens = self.backbone(images).float()
+            if cache is not None:
+                cache.put(batch["index"], tokens)
+                # Read back what later epochs will read, so every epoch sees the same values.
+                tokens = tokens.half().float()
+            yield tokens, labels
+
+    def training_batches(
+        self,
+        epochs: int,
+        title: str,
+        end_of_epoch: Callable[[], None] | None = None,
+        resolution: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Backbone tokens and labels of every training batch for ``epochs`` epochs (the
+        configured share of each), with a progress bar; ``end_of_epoch`` runs after each
+        epoch (a learning-rate schedule)."""
+        per_epoch = max(1, math.ceil(len(self.shuffled_batches(resolution)) * self.config.epoch_fraction))
+        first_epoch, done = self.start
+        if self.config.cache_features and self.group.distributed:
+            # Rank 0 makes the cache's files; every process then fills in its own images.
+            assert self.config.resolution is not None
+            if self.group.is_main:
+                self.feature_cache(resolution or self.config.resolution)
+            self.group.barrier()
+        with self.reporter.task(title, epochs * per_epoch) as advance:
+            advance(first_epoch * per_epoch + done)
+            for epoch in range(first_epoch, epochs):
+                raw = self.batches(epoch, resolution)
+                skip = done if epoch == first_epoch else 0
+                # A resumed step passes over the batches it had done, without the backbone.
+                for _ in zip(range(skip), raw, strict=False):
+                    pass
+                batches = self.tokens_and_labels(raw, resolution)
+                for index, batch in zip(range(skip, per_epoch), batches, strict=False):
+                    self.position = (epoch, index + 1)
+                    self.sizes = self.group.batch_sizes(0 if batch is None else len(batch[0]), self.device)
+                    # Processes train in step: where one has no readable image, all pass.
+                    if min(self.sizes) > 0:
+                        assert batch is not None
+                        yield batch
+                    advance(1)
+                if end_of_epoch is not None:
+                    end_of_epoch()
+
+    def restore(self, step: str, apply: Callable[[dict[str, Any]], None]) -> None:
+        """With --resume, load the running step's checkpoint into its objects and random
+        number generators, and start where it stopped."""
+        self.start = (0, 0)
+        self.last_checkpoint = time.monotonic()
+        self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}".encode()))
+        if not (self.resume and self.run.has(RESUME_FILE)):
+            return
+        state = self.run.load_state(RESUME_FILE)
+        if state.get("step") != step:
+            return
+        apply(state["objects"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["grid_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.start = (int(state["epoch"]), int(state["batch"]))
+        self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}/{self.start}".encode()))
+        message = f"{step}: resumed at epoch {self.start[0] + 1}, batch {self.start[1]}"
+        self.reporter.message(message)
+        self.run.log(message)
+
+    def checkpoint(self, step: str, objects: Callable[[], dict[str, Any]]) -> None:
+        """After a batch: save the step's state when the checkpoint interval has passed (rank 0
+        only: the state is the same in every process but for the dropout masks' generator)."""
+        if not self.run.writes or time.monotonic() - self.last_checkpoint < self.config.checkpoint_seconds:
+            return
+        state: dict[str, Any] = {
+            "step": step,
+            "epoch": self.position[0],
+            "batch": self.position[1],
+            "torch_rng": torch.get_rng_state(),
+            "grid_rng": self.generator.get_state(),
+            "objects": objects(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        self.run.save_state(RESUME_FILE, state)
+        self.last_checkpoint = time.monotonic()
+
+    def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Grid-sample every tensor with one shared random choice (or return them as they are).
+
+        With several processes the choice is drawn for the global batch, identically in every
+        process, and each takes its own images' part.
+        """
+        if not self.config.grid_sampling:
+            return list(tensors)
+        batch, num_tokens = tensors[0].shape[:2]
+        images = sum(self.sizes) if self.group.distributed else batch
+        choice = draw_grid_choice(images, grid_side(num_tokens), self.config.grid_window, self.generator)
+        per_image = choice.numel() // images
+        choice = choice[self.first_image * per_image : (self.first_image + batch) * per_image]
+        return [grid_sample_tokens(tensor, choice, self.config.grid_window) for tensor in tensors]
+
+    @property
+    def first_image(self) -> int:
+        """Where this process's images start in the global batch."""
+        return sum(self.sizes[: self.group.rank]) if self.group.distributed else 0
+
+    def batch_share(self) -> float:
+        """The factor that turns a mean over this process's images into its part of the mean
+        over the global batch (gradients are averaged over processes): 1 for one process."""
+        if not self.group.distributed:
+            return 1.0
+        return self.sizes[self.group.rank] * self.group.world_size / sum(self.sizes)
+
+    def global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's part of the mean of ``values`` over all processes (their mean with one)."""
+        count = self.group.all_sum(torch.tensor(float(values.numel()), device=values.device))
+        return values.sum() * self.group.world_size / count.clamp_min(1)
+
+    def global_loss_value(self, loss: torch.Tensor) -> float:
+        """The loss of the global batch, from every process's part of it."""
+        return float(self.group.all_sum(loss.detach().clone())) / self.group.world_size
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,157 @@
+"""Step two: the segmentation head, trained by concept-wise contrastive learning between
+a student and its EMA teacher with the concept bank: the front-door adjustment (METHOD.md
+section 2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..devices import autocast, gradient_scaler
+from ..errors import CauseError
+from ..model.bank import ConceptBank
+from ..model.contrastive import ContrastiveSettings, concept_contrastive_terms
+from ..model.heads import SegmentationHeads
+from ..model.ops import nearest_code
+from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, RunDirectory
+from .context import TrainingContext
+from .linear_probe import linear_probe_loss, step_linear_probe
+
+
+def build_heads(config: TrainConfig, dim: int, patch_size: int, num_classes: int) -> SegmentationHeads:
+    assert config.resolution is not None
+    tokens_per_image = (config.resolution // patch_size) ** 2
+    return SegmentationHeads(
+        dim, config.reduced_dim, config.projection_dim, num_classes, config.dropout, config.head, tokens_per_image
+    )
+
+
+def train_front_door(context: TrainingContext, title: str) -> None:
+    """Step two: student and EMA teacher heads trained by concept-wise contrastive learning."""
+    config = context.config
+    device = context.device
+    clusterbook = context.run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"]
+    normalised_codes = F.normalize(clusterbook, dim=1)
+    heads = build_heads(config, context.backbone.dim, context.backbone.patch_size, context.num_classes).to(device)
+    heads.set_clusterbook(clusterbook)
+    heads.train()
+    reference = context.reference_recipe
+    # The reference trains the linear probe with the student, in one optimiser under one
+    # gradient clip; by default the probe has its own optimiser and sees detached features.
+    trained = heads.student_parameters() + (list(heads.linear_probe.parameters()) if reference else [])
+    group = context.group
+    student_branch = group.parallel(heads.student_branch(), device)
+    linear_probe = group.parallel(heads.linear_probe, device) if context.has_labels else heads.linear_probe
+    optimiser = torch.optim.Adam(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
+    bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
+    settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
+
+    progress = {"first_step": True}
+    scaler = gradient_scaler(device)
+
+    def restore(state: dict[str, Any]) -> None:
+        heads.load_state_dict(state["heads"])
+        optimiser.load_state_dict(state["optimiser"])
+        probe_optimiser.load_state_dict(state["probe_optimiser"])
+        bank.load_state_dict(state["bank"])
+        scaler.load_state_dict(state["scaler"])
+        progress["first_step"] = bool(state["first_step"])
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "heads": heads.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "probe_optimiser": probe_optimiser.state_dict(),
+            "bank": bank.state_dict(),
+            "scaler": scaler.state_dict(),
+            "first_step": progress["first_step"],
+        }
+
+    context.restore("front_door", restore)
+    last_loss = torch.tensor(math.nan)
+    batches = context.training_batches(config.epochs_front_door, title, resolution=config.front_door_resolution)
+    for tokens, labels in batches:
+        with autocast(device):
+            if heads.per_token:
+                # A per-token head commutes with sampling: sample first, compute 16x less.
+                (sampled,) = context.grid_sample(tokens)
+                with torch.no_grad():
+                    teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
+                student = student_branch(sampled)
+            else:
+                with torch.no_grad():
+                    teacher = heads.teacher_projection(heads.teacher(tokens, use_dropout=True))
+                student = student_branch(tokens)
+                sampled, student, teacher = context.grid_sample(tokens, student, teacher)
+        codes = nearest_code(sampled, clusterbook)
+        # Anchors meet the teacher's tokens of the global batch, as in one process.
+        all_teacher = group.gather_rows(teacher, context.sizes)
+        all_codes = group.gather_rows(codes, context.sizes)
+        bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
+        values, defined = concept_contrastive_terms(
+            student,
+            normalised_codes[codes],
+            all_teacher,
+            normalised_codes[all_codes],
+            context.first_image,
+            bank_features,
+            normalised_codes[bank_codes] if bank_codes is not None else None,
+            settings,
+        )
+        loss = context.global_mean(values[defined])
+        if reference:
+            with autocast(device):
+                probe_features = heads.teacher(tokens, use_dropout=True).float()
+            probe_loss = linear_probe_loss(context, linear_probe, probe_features, labels)
+            total = loss + probe_loss if probe_loss is not None else loss
+        else:
+            total = loss
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimiser)
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+        scaler.step(optimiser)
+        scaler.update()
+        if reference and progress["first_step"]:
+            # The reference's teacher shares its tensors with the student until the first EMA
+            # update, so after one step the teacher is the updated student.
+            heads.update_teacher(0.0)
+        else:
+            heads.update_teacher(config.ema_momentum)
+        progress["first_step"] = False
+        if config.use_bank:
+            # Drawn from the generator every process shares, so their banks stay identical.
+            keys = torch.rand(all_codes.numel(), generator=context.generator)
+            bank.update(all_codes, all_teacher, keys)
+        if context.has_labels and not reference:
+            step_linear_probe(context, heads, linear_probe, tokens, labels, probe_optimiser)
+        last_loss = loss.detach()
+        context.checkpoint("front_door", snapshot)
+    last = context.global_loss_value(last_loss)
+    context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
+    context.run.save_tensors(HEAD_FILE, heads.state_dict())
+
+
+def load_heads(
+    run: RunDirectory,
+    config: TrainConfig,
+    dim: int,
+    patch_size: int,
+    num_classes: int,
+    device: torch.device,
+    file_name: str = HEAD_FILE,
+) -> SegmentationHeads:
+    heads = build_heads(config, dim, patch_size, num_classes).to(device)
+    if heads.kind == "tr":
+        heads.set_clusterbook(run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"])
+    state = run.load_tensors(file_name, device)
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as error:
+        raise CauseError(f"{run.file(file_name)} does not fit this run's configuration.") from error
+    return heads

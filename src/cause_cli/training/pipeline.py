@@ -1,0 +1,148 @@
+"""A training run: the configuration checked against the data, then the three steps of
+CAUSE (METHOD.md sections 1 to 3) in order, each skipped when its file is already in the run.
+
+1. the concept clusterbook (:mod:`.clusterbook`);
+2. the segmentation head by the front-door adjustment (:mod:`.front_door`);
+3. the cluster probe (:mod:`.cluster_probe`).
+
+Labels train nothing but the linear probe, and only on detached features.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..backbones import load_backbone, refuse_other_backbone
+from ..config import TrainConfig, apply_reference_recipe
+from ..data import canonical_name, open_dataset
+from ..data.loading import LoadReport
+from ..devices import resolve_device
+from ..errors import CauseError
+from ..progress import Reporter
+from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
+from .cluster_probe import train_cluster_probe
+from .clusterbook import train_clusterbook
+from .context import TrainingContext, seed_everything
+from .distributed import REFERENCE_RECIPE_ALONE, SINGLE_PROCESS, ProcessGroup, from_environment
+from .distributed import start as join_processes
+from .distributed import stop as leave_processes
+from .front_door import train_front_door
+
+
+def prepare(
+    config: TrainConfig,
+    run: RunDirectory,
+    device_name: str,
+    reporter: Reporter,
+    group: ProcessGroup = SINGLE_PROCESS,
+) -> TrainingContext:
+    """Check the configuration against the data and the run folder; load the backbone."""
+    config.validate()
+    if group.distributed and config.recipe == "reference":
+        raise CauseError(REFERENCE_RECIPE_ALONE)
+    if group.distributed and config.cache_features and not group.single_node:
+        raise CauseError("--cache-features works with the processes of one machine only, not across machines.")
+    device = join_processes(group, resolve_device(device_name))
+    if run.has("run.json"):  # a run made with another backbone is refused before anything loads
+        refuse_other_backbone(run.path, run.read_run_info(), config.backbone)
+    backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
+    if config.resolution is None:
+        config.resolution = backbone.spec.resolution
+    if config.resolution % backbone.patch_size:
+        raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
+    config.dataset = canonical_name(config.dataset)
+    apply_reference_recipe(config)
+    train_set = open_dataset(
+        config.dataset, config.data_dir, "train", config.resolution, config.val_fraction, crops=True
+    )
+    if train_set.note:
+        reporter.message(train_set.note)
+        run.log(train_set.note)
+    num_classes = config.num_classes or train_set.infer_num_classes()
+    if num_classes is None:
+        raise CauseError(
+            "The data has no labels and no classes.txt, so say how many clusters to find with --num-classes."
+        )
+    config.num_classes = num_classes
+    if config.recipe == "reference" and not train_set.has_labels:
+        raise CauseError("--recipe reference trains with labels (the reference's linear probe); this data has none.")
+    if len(train_set) < group.world_size:
+        raise CauseError(f"{len(train_set)} training images cannot be shared among {group.world_size} processes.")
+    if run.has("run.json"):
+        refuse_other_backbone(run.path, run.read_run_info(), backbone)
+    run.write_run_info(
+        {
+            "toolkit_version": __version__,
+            "config": config.to_dict(),
+            "backbone": backbone.describe(),
+            "num_classes": num_classes,
+            "class_names": train_set.class_names,
+        }
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
+
+
+def train(
+    config: TrainConfig,
+    run_path: Path | str,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+    resume: bool = False,
+) -> RunDirectory:
+    """Run the three steps into ``run_path``, skipping the steps already done there; with
+    ``resume``, an interrupted step continues from its last checkpoint.
+
+    Started by torchrun, the process trains together with the others (see
+    :mod:`cause_cli.training.distributed`); rank 0 reports and writes.
+    """
+    group = from_environment()
+    reporter = (reporter or Reporter()) if group.is_main else Reporter()
+    run = RunDirectory(Path(run_path), writes=group.is_main)
+    try:
+        return _train_steps(config, run, device, reporter, resume, group)
+    finally:
+        leave_processes(group)
+
+
+def _train_steps(
+    config: TrainConfig, run: RunDirectory, device: str, reporter: Reporter, resume: bool, group: ProcessGroup
+) -> RunDirectory:
+    context = prepare(config, run, device, reporter, group)
+    group.barrier()
+    context.resume = resume
+    if run.has(RESUME_FILE) and not resume:
+        reporter.message(f"{run.path} holds an interrupted step; starting it over (--resume continues it)")
+    steps = (
+        (CLUSTERBOOK_FILE, "step 1/3 clusterbook", train_clusterbook),
+        (HEAD_FILE, "step 2/3 front door", train_front_door),
+        (PROBE_FILE, "step 3/3 cluster probe", train_cluster_probe),
+    )
+    for index, (file_name, title, step) in enumerate(steps):
+        if run.has(file_name):
+            reporter.message(f"{title}: {file_name} already in {run.path}, skipped")
+            run.log(f"{title}: skipped, {file_name} exists")
+            continue
+        # Each step draws from its own seed, so it computes the same whether or not the
+        # steps before it ran in this process.
+        seed_everything(config.seed * 1000 + index)
+        context.generator.manual_seed(config.seed * 1000 + index)
+        started = time.perf_counter()
+        step(context, title)
+        if run.writes:
+            run.file(RESUME_FILE).unlink(missing_ok=True)
+        group.barrier()  # the step's file is written before any process reads it
+        elapsed = time.perf_counter() - started
+        run.log(f"{title}: done in {elapsed:.1f}s")
+        reporter.message(f"{title}: done in {elapsed:.1f}s")
+    for report in group.gather_objects(context.load_report)[1:]:  # what the other processes met
+        assert isinstance(report, LoadReport)
+        context.load_report.merge(report)
+    for line in context.load_report.lines(config.dataset):
+        reporter.message(line)
+        run.log(line)
+    return run
