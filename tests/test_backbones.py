@@ -607,7 +607,7 @@ def test_train_with_dino_vits8_from_the_cache(vits8_env, hub_env, monkeypatch, t
     scenes = write_scenes(tmp_path / "scenes", num_train=8, num_val=2, seed=2, size_range=(64, 80))
     run = tmp_path / "run"
     common = ["--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "32"]
-    common += ["--batch-size", "8", "--epochs-front-door", "1", "--device", "cpu", "--quiet"]
+    common += ["--batch-size", "8", "--epochs-front-door", "1", "--min-updates", "0", "--device", "cpu", "--quiet"]
     result = invoke("train", "--backbone", "dino-vits8", *common)
     assert result.exit_code == 0, result.output
     assert hub_env.requests == []

@@ -105,6 +105,8 @@ def test_train_command_runs_and_skips_finished_steps(scenes, tmp_path):
         "8",
         "--epochs-front-door",
         "1",
+        "--min-updates",
+        "0",
         "--device",
         "cpu",
         "--quiet",
@@ -184,12 +186,21 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path):
+@pytest.mark.parametrize(
+    "probe",
+    [
+        {},  # the default step three: a k-means start, no refinement
+        {"probe_refine": True},
+        {"probe_init": "random", "probe_restarts": 2},
+    ],
+    ids=["kmeans", "kmeans-refined", "random"],
+)
+def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(scenes / "images", unlabelled / "images")
     labelled_run, unlabelled_run = tmp_path / "with", tmp_path / "without"
-    train(small_config(scenes, num_classes=6), labelled_run, "cpu")
-    train(small_config(unlabelled, num_classes=6), unlabelled_run, "cpu")
+    train(small_config(scenes, num_classes=6, epochs_cluster_probe=2, **probe), labelled_run, "cpu")
+    train(small_config(unlabelled, num_classes=6, epochs_cluster_probe=2, **probe), unlabelled_run, "cpu")
     for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
         with_labels = RunDirectory(labelled_run).load_tensors(name)
         without = RunDirectory(unlabelled_run).load_tensors(name)
@@ -215,7 +226,7 @@ def test_run_with_other_backbone_is_refused(trained_run):
 def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
     run = tmp_path / "tr-run"
     result = invoke("train", "--data-dir", scenes, "--run", run, "--head", "tr", "--resolution", "64",
-                    "--clusterbook-size", "32", "--batch-size", "8", "--epochs-front-door", "1",
+                    "--clusterbook-size", "32", "--batch-size", "8", "--epochs-front-door", "1", "--min-updates", "0",
                     "--device", "cpu", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())

@@ -167,3 +167,19 @@ def test_fast_step_equals_loop_step_with_a_full_bank():
     fast = concept_contrastive_loss(student, teacher, normalised[token_codes], ring_features, normalised[ring_codes])
     slow = loop_contrastive_loss(student, teacher, normalised[token_codes], loop_features, loop_vectors)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_without_candidates_sends_back_no_nan():
+    """One token per image (a small grid, grid-sampled): the first image's token has a
+    positive, the second image's only candidate sits between the thresholds, so its row
+    considers nothing. The loss and every gradient stay finite."""
+    codes = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]), dim=1)  # cos 1 and 0.71
+    code_vectors = codes[torch.tensor([[0], [2]])]  # [B=2, P=1, D]
+    student = torch.randn(2, 1, 4, requires_grad=True)
+    teacher = torch.randn(2, 1, 4)
+    bank = F.normalize(torch.randn(1, 4), dim=1)
+    bank_codes = codes[1:2]
+    settings = ContrastiveSettings(positive_threshold=0.9, negative_threshold=0.1)
+    loss = concept_contrastive_loss(student, teacher, code_vectors, bank, bank_codes, settings)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()

@@ -91,3 +91,17 @@ def test_features_get_no_gradient():
     modularity_loss(centres, x).backward()
     assert x.grad is None
     assert centres.grad is not None
+
+
+def test_an_image_without_edges_adds_zero_not_nan():
+    """Every pair of its tokens at a negative cosine: no edges, so W = 0 and the image's
+    modularity is 0; the other image's loss and the centres' gradient stay finite."""
+    lonely = torch.zeros(4, 8)
+    lonely[0, 0], lonely[1, 0], lonely[2, 1], lonely[3, 1] = 1.0, -1.0, 1.0, -1.0
+    connected = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).abs()
+    centres = torch.nn.Parameter(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)))
+    both = modularity_loss(centres, torch.stack([connected, lonely]))
+    both.backward()
+    assert torch.isfinite(both) and torch.isfinite(centres.grad).all()
+    alone = modularity_loss(centres.detach(), connected[None])
+    assert torch.allclose(both, alone / 2)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import DEFAULT_MIN_UPDATES
 from .errors import CauseError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -214,20 +215,55 @@ def train(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     clusterbook_size: Annotated[int, typer.Option("--clusterbook-size", help="Concepts K in the clusterbook.")] = 2048,
-    epochs_clusterbook: Annotated[int, typer.Option("--epochs-clusterbook")] = 1,
-    epochs_front_door: Annotated[int, typer.Option("--epochs-front-door")] = 2,
-    epochs_cluster_probe: Annotated[
-        int | None, typer.Option("--epochs-cluster-probe", help="Default: 1 for mlp, 5 for tr.")
+    epochs_clusterbook: Annotated[
+        int | None, typer.Option("--epochs-clusterbook", help="Default: the paper's 1, or enough for --min-updates.")
     ] = None,
+    epochs_front_door: Annotated[
+        int | None, typer.Option("--epochs-front-door", help="Default: the paper's 2, or enough for --min-updates.")
+    ] = None,
+    epochs_cluster_probe: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs-cluster-probe", help="Default: the paper's 1 for mlp and 5 for tr, or enough for --min-updates."
+        ),
+    ] = None,
+    min_updates: Annotated[
+        int,
+        typer.Option(
+            "--min-updates",
+            help="Optimiser updates each step makes at least, on your own folder (the paper's datasets keep the "
+            "paper's epochs): epochs not given are raised to reach it.",
+        ),
+    ] = DEFAULT_MIN_UPDATES,
     positive_threshold: Annotated[
         float, typer.Option("--positive-threshold", help="Concept similarity above which two tokens are positives.")
     ] = 0.3,
     negative_threshold: Annotated[
         float, typer.Option("--negative-threshold", help="Concept similarity below which two tokens are negatives.")
     ] = 0.1,
+    probe_init: Annotated[
+        str,
+        typer.Option(
+            "--probe-init",
+            help="How the cluster probe starts: kmeans (spherical k-means on the head's features, no labels) "
+            "or random (the paper's, refined by modularity).",
+        ),
+    ] = "kmeans",
+    probe_refine: Annotated[
+        bool,
+        typer.Option(
+            "--probe-refine/--no-probe-refine",
+            help="Refine the k-means centroids by the paper's modularity objective (a random start always is).",
+        ),
+    ] = False,
     probe_restarts: Annotated[
-        int, typer.Option("--probe-restarts", help="Random starts of the cluster probe; the best modularity is kept.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--probe-restarts",
+            help="Starts of the cluster probe: k-means restarts (best mean cosine kept; default 8) or random "
+            "starts (best modularity kept; default 1).",
+        ),
+    ] = None,
     cache_features: Annotated[
         bool,
         typer.Option(
@@ -309,12 +345,15 @@ def train(
         epochs_clusterbook=epochs_clusterbook,
         epochs_front_door=epochs_front_door,
         epochs_cluster_probe=epochs_cluster_probe,
+        min_updates=min_updates,
         positive_threshold=positive_threshold,
         negative_threshold=negative_threshold,
         dropout=dropout,
         seed=seed,
         workers=workers,
         recipe=recipe,
+        probe_init=probe_init,
+        probe_refine=probe_refine,
         probe_restarts=probe_restarts,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
@@ -427,6 +466,14 @@ def evaluate(
         typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
     ] = None,
     loader_workers: Annotated[int, typer.Option("--loader-workers", help="DataLoader worker processes.")] = 0,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines/--no-baselines",
+            help="Also score k-means on the backbone's tokens and on the head's features (fitted on the training "
+            "split without labels), so you see what training added.",
+        ),
+    ] = True,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
@@ -455,6 +502,7 @@ def evaluate(
         crf=crf,
         crf_workers=default_workers() if workers is None else workers,
         backbone=backbone,
+        baselines=baselines,
     )
     if json_output:
         print(json.dumps(result))
@@ -472,7 +520,14 @@ def print_metrics(result: dict[str, Any]) -> None:
         crf = result["crf"]
         table.add_row("clusters + CRF (flip averaged)", f"{crf['miou']:.1f}", f"{crf['pixel_accuracy']:.1f}")
     linear = result["linear_probe"]
-    table.add_row("linear probe", f"{linear['miou']:.1f}", f"{linear['pixel_accuracy']:.1f}")
+    table.add_row("linear probe (labels)", f"{linear['miou']:.1f}", f"{linear['pixel_accuracy']:.1f}")
+    if result.get("baselines"):
+        for key, title in (
+            ("kmeans_tokens", "k-means on backbone tokens"),
+            ("kmeans_head", "k-means on head features"),
+        ):
+            scores = result["baselines"][key]
+            table.add_row(f"baseline: {title}", f"{scores['miou']:.1f}", f"{scores['pixel_accuracy']:.1f}")
     stdout.print(table)
     per_class = Table(title="IoU per class %")
     per_class.add_column("class")

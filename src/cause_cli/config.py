@@ -9,9 +9,19 @@ from typing import Any
 from .errors import CauseError
 
 HEADS = ("mlp", "tr")
+PROBE_INITS = ("kmeans", "random")
+# Restarts of the cluster probe when none are asked for: k-means restarts are cheap; the
+# paper's random start is one.
+DEFAULT_PROBE_RESTARTS = {"kmeans": 8, "random": 1}
 RECIPES = ("default", "reference")
 # The reference fits the cluster probe for 1 epoch after the MLP head and 5 after the TR head.
 CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
+# The paper's epochs for the clusterbook and the front door.
+PAPER_EPOCHS = {"clusterbook": 1, "front_door": 2}
+# Optimiser updates every step gets at least, on data other than the paper's datasets: the
+# paper's epochs are 7,000+ updates on COCO-Stuff but a few dozen on a folder of 300 images.
+DEFAULT_MIN_UPDATES = 500
+SCHEDULED_STEPS = ("clusterbook", "front_door", "cluster_probe")
 
 
 @dataclass
@@ -34,9 +44,12 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 2.0
-    epochs_clusterbook: int = 1
-    epochs_front_door: int = 2
-    epochs_cluster_probe: int | None = None  # None: 1 for the MLP head, 5 for TR
+    # Epochs of each step; None: the paper's (1 / 2 / 1 for MLP or 5 for TR), raised on data
+    # other than the paper's datasets until the step makes at least ``min_updates`` updates.
+    epochs_clusterbook: int | None = None
+    epochs_front_door: int | None = None
+    epochs_cluster_probe: int | None = None
+    min_updates: int = DEFAULT_MIN_UPDATES
     grid_sampling: bool = True
     grid_window: int = 4
     modularity_temperature: float = 0.1
@@ -56,9 +69,15 @@ class TrainConfig:
     reference_gpus: int = 4  # the reference's process count, which its recipe depends on
     front_door_resolution: int | None = None  # steps two and three; None: the run's resolution
     epoch_fraction: float = 1.0  # share of each epoch's batches a step trains on
-    # Random starts of the cluster probe, trained side by side; the best modularity is kept
-    # (1: the paper's single start).
-    probe_restarts: int = 1
+    # How the cluster probe starts: "kmeans" (spherical k-means on the teacher's features, no
+    # labels) or "random" (the paper's uniform start, refined by modularity).
+    probe_init: str = "kmeans"
+    # Whether k-means centroids are then refined by the paper's modularity objective (a random
+    # start always is).
+    probe_refine: bool = False
+    # Starts of the cluster probe: k-means restarts ranked by mean cosine, or random starts
+    # trained side by side and ranked by modularity. None: 8 for k-means, 1 for random.
+    probe_restarts: int | None = None
     cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,11 +97,40 @@ class TrainConfig:
             raise CauseError("--num-classes must be at least 2.")
         if not self.negative_threshold <= self.positive_threshold:
             raise CauseError("The negative threshold must not exceed the positive threshold.")
-        if self.epochs_cluster_probe is None:
-            self.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[self.head]
-        for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe"):
-            if getattr(self, name) < 0:
-                raise CauseError(f"{name.replace('_', ' ')} must not be negative.")
+        if self.probe_init not in PROBE_INITS:
+            raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
+        if self.probe_restarts is None:
+            start = "random" if self.recipe == "reference" else self.probe_init
+            self.probe_restarts = DEFAULT_PROBE_RESTARTS[start]
+        if self.probe_restarts < 1:
+            raise CauseError("--probe-restarts must be at least 1.")
+        for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe", "min_updates"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise CauseError(f"--{name.replace('_', '-')} must not be negative.")
+
+    def paper_epochs(self, step: str) -> int:
+        return CLUSTER_PROBE_EPOCHS[self.head] if step == "cluster_probe" else PAPER_EPOCHS[step]
+
+    def resolve_schedule(self, batches_per_epoch: int, paper_dataset: bool) -> dict[str, dict[str, Any]]:
+        """Fill in the epochs not given: the paper's, raised (off the paper's datasets) to at
+        least ``min_updates`` updates of ``batches_per_epoch`` (the share of an epoch a step
+        trains on). Returns each step's epochs, updates and where they came from."""
+        schedule: dict[str, dict[str, Any]] = {}
+        for step in SCHEDULED_STEPS:
+            name = f"epochs_{step}"
+            given = getattr(self, name)
+            if given is not None:
+                epochs, source = given, "given"
+            elif paper_dataset:
+                epochs, source = self.paper_epochs(step), "the paper's"
+            else:
+                needed = -(-self.min_updates // max(1, batches_per_epoch))
+                epochs = max(self.paper_epochs(step), needed)
+                source = f"at least {self.min_updates} updates" if epochs > self.paper_epochs(step) else "the paper's"
+            setattr(self, name, epochs)
+            schedule[step] = {"epochs": epochs, "updates": epochs * batches_per_epoch, "from": source}
+        return schedule
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,3 +169,4 @@ def apply_reference_recipe(config: TrainConfig) -> None:
         config.front_door_resolution = REFERENCE_MLP_TRAIN_RESOLUTION
     config.epochs_clusterbook, config.epochs_front_door = 1, 2
     config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]
+    config.probe_init, config.probe_refine = "random", True

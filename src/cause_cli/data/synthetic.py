@@ -2,7 +2,9 @@
 texture, with their label maps, written in the image-folder layout.
 
 Everything is drawn from ``numpy.random.default_rng(seed)``, so the same seed gives the same
-files on every machine. Tests and ``cause demo`` use them as a dataset with known segments.
+files on every machine. Tests and ``cause demo`` use them as a dataset with known segments;
+the :data:`FAMILIES` (more or fewer classes, colours that overlap, small objects, large
+images) are the scenes of the quality benchmark (``benchmarks/quality.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ Texture = Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray]
 # Base colours sit on the six axis directions of the ImageNet-normalised colour space
 # (mean +- 2 standard deviations in one channel), so that any two classes are orthogonal or
 # opposite there: distinct for a backbone of any kind, even a randomly initialised one.
-def _axis_colour(channel: int, sign: float) -> np.ndarray:
+def _axis_colour(channel: int, sign: float, strength: float = 2.0) -> np.ndarray:
     colour = np.array([0.485, 0.456, 0.406])
-    colour[channel] += sign * 2 * (0.229, 0.224, 0.225)[channel]
+    colour[channel] += sign * strength * (0.229, 0.224, 0.225)[channel]
     return np.clip(colour, 0.0, 1.0)
 
 
@@ -75,15 +77,20 @@ SCENE_CLASSES: tuple[SceneClass, ...] = (
 
 
 def make_scene(
-    rng: np.random.Generator, height: int, width: int, num_classes: int = len(SCENE_CLASSES)
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    num_classes: int = len(SCENE_CLASSES),
+    classes: tuple[SceneClass, ...] = SCENE_CLASSES,
+    sites: tuple[int, int] = (3, 6),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: an RGB ``uint8 [H, W, 3]`` image and its ``uint8 [H, W]`` label map.
 
-    Regions are the cells of a Voronoi diagram of 3 to 6 random sites (with wavy borders),
-    each painted with one class's texture.
+    Regions are the cells of a Voronoi diagram of ``sites`` (3 to 6 by default) random sites
+    (with wavy borders), each painted with one class's texture.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    num_sites = int(rng.integers(3, 7))
+    num_sites = int(rng.integers(sites[0], sites[1] + 1))
     sites = rng.uniform([0, 0], [height, width], size=(num_sites, 2))
     site_class = rng.integers(0, num_classes, size=num_sites)
     wobble_y = yy + 6 * np.sin(xx / rng.uniform(6, 14))
@@ -93,7 +100,7 @@ def make_scene(
 
     image = np.zeros((height, width, 3))
     for index in np.unique(label):
-        painted = SCENE_CLASSES[index].texture(rng, yy, xx)
+        painted = classes[index].texture(rng, yy, xx)
         image[label == index] = painted[label == index]
     image += rng.normal(0, 0.02, image.shape)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), label
@@ -106,20 +113,146 @@ def write_scenes(
     seed: int = 0,
     size_range: tuple[int, int] = (128, 176),
     num_classes: int = len(SCENE_CLASSES),
+    family: SceneFamily | None = None,
 ) -> Path:
     """Write scenes as ``root/images/{train,val}/scene_NNNN.png`` with labels under
-    ``root/labels/...`` and the class names in ``root/classes.txt``. Returns ``root``."""
+    ``root/labels/...`` and the class names in ``root/classes.txt``. Returns ``root``.
+
+    A ``family`` sets the classes, image sizes and regions per image instead."""
     rng = np.random.default_rng(seed)
+    classes, sites = SCENE_CLASSES, (3, 6)
+    if family is not None:
+        classes, sites, size_range, num_classes = family.classes, family.sites, family.size_range, len(family.classes)
     for split, count in (("train", num_train), ("val", num_val)):
         for index in range(count):
             height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-            image, label = make_scene(rng, height, width, num_classes)
+            image, label = make_scene(rng, height, width, num_classes, classes, sites)
             name = f"scene_{index:04d}.png"
             _save_png(Image.fromarray(image, "RGB"), root / "images" / split / name)
             _save_png(Image.fromarray(label, "L"), root / "labels" / split / name)
-    names = "\n".join(scene_class.name for scene_class in SCENE_CLASSES[:num_classes]) + "\n"
+    names = "\n".join(scene_class.name for scene_class in classes[:num_classes]) + "\n"
     write_atomically(root / "classes.txt", lambda target: target.write_text(names))
     return root
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def _pattern(name: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A brightness variation ``[H, W]`` that gives a class its texture."""
+    if name == "noise":
+        return rng.normal(0, 0.07, yy.shape)
+    if name == "stripes":
+        return np.where((yy % 6) < 3, 0.10, -0.05)
+    if name == "diagonal":
+        return np.where(((xx + yy) % 8) < 4, 0.10, -0.05)
+    if name == "checker":
+        return np.where(((yy // 4) + (xx // 4)) % 2 == 0, 0.08, -0.04)
+    if name == "dots":
+        return np.where(rng.random(yy.shape) < 0.1, 0.15, 0.0)
+    if name == "waves":
+        return 0.08 * np.sin(xx / 3.0 + yy / 5.0 + rng.uniform(0, 2 * np.pi))
+    if name == "gradient":
+        return 0.08 * yy / max(float(yy.max()), 1.0) - 0.04
+    raise ValueError(f"unknown pattern '{name}'")
+
+
+def textured_class(name: str, colour: np.ndarray, pattern: str) -> SceneClass:
+    def texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return _paint(colour, _pattern(pattern, rng, yy, xx))
+
+    return SceneClass(name, texture)
+
+
+def _mixed_colour(first: int, second: int, sign: float) -> np.ndarray:
+    """A colour off two channels' axes (between the six axis colours)."""
+    return np.clip((_axis_colour(first, sign) + _axis_colour(second, sign)) / 2, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class SceneFamily:
+    name: str
+    classes: tuple[SceneClass, ...]
+    size_range: tuple[int, int]
+    sites: tuple[int, int]  # regions per image, at least and at most
+    about: str
+
+
+_AXES = [(channel, sign) for channel in range(3) for sign in (+1.0, -1.0)]
+_CHANNEL_NAMES = ("red", "green", "blue")
+
+
+def _axis_name(channel: int, sign: float) -> str:
+    return ("more-" if sign > 0 else "less-") + _CHANNEL_NAMES[channel]
+
+
+FAMILIES: dict[str, SceneFamily] = {
+    family.name: family
+    for family in (
+        SceneFamily(
+            "three-large",
+            (SCENE_CLASSES[0], SCENE_CLASSES[2], SCENE_CLASSES[4]),
+            (160, 224),
+            (2, 3),
+            "3 classes, 2-3 large regions, 160-224 px",
+        ),
+        SceneFamily("six-small", SCENE_CLASSES, (128, 160), (8, 14), "6 classes, 8-14 small regions, 128-160 px"),
+        SceneFamily(
+            "twelve-overlap",
+            tuple(
+                textured_class(f"{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign), pattern)
+                for channel, sign in _AXES
+                for pattern in ("noise", "stripes")
+            ),
+            (128, 176),
+            (3, 6),
+            "12 classes: 6 colours, each in two textures",
+        ),
+        SceneFamily(
+            "pastel-six",
+            tuple(
+                textured_class(f"pastel-{_axis_name(channel, sign)}", _axis_colour(channel, sign, 0.8), pattern)
+                for (channel, sign), pattern in zip(
+                    _AXES, ("checker", "waves", "dots", "noise", "gradient", "diagonal"), strict=True
+                )
+            ),
+            (128, 176),
+            (3, 6),
+            "6 classes of low-contrast colours (0.8 standard deviations off the mean)",
+        ),
+        SceneFamily("big-images", SCENE_CLASSES, (256, 320), (3, 6), "6 classes, 256-320 px images"),
+        # Families for choosing defaults only, never for reporting them.
+        SceneFamily(
+            "tune-four",
+            tuple(
+                textured_class(f"mixed-{index}", _mixed_colour(first, second, sign), pattern)
+                for index, ((first, second, sign), pattern) in enumerate(
+                    zip(
+                        ((0, 1, +1.0), (1, 2, +1.0), (0, 2, -1.0), (0, 1, -1.0)),
+                        ("noise", "waves", "checker", "dots"),
+                        strict=True,
+                    )
+                )
+            ),
+            (128, 176),
+            (3, 6),
+            "tuning only: 4 classes of mixed colours",
+        ),
+        SceneFamily(
+            "tune-eight",
+            tuple(
+                textured_class(f"{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign), pattern)
+                for channel, sign in _AXES[:4]
+                for pattern in ("dots", "diagonal")
+            ),
+            (112, 160),
+            (4, 8),
+            "tuning only: 8 classes, 4 colours in two textures",
+        ),
+    )
+}
+REPORTED_FAMILIES = ("three-large", "six-small", "twelve-overlap", "pastel-six", "big-images")
+TUNING_FAMILIES = ("tune-four", "tune-eight")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

@@ -25,6 +25,7 @@ from ..errors import CauseError
 from ..paths import write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, open_run
+from .baselines import baseline_maps, fit_baselines
 from .crf import CRFPool, crf_available, require_crf
 from .figures import colourise, confusion_picture, palette, samples_picture, save_png
 from .metrics import MetricAccumulator, SegmentationScores
@@ -46,8 +47,10 @@ def evaluate_run(
     crf: bool | None = None,
     crf_workers: int = 0,
     backbone: str | None = None,
+    baselines: bool = True,
 ) -> dict[str, Any]:
-    """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF.
+    """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF, and
+    (``baselines``) those of k-means on the backbone's tokens and on the head's features.
 
     ``crf=None`` runs the CRF when ``pydensecrf`` is installed. Writes ``metrics.json``,
     ``confusion.png`` and ``samples.png`` into the run folder unless ``write=False``.
@@ -66,12 +69,15 @@ def evaluate_run(
     data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
     if not data.has_labels:
         raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
+    fitted = fit_baselines(model, batch_size, workers, reporter, config.seed) if baselines else None
     report = LoadReport()
     batches = iterate_batches(data, batch_size, report, workers=workers, pin_memory=torch_device.type == "cuda")
     steps = (len(data) + batch_size - 1) // batch_size
     clusters = MetricAccumulator(model.num_classes)
     linear = MetricAccumulator(model.num_classes)
     refined = MetricAccumulator(model.num_classes)
+    kmeans_tokens = MetricAccumulator(model.num_classes)
+    kmeans_head = MetricAccumulator(model.num_classes)
     samples: list[tuple[np.ndarray, ...]] = []
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
@@ -86,6 +92,10 @@ def evaluate_run(
                 linear.update(predicted.linear, labels)
                 if predicted.refined is not None:
                     refined.update(predicted.refined, labels)
+                if fitted is not None:
+                    on_tokens, on_head = baseline_maps(fitted, predicted.tokens, predicted.features, size)
+                    kmeans_tokens.update(on_tokens, labels)
+                    kmeans_head.update(on_head, labels)
                 _keep_samples(samples, images, labels, predicted.clusters, predicted.refined)
                 advance(1)
     finally:
@@ -101,6 +111,13 @@ def evaluate_run(
         **cluster_scores.as_dict(names),
         "crf": refined.scores(match=True).as_dict(names) if crf else None,
         "linear_probe": _summary(linear_scores, names),
+        "baselines": None
+        if fitted is None
+        else {
+            "kmeans_tokens": _summary(kmeans_tokens.scores(match=True), names),
+            "kmeans_head": _summary(kmeans_head.scores(match=True), names),
+            "fitted_on": {"split": "train", "images": fitted.images, "tokens": fitted.points, "labels": False},
+        },
         "class_names": names,
         "images": len(data) - len(report.skipped),
         "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())],

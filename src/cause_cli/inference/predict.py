@@ -74,11 +74,19 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
 
 
 @torch.no_grad()
+def backbone_and_head(model: TrainedModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's tokens ``[B, P, D]`` and the teacher head's feature map ``[B, r, g, g]``
+    of normalised images ``[B, 3, R, R]``."""
+    with autocast(model.device):
+        tokens = model.backbone(images)
+        features = tokens_to_map(model.heads.teacher(tokens).float())
+    return tokens.float(), features.float()
+
+
+@torch.no_grad()
 def head_feature_map(model: TrainedModel, images: torch.Tensor) -> torch.Tensor:
     """Teacher head features ``[B, r, g, g]`` of normalised images ``[B, 3, R, R]``."""
-    with autocast(model.device):
-        features = tokens_to_map(model.heads.teacher(model.backbone(images)).float())
-    return features.float()
+    return backbone_and_head(model, images)[1]
 
 
 @torch.no_grad()
@@ -111,11 +119,14 @@ def crf_unary(cosines: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BatchPredictions:
     """Cluster maps ``[B, H, W]`` of one batch: from the image alone (``clusters``), from the
-    linear probe, and after the dense CRF on the image-and-flip average (``refined``)."""
+    linear probe, and after the dense CRF on the image-and-flip average (``refined``); and
+    the features they came from (``tokens [B, P, D]``, ``features [B, r, g, g]``)."""
 
     clusters: torch.Tensor
     linear: torch.Tensor
     refined: torch.Tensor | None
+    tokens: torch.Tensor
+    features: torch.Tensor
 
 
 @torch.no_grad()
@@ -125,7 +136,7 @@ def predict_batch(
     """Every prediction evaluation reports, in one pass: the image's own features serve both
     the plain maps and the flip average, so the backbone runs twice per image (the reference
     runs it three times, in two passes)."""
-    features = head_feature_map(model, images)
+    tokens, features = backbone_and_head(model, images)
     clusters = cluster_cosines(model, features, size).argmax(dim=1)
     linear = linear_logits(model, features, size).argmax(dim=1)
     refined = None
@@ -134,4 +145,4 @@ def predict_batch(
         unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
         marginals = pool.run(list(denormalise_to_uint8(images)), list(unary))
         refined = torch.from_numpy(np.stack(marginals).argmax(axis=1)).to(clusters.device)
-    return BatchPredictions(clusters, linear, refined)
+    return BatchPredictions(clusters, linear, refined, tokens, features)

@@ -44,11 +44,13 @@ def _per_image_terms(
     """
     shifted = similarity - similarity.max(dim=1, keepdim=True).values.detach()
     considered = positive | negative
-    log_denominator = torch.log((shifted.exp() * considered).sum(dim=1))  # [rows]
+    denominator = (shifted.exp() * considered).sum(dim=1)  # [rows]
     positive_f = positive.to(shifted.dtype)
     positives_per_row = positive_f.sum(dim=1)
-    # Rows with no positive contribute nothing; their denominator may be empty (log 0).
-    row_log_denominator = torch.where(positives_per_row > 0, log_denominator, torch.zeros_like(log_denominator))
+    # Rows with no positive contribute nothing. Their denominator may be empty, and log 0 in
+    # the forward pass would send 0 * inf = NaN back through the log: take log 1 there instead.
+    has_positive = positives_per_row > 0
+    row_log_denominator = torch.log(torch.where(has_positive, denominator, torch.ones_like(denominator)))
     row_total = positives_per_row * row_log_denominator - (shifted * positive_f).sum(dim=1)
     image_total = row_total.view(batch, -1).sum(dim=1)
     image_count = positives_per_row.view(batch, -1).sum(dim=1)

@@ -32,7 +32,10 @@ def modularity_matrix(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     affinity = (normed @ normed.transpose(1, 2)).clamp_min(0)
     affinity = affinity * (1 - torch.eye(affinity.shape[-1], device=x.device, dtype=affinity.dtype))
     degree = affinity.sum(dim=2, keepdim=True)
-    edges = degree.sum(dim=1, keepdim=True)
+    # A graph without edges (every pair of tokens at a negative cosine, which happens with a
+    # few grid-sampled tokens) has W = 0: its modularity is 0, not the reference's 0 / 0 NaN
+    # that would poison the centres through Adam.
+    edges = degree.sum(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     return affinity - degree @ degree.transpose(1, 2) / edges, edges
 
 

@@ -31,7 +31,7 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
 
     context.restore("clusterbook", restore)
     last_loss = torch.tensor(math.nan)
-    for tokens, _ in context.training_batches(config.epochs_clusterbook, title):
+    for tokens, _ in context.training_batches(context.epochs(config.epochs_clusterbook), title):
         (sampled,) = context.grid_sample(tokens)
         loss = objective(sampled)[0] * context.batch_share()
         optimiser.zero_grad(set_to_none=True)

@@ -55,6 +55,12 @@ class TrainingContext:
     def reference_recipe(self) -> bool:
         return self.config.recipe == "reference"
 
+    @staticmethod
+    def epochs(resolved: int | None) -> int:
+        """A step's epochs, which :meth:`TrainConfig.resolve_schedule` has filled in."""
+        assert resolved is not None, "the schedule is resolved when the run is prepared"
+        return resolved
+
     def data_at(self, resolution: int | None) -> SegmentationDataset:
         """The training images at ``resolution`` (None: the run's)."""
         if resolution is None or resolution == self.config.resolution:

@@ -74,7 +74,9 @@ def train_front_door(context: TrainingContext, title: str) -> None:
 
     context.restore("front_door", restore)
     last_loss = torch.tensor(math.nan)
-    batches = context.training_batches(config.epochs_front_door, title, resolution=config.front_door_resolution)
+    batches = context.training_batches(
+        context.epochs(config.epochs_front_door), title, resolution=config.front_door_resolution
+    )
     for tokens, labels in batches:
         with autocast(device):
             if heads.per_token:

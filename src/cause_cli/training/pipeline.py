@@ -10,6 +10,7 @@ Labels train nothing but the linear probe, and only on detached features.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .. import __version__
 from ..backbones import load_backbone, refuse_other_backbone
 from ..config import TrainConfig, apply_reference_recipe
 from ..data import canonical_name, open_dataset
-from ..data.loading import LoadReport
+from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device
 from ..errors import CauseError
 from ..progress import Reporter
@@ -74,10 +75,20 @@ def prepare(
         raise CauseError(f"{len(train_set)} training images cannot be shared among {group.world_size} processes.")
     if run.has("run.json"):
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
+    global_batches = ShuffledBatches(len(train_set), config.batch_size, config.seed, 0, group.world_size)
+    batches_per_epoch = max(1, math.ceil(len(global_batches) * config.epoch_fraction))
+    schedule = config.resolve_schedule(batches_per_epoch, paper_dataset=config.dataset != "folder")
+    message = "schedule: " + ", ".join(
+        f"{step.replace('_', ' ')} {plan['epochs']} epochs ({plan['updates']} updates)"
+        for step, plan in schedule.items()
+    )
+    reporter.message(message)
+    run.log(message)
     run.write_run_info(
         {
             "toolkit_version": __version__,
             "config": config.to_dict(),
+            "schedule": schedule,
             "backbone": backbone.describe(),
             "num_classes": num_classes,
             "class_names": train_set.class_names,

@@ -1,0 +1,94 @@
+"""The baselines every evaluation reports beside the run's own result, so a user sees what
+training added: spherical k-means with as many clusters as the run on
+
+* the frozen backbone's patch tokens (the baseline papers in this field report), and
+* the trained teacher head's features (what step three could reach by plain k-means).
+
+Both are fitted on a sample of the *training* split without its labels (the same images the
+run trained on), then scored on the evaluated split by the same Hungarian protocol as the
+run, without the dense CRF (it would triple the CRF's cost). Head features are upsampled and
+then assigned, as the cluster probe's are; the backbone's tokens are assigned at their own
+resolution and the cosines upsampled, which needs ``C`` channels at pixel size instead of
+``D``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import open_dataset
+from ..data.loading import LoadReport, iterate_batches
+from ..model.kmeans import spherical_kmeans
+from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
+from ..progress import Reporter
+from .predict import TrainedModel, backbone_and_head
+
+BASELINE_IMAGES = 256
+BASELINE_POINTS = 100_000
+BASELINE_RESTARTS = 8
+
+
+@dataclass
+class BaselineCentroids:
+    tokens: torch.Tensor  # [C, D], k-means on the backbone's tokens
+    head: torch.Tensor  # [C, r], k-means on the teacher head's features
+    images: int  # training images they were fitted on
+    points: int  # tokens per fit
+
+
+@torch.no_grad()
+def fit_baselines(
+    model: TrainedModel, batch_size: int = 16, workers: int = 0, reporter: Reporter | None = None, seed: int = 0
+) -> BaselineCentroids:
+    """k-means centroids on up to ``BASELINE_IMAGES`` training images spread over the split."""
+    reporter = reporter or Reporter()
+    config = model.config
+    data = open_dataset(config.dataset, config.data_dir, "train", model.resolution, config.val_fraction, crops=True)
+    count = min(len(data), BASELINE_IMAGES)
+    chosen = np.unique(np.linspace(0, len(data) - 1, count).round().astype(np.int64)).tolist()
+    batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
+    tokens_per_image = (model.resolution // model.backbone.patch_size) ** 2
+    per_image = max(1, min(tokens_per_image, -(-BASELINE_POINTS // len(chosen))))
+    chooser = torch.Generator().manual_seed(seed)
+    token_rows: list[torch.Tensor] = []
+    head_rows: list[torch.Tensor] = []
+    loaded = iterate_batches(data, batch_size, LoadReport(), batches=batches, workers=workers)  # type: ignore[arg-type]
+    with reporter.task("baselines: k-means on the training split", len(batches)) as advance:
+        for batch in loaded:
+            if batch:
+                tokens, head_map = backbone_and_head(model, batch["image"].to(model.device))
+                order = torch.rand(tokens.shape[0], tokens.shape[1], generator=chooser).argsort(dim=1)
+                picked = order[:, :per_image].to(tokens.device)
+                token_rows.append(_rows(tokens, picked))
+                head_rows.append(_rows(map_to_tokens(head_map), picked))
+            advance(1)
+    if not token_rows:
+        raise ValueError("no training image could be read for the baselines")
+    generator = torch.Generator().manual_seed(seed)
+    classes = model.num_classes
+    on_tokens = spherical_kmeans(torch.cat(token_rows), classes, generator, BASELINE_RESTARTS)
+    on_head = spherical_kmeans(torch.cat(head_rows), classes, generator, BASELINE_RESTARTS)
+    points = sum(len(rows) for rows in token_rows)
+    return BaselineCentroids(on_tokens.centroids, on_head.centroids, len(chosen), points)
+
+
+def _rows(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """The ``picked [B, n]`` tokens of every image of ``features [B, P, d]``, as ``[B * n, d]`` on the CPU."""
+    gathered = features.gather(1, picked.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    return gathered.flatten(0, 1).float().cpu()
+
+
+@torch.no_grad()
+def baseline_maps(
+    centroids: BaselineCentroids, tokens: torch.Tensor, head_map: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster maps ``[B, H, W]`` of k-means on tokens ``[B, P, D]`` and on the head map ``[B, r, g, g]``."""
+    token_cosines = tokens_to_map(cosine_similarity_matrix(tokens, centroids.tokens.to(tokens.device)))
+    on_tokens = F.interpolate(token_cosines, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+    upsampled = F.interpolate(head_map, size=size, mode="bilinear", align_corners=False)
+    on_head = cosine_similarity_matrix(map_to_tokens(upsampled), centroids.head.to(head_map.device)).argmax(dim=-1)
+    return on_tokens, on_head.view(head_map.shape[0], *size)

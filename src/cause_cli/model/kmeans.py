@@ -1,0 +1,97 @@
+"""Spherical k-means: the baseline every unsupervised segmentation paper reports, and the
+label-free start of the cluster probe (step three).
+
+Points and centroids live on the unit sphere and a point belongs to the centroid of highest
+cosine, as the cluster probe assigns pixels. Seeding is k-means++ with the cosine distance
+``1 - cos``: each new centroid is a point drawn with probability proportional to its squared
+distance from the nearest centroid so far. Lloyd's iterations then alternate assignment and
+``centroid = normalise(sum of its points)`` until no point changes cluster. A centroid that
+loses all its points moves to the point its cluster fits worst. Of several restarts, the one
+with the highest mean cosine between points and their centroids is kept: a criterion that
+needs no labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ASSIGN_CHUNK = 65536  # points assigned at a time, so N x K never needs more than this many rows
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # [K, d], unit rows
+    mean_cosine: float  # mean over points of the cosine with their centroid (higher is better)
+    iterations: int
+
+
+def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit point's centroid of highest cosine and that cosine: ``[N]`` int64, ``[N]``."""
+    labels = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    best = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
+    for start in range(0, points.shape[0], ASSIGN_CHUNK):
+        cosines = points[start : start + ASSIGN_CHUNK] @ centroids.t()
+        best[start : start + ASSIGN_CHUNK], labels[start : start + ASSIGN_CHUNK] = cosines.max(dim=1)
+    return labels, best
+
+
+def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` seeds drawn from the unit ``points [N, d]`` by k-means++ with the cosine distance."""
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    seeds = [points[first]]
+    nearest = 1.0 - points @ points[first]
+    for _ in range(1, k):
+        weights = nearest.clamp_min(0).square().cpu()
+        if float(weights.sum()) <= 0:  # every point already sits on a seed: any point will do
+            weights = torch.ones_like(weights)
+        chosen = int(torch.multinomial(weights.double(), 1, generator=generator))
+        seeds.append(points[chosen])
+        nearest = torch.minimum(nearest, 1.0 - points @ points[chosen])
+    return torch.stack(seeds)
+
+
+def update_centroids(
+    points: torch.Tensor, labels: torch.Tensor, fit: torch.Tensor, centroids: torch.Tensor
+) -> torch.Tensor:
+    """``normalise(sum of each cluster's points)``; an empty cluster takes the worst-fitting point."""
+    sums = torch.zeros_like(centroids).index_add_(0, labels, points)
+    counts = torch.bincount(labels, minlength=centroids.shape[0])
+    updated = F.normalize(sums, dim=1)
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        worst = fit.argsort()[: empty.numel()]
+        updated[empty] = points[worst]
+    return updated
+
+
+def spherical_kmeans(
+    features: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    restarts: int = 1,
+    max_iterations: int = 100,
+) -> KMeansResult:
+    """Spherical k-means of ``features [N, d]`` (any norm; zero rows are left out) into ``k``
+    clusters; the best of ``restarts`` k-means++ starts by mean cosine."""
+    points = F.normalize(features.float(), dim=1)
+    points = points[features.float().norm(dim=1) > 0]
+    if points.shape[0] < k:
+        raise ValueError(f"k-means needs at least {k} points, got {points.shape[0]}")
+    best: KMeansResult | None = None
+    for _ in range(max(1, restarts)):
+        centroids = kmeans_plus_plus(points, k, generator)
+        labels, fit = assign(points, centroids)
+        iterations, changed = 0, True
+        while changed and iterations < max_iterations:
+            centroids = update_centroids(points, labels, fit, centroids)
+            new_labels, fit = assign(points, centroids)
+            changed = not torch.equal(new_labels, labels)
+            labels, iterations = new_labels, iterations + 1
+        result = KMeansResult(centroids, float(fit.mean()), iterations)
+        if best is None or result.mean_cosine > best.mean_cosine:
+            best = result
+    assert best is not None
+    return best

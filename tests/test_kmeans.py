@@ -1,0 +1,93 @@
+"""Spherical k-means (the baseline and the cluster probe's start) against slow loop forms
+and on points whose clusters are known."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cause_cli.inference.metrics import hungarian_mapping
+from cause_cli.model.kmeans import assign, kmeans_plus_plus, spherical_kmeans, update_centroids
+
+
+def clustered_points(seed: int, clusters: int = 5, per_cluster: int = 60, dim: int = 12, noise: float = 0.15):
+    generator = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(clusters, dim, generator=generator), dim=1)
+    labels = torch.arange(clusters).repeat_interleave(per_cluster)
+    points = directions[labels] + noise * torch.randn(len(labels), dim, generator=generator)
+    scale = torch.rand(len(labels), 1, generator=generator) * 3 + 0.5  # norms must not matter
+    return points * scale, labels
+
+
+def slow_lloyd_step(points: torch.Tensor, centroids: torch.Tensor):
+    """One assignment and update, point by point and cluster by cluster."""
+    unit = [p / p.norm() for p in points]
+    labels = []
+    for p in unit:
+        cosines = [float(p @ c) for c in centroids]
+        labels.append(int(np.argmax(cosines)))
+    updated = []
+    for index in range(len(centroids)):
+        members = [p for p, label in zip(unit, labels, strict=True) if label == index]
+        total = sum(members)
+        updated.append(total / total.norm())
+    return torch.tensor(labels), torch.stack(updated)
+
+
+def test_one_step_matches_the_slow_loop():
+    points, _ = clustered_points(0)
+    unit = F.normalize(points, dim=1)
+    centroids = F.normalize(torch.randn(5, 12, generator=torch.Generator().manual_seed(1)), dim=1)
+    labels, fit = assign(unit, centroids)
+    expected_labels, expected_centroids = slow_lloyd_step(points, centroids)
+    assert torch.equal(labels, expected_labels)
+    assert torch.allclose(fit, (unit * centroids[labels]).sum(dim=1), atol=1e-6)
+    assert torch.allclose(update_centroids(unit, labels, fit, centroids), expected_centroids, atol=1e-6)
+
+
+def test_an_empty_cluster_takes_the_worst_fitting_point():
+    unit = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+    centroids = F.normalize(torch.tensor([[1.0, 0.2], [-1.0, -1.0]]), dim=1)  # nothing is near the second
+    labels, fit = assign(unit, centroids)
+    assert labels.tolist() == [0, 0, 0]
+    updated = update_centroids(unit, labels, fit, centroids)
+    assert torch.allclose(updated[1], unit[2])
+
+
+def test_recovers_known_clusters_whatever_the_norms():
+    for seed in range(3):
+        points, truth = clustered_points(seed)
+        result = spherical_kmeans(points, 5, torch.Generator().manual_seed(seed), restarts=3)
+        found, _ = assign(F.normalize(points, dim=1), result.centroids)
+        histogram = np.zeros((5, 5), dtype=np.int64)
+        np.add.at(histogram, (found.numpy(), truth.numpy()), 1)
+        mapping = hungarian_mapping(histogram)
+        assert histogram[np.arange(5), np.asarray(mapping)].sum() == len(truth)
+
+
+def test_mean_cosine_never_falls_from_one_iteration_to_the_next():
+    points, _ = clustered_points(4, clusters=8, noise=0.6)
+    values = [
+        spherical_kmeans(points, 8, torch.Generator().manual_seed(7), max_iterations=steps).mean_cosine
+        for steps in range(1, 12)
+    ]
+    assert all(later >= earlier - 1e-6 for earlier, later in itertools.pairwise(values))
+    assert values[-1] > values[0]
+
+
+def test_seeding_is_reproducible_and_picks_distinct_points():
+    unit = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)), dim=1)
+    seeds = kmeans_plus_plus(unit, 6, torch.Generator().manual_seed(0))
+    again = kmeans_plus_plus(unit, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(seeds, again)
+    assert len({tuple(row.tolist()) for row in seeds}) == 6  # every point once: none is drawn twice
+
+
+def test_more_restarts_never_fit_worse():
+    points, _ = clustered_points(5, clusters=6, noise=0.8)
+    single = spherical_kmeans(points, 6, torch.Generator().manual_seed(2), restarts=1)
+    several = spherical_kmeans(points, 6, torch.Generator().manual_seed(2), restarts=5)
+    assert several.mean_cosine >= single.mean_cosine - 1e-7
