@@ -91,3 +91,56 @@ def test_reference_recipe_needs_labels(scenes, tmp_path):
     shutil.copytree(scenes / "images", unlabelled / "images")
     with pytest.raises(CauseError, match="trains with labels"):
         train(small(unlabelled, recipe="reference", num_classes=6), tmp_path / "run", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "given", "batches", "expected"),
+    [
+        ("folder", {}, 20, {"clusterbook": 1, "front_door": 25, "cluster_probe": 0}),
+        ("folder", {}, 1000, {"clusterbook": 1, "front_door": 2, "cluster_probe": 0}),  # the paper's suffice
+        ("folder", {"probe_init": "random"}, 20, {"clusterbook": 1, "front_door": 25, "cluster_probe": 25}),
+        ("folder", {"epochs_front_door": 3}, 20, {"clusterbook": 1, "front_door": 3, "cluster_probe": 0}),
+        ("folder", {"min_updates": 0}, 20, {"clusterbook": 1, "front_door": 2, "cluster_probe": 0}),
+        ("cocostuff27", {}, 20, {"clusterbook": 1, "front_door": 2, "cluster_probe": 0}),
+        ("cocostuff27", {"probe_init": "random", "head": "tr"}, 20,
+         {"clusterbook": 1, "front_door": 2, "cluster_probe": 5}),
+    ],
+)  # fmt: skip
+def test_schedule_gives_folders_enough_updates(dataset, given, batches, expected):
+    config = TrainConfig(data_dir="", dataset=dataset, **given)
+    config.validate()
+    schedule = config.resolve_schedule(batches, paper_dataset=dataset != "folder")
+    assert {step: plan["epochs"] for step, plan in schedule.items()} == expected
+    assert config.epochs_front_door == expected["front_door"]
+    assert schedule["front_door"]["updates"] == expected["front_door"] * batches
+
+
+def test_reference_recipe_keeps_the_papers_schedule_and_thresholds_on_a_folder():
+    config = TrainConfig(data_dir="", recipe="reference")
+    config.validate()
+    apply_reference_recipe(config)
+    config.resolve_thresholds(paper_dataset=False)
+    schedule = config.resolve_schedule(20, paper_dataset=False)
+    assert {step: plan["epochs"] for step, plan in schedule.items()} == {
+        "clusterbook": 1,
+        "front_door": 2,
+        "cluster_probe": 1,
+    }
+    assert (config.positive_threshold, config.negative_threshold) == (0.3, 0.1)
+    assert (config.probe_init, config.probe_restarts) == ("random", 1)
+
+
+@pytest.mark.parametrize(
+    ("paper_dataset", "given", "expected"),
+    [
+        (True, {}, (0.3, 0.1)),
+        (False, {}, (0.5, 0.3)),
+        (False, {"positive_threshold": 0.2}, (0.2, 0.2)),  # a given value is kept, the other made to fit
+        (False, {"negative_threshold": 0.6}, (0.6, 0.6)),
+        (True, {"positive_threshold": 0.55, "negative_threshold": 0.1}, (0.55, 0.1)),
+    ],
+)
+def test_concept_thresholds_fit_the_data(paper_dataset, given, expected):
+    config = TrainConfig(data_dir="", **given)
+    config.resolve_thresholds(paper_dataset)
+    assert (config.positive_threshold, config.negative_threshold) == expected

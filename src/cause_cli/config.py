@@ -18,10 +18,17 @@ RECIPES = ("default", "reference")
 CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
 # The paper's epochs for the clusterbook and the front door.
 PAPER_EPOCHS = {"clusterbook": 1, "front_door": 2}
-# Optimiser updates every step gets at least, on data other than the paper's datasets: the
-# paper's epochs are 7,000+ updates on COCO-Stuff but a few dozen on a folder of 300 images.
+# Optimiser updates the front door (and a cluster probe refined by modularity) gets at least
+# on data other than the paper's datasets: the paper's epochs are 7,000+ updates on COCO-Stuff
+# but a few dozen on a folder of 300 images. The clusterbook keeps the paper's one epoch: more
+# updates collapse it onto a few dozen of its codes, which then mix classes (docs/quality.md).
 DEFAULT_MIN_UPDATES = 500
 SCHEDULED_STEPS = ("clusterbook", "front_door", "cluster_probe")
+RAISED_STEPS = ("front_door", "cluster_probe")
+# Concept similarity above which two tokens are positives, below which negatives: the paper's
+# (set for DINO on its datasets), and stricter ones for other data (docs/quality.md).
+PAPER_THRESHOLDS = (0.3, 0.1)
+FOLDER_THRESHOLDS = (0.5, 0.3)
 
 
 @dataclass
@@ -44,8 +51,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 2.0
-    # Epochs of each step; None: the paper's (1 / 2 / 1 for MLP or 5 for TR), raised on data
-    # other than the paper's datasets until the step makes at least ``min_updates`` updates.
+    # Epochs of each step; None: the paper's (1 / 2 / 1 for MLP or 5 for TR), the front door's
+    # and a refined cluster probe's raised on data other than the paper's datasets until the
+    # step makes at least ``min_updates`` updates.
     epochs_clusterbook: int | None = None
     epochs_front_door: int | None = None
     epochs_cluster_probe: int | None = None
@@ -54,8 +62,9 @@ class TrainConfig:
     grid_window: int = 4
     modularity_temperature: float = 0.1
     contrastive_temperature: float = 0.07
-    positive_threshold: float = 0.3
-    negative_threshold: float = 0.1
+    # None: the paper's 0.3 / 0.1 on the paper's datasets, FOLDER_THRESHOLDS on other data.
+    positive_threshold: float | None = None
+    negative_threshold: float | None = None
     bank_capacity: int = 100
     use_bank: bool = True
     ema_momentum: float = 0.99
@@ -95,7 +104,8 @@ class TrainConfig:
             raise CauseError("The clusterbook needs at least 2 codes.")
         if self.num_classes is not None and self.num_classes < 2:
             raise CauseError("--num-classes must be at least 2.")
-        if not self.negative_threshold <= self.positive_threshold:
+        positive, negative = self.positive_threshold, self.negative_threshold
+        if positive is not None and negative is not None and negative > positive:
             raise CauseError("The negative threshold must not exceed the positive threshold.")
         if self.probe_init not in PROBE_INITS:
             raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
@@ -112,6 +122,16 @@ class TrainConfig:
     def paper_epochs(self, step: str) -> int:
         return CLUSTER_PROBE_EPOCHS[self.head] if step == "cluster_probe" else PAPER_EPOCHS[step]
 
+    def resolve_thresholds(self, paper_dataset: bool) -> None:
+        """Fill in the concept thresholds not given, then check them."""
+        positive, negative = PAPER_THRESHOLDS if paper_dataset or self.recipe == "reference" else FOLDER_THRESHOLDS
+        if self.positive_threshold is None:
+            self.positive_threshold = max(positive, self.negative_threshold or -1.0)
+        if self.negative_threshold is None:
+            self.negative_threshold = min(negative, self.positive_threshold)
+        if not self.negative_threshold <= self.positive_threshold:
+            raise CauseError("The negative threshold must not exceed the positive threshold.")
+
     def resolve_schedule(self, batches_per_epoch: int, paper_dataset: bool) -> dict[str, dict[str, Any]]:
         """Fill in the epochs not given: the paper's, raised (off the paper's datasets) to at
         least ``min_updates`` updates of ``batches_per_epoch`` (the share of an epoch a step
@@ -122,7 +142,10 @@ class TrainConfig:
             given = getattr(self, name)
             if given is not None:
                 epochs, source = given, "given"
-            elif paper_dataset:
+            elif step == "cluster_probe" and self.probe_init == "kmeans" and not self.probe_refine:
+                # The k-means centroids are the probe; the linear probe has learnt in step two.
+                epochs, source = 0, "a k-means start, not refined"
+            elif paper_dataset or step not in RAISED_STEPS:
                 epochs, source = self.paper_epochs(step), "the paper's"
             else:
                 needed = -(-self.min_updates // max(1, batches_per_epoch))

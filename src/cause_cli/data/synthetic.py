@@ -82,15 +82,15 @@ def make_scene(
     width: int,
     num_classes: int = len(SCENE_CLASSES),
     classes: tuple[SceneClass, ...] = SCENE_CLASSES,
-    sites: tuple[int, int] = (3, 6),
+    regions: tuple[int, int] = (3, 6),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: an RGB ``uint8 [H, W, 3]`` image and its ``uint8 [H, W]`` label map.
 
-    Regions are the cells of a Voronoi diagram of ``sites`` (3 to 6 by default) random sites
+    Regions are the cells of a Voronoi diagram of ``regions`` (3 to 6 by default) random sites
     (with wavy borders), each painted with one class's texture.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    num_sites = int(rng.integers(sites[0], sites[1] + 1))
+    num_sites = int(rng.integers(regions[0], regions[1] + 1))
     sites = rng.uniform([0, 0], [height, width], size=(num_sites, 2))
     site_class = rng.integers(0, num_classes, size=num_sites)
     wobble_y = yy + 6 * np.sin(xx / rng.uniform(6, 14))
@@ -120,13 +120,14 @@ def write_scenes(
 
     A ``family`` sets the classes, image sizes and regions per image instead."""
     rng = np.random.default_rng(seed)
-    classes, sites = SCENE_CLASSES, (3, 6)
+    classes, regions = SCENE_CLASSES, (3, 6)
     if family is not None:
-        classes, sites, size_range, num_classes = family.classes, family.sites, family.size_range, len(family.classes)
+        classes, regions, size_range = family.classes, family.regions, family.size_range
+        num_classes = len(classes)
     for split, count in (("train", num_train), ("val", num_val)):
         for index in range(count):
             height, width = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-            image, label = make_scene(rng, height, width, num_classes, classes, sites)
+            image, label = make_scene(rng, height, width, num_classes, classes, regions)
             name = f"scene_{index:04d}.png"
             _save_png(Image.fromarray(image, "RGB"), root / "images" / split / name)
             _save_png(Image.fromarray(label, "L"), root / "labels" / split / name)
@@ -174,7 +175,7 @@ class SceneFamily:
     name: str
     classes: tuple[SceneClass, ...]
     size_range: tuple[int, int]
-    sites: tuple[int, int]  # regions per image, at least and at most
+    regions: tuple[int, int]  # regions per image, at least and at most
     about: str
 
 
@@ -223,36 +224,40 @@ FAMILIES: dict[str, SceneFamily] = {
         SceneFamily("big-images", SCENE_CLASSES, (256, 320), (3, 6), "6 classes, 256-320 px images"),
         # Families for choosing defaults only, never for reporting them.
         SceneFamily(
-            "tune-four",
+            "tune-five",
             tuple(
                 textured_class(f"mixed-{index}", _mixed_colour(first, second, sign), pattern)
                 for index, ((first, second, sign), pattern) in enumerate(
                     zip(
-                        ((0, 1, +1.0), (1, 2, +1.0), (0, 2, -1.0), (0, 1, -1.0)),
-                        ("noise", "waves", "checker", "dots"),
+                        ((0, 1, +1.0), (1, 2, +1.0), (0, 2, -1.0), (0, 1, -1.0), (0, 2, +1.0)),
+                        ("noise", "waves", "checker", "dots", "stripes"),
                         strict=True,
                     )
                 )
             ),
-            (128, 176),
-            (3, 6),
-            "tuning only: 4 classes of mixed colours",
+            (112, 160),
+            (5, 10),
+            "tuning only: 5 classes of mixed colours, smaller regions",
         ),
         SceneFamily(
-            "tune-eight",
-            tuple(
-                textured_class(f"{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign), pattern)
-                for channel, sign in _AXES[:4]
-                for pattern in ("dots", "diagonal")
+            "tune-seven",
+            (
+                *(
+                    textured_class(f"soft-{_axis_name(channel, sign)}", _axis_colour(channel, sign, 1.2), pattern)
+                    for (channel, sign), pattern in zip(
+                        _AXES, ("waves", "noise", "checker", "dots", "diagonal", "gradient"), strict=True
+                    )
+                ),
+                textured_class("mixed", _mixed_colour(1, 2, -1.0), "stripes"),
             ),
-            (112, 160),
-            (4, 8),
-            "tuning only: 8 classes, 4 colours in two textures",
+            (144, 192),
+            (3, 6),
+            "tuning only: 7 classes, colours 1.2 standard deviations off the mean",
         ),
     )
 }
 REPORTED_FAMILIES = ("three-large", "six-small", "twelve-overlap", "pastel-six", "big-images")
-TUNING_FAMILIES = ("tune-four", "tune-eight")
+TUNING_FAMILIES = ("tune-five", "tune-seven")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

@@ -82,7 +82,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     head_optimiser = torch.optim.Adam(
         head_trained, lr=config.learning_rate, weight_decay=config.weight_decay if reference else 0.0
     )
-    schedulers = [torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)]
+    schedulers = [torch.optim.lr_scheduler.StepLR(optimiser, step_size=2, gamma=0.5)] if refine else []
     if reference:
         schedulers.append(torch.optim.lr_scheduler.StepLR(head_optimiser, step_size=2, gamma=0.5))
 
@@ -121,8 +121,6 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         }
 
     context.restore("cluster_probe", restore)
-    if objective is None and not context.has_labels:
-        epochs = 0  # nothing left to learn in this step: the k-means centroids are the probe
     batches = context.training_batches(epochs, title, end_of_epoch, resolution=config.front_door_resolution)
     for tokens, labels in batches:
         with torch.set_grad_enabled(reference), autocast(device):
@@ -143,11 +141,15 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         optimiser.zero_grad(set_to_none=True)
         head_optimiser.zero_grad(set_to_none=True)
         total = loss + probe_loss if probe_loss is not None else loss
+        if not total.requires_grad:  # fixed centroids and no labelled pixel: nothing learns
+            context.checkpoint("cluster_probe", snapshot)
+            continue
         scaler.scale(total).backward()
         if reference:
             scaler.unscale_(head_optimiser)
             torch.nn.utils.clip_grad_norm_(head_trained, config.grad_clip)
-        scaler.step(optimiser)
+        if objective is not None:  # a scaler refuses to step an optimiser whose tensors got no gradient
+            scaler.step(optimiser)
         if probe_loss is not None:
             scaler.step(head_optimiser)
         scaler.update()

@@ -49,6 +49,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     optimiser = torch.optim.Adam(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     probe_optimiser = torch.optim.Adam(heads.linear_probe.parameters(), lr=config.learning_rate)
     bank = ConceptBank(config.clusterbook_size, config.projection_dim, config.bank_capacity, device)
+    assert config.positive_threshold is not None and config.negative_threshold is not None  # resolved in prepare
     settings = ContrastiveSettings(config.contrastive_temperature, config.positive_threshold, config.negative_threshold)
 
     progress = {"first_step": True}

@@ -77,11 +77,14 @@ def prepare(
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
     global_batches = ShuffledBatches(len(train_set), config.batch_size, config.seed, 0, group.world_size)
     batches_per_epoch = max(1, math.ceil(len(global_batches) * config.epoch_fraction))
-    schedule = config.resolve_schedule(batches_per_epoch, paper_dataset=config.dataset != "folder")
+    paper_dataset = config.dataset != "folder"
+    config.resolve_thresholds(paper_dataset)
+    schedule = config.resolve_schedule(batches_per_epoch, paper_dataset)
     message = "schedule: " + ", ".join(
         f"{step.replace('_', ' ')} {plan['epochs']} epochs ({plan['updates']} updates)"
         for step, plan in schedule.items()
     )
+    message += f"; concept thresholds {config.positive_threshold} / {config.negative_threshold}"
     reporter.message(message)
     run.log(message)
     run.write_run_info(
