@@ -119,6 +119,11 @@ class TrainConfig:
             if value is not None and value < 0:
                 raise CauseError(f"--{name.replace('_', '-')} must not be negative.")
 
+    @property
+    def refines_probe(self) -> bool:
+        """Whether step three trains the centroids by modularity (a random start always is)."""
+        return self.probe_init == "random" or self.probe_refine
+
     def paper_epochs(self, step: str) -> int:
         return CLUSTER_PROBE_EPOCHS[self.head] if step == "cluster_probe" else PAPER_EPOCHS[step]
 
@@ -126,7 +131,8 @@ class TrainConfig:
         """Fill in the concept thresholds not given, then check them."""
         positive, negative = PAPER_THRESHOLDS if paper_dataset or self.recipe == "reference" else FOLDER_THRESHOLDS
         if self.positive_threshold is None:
-            self.positive_threshold = max(positive, self.negative_threshold or -1.0)
+            given_negative = self.negative_threshold
+            self.positive_threshold = positive if given_negative is None else max(positive, given_negative)
         if self.negative_threshold is None:
             self.negative_threshold = min(negative, self.positive_threshold)
         if not self.negative_threshold <= self.positive_threshold:
@@ -142,7 +148,7 @@ class TrainConfig:
             given = getattr(self, name)
             if given is not None:
                 epochs, source = given, "given"
-            elif step == "cluster_probe" and self.probe_init == "kmeans" and not self.probe_refine:
+            elif step == "cluster_probe" and not self.refines_probe:
                 # The k-means centroids are the probe; the linear probe has learnt in step two.
                 epochs, source = 0, "a k-means start, not refined"
             elif paper_dataset or step not in RAISED_STEPS:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
-from ..model.kmeans import spherical_kmeans
+from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
 from .predict import TrainedModel, backbone_and_head
@@ -51,8 +51,8 @@ def fit_baselines(
     count = min(len(data), BASELINE_IMAGES)
     chosen = np.unique(np.linspace(0, len(data) - 1, count).round().astype(np.int64)).tolist()
     batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
-    tokens_per_image = (model.resolution // model.backbone.patch_size) ** 2
-    per_image = max(1, min(tokens_per_image, -(-BASELINE_POINTS // len(chosen))))
+    tokens = (model.resolution // model.backbone.patch_size) ** 2
+    per_image = tokens_per_image(BASELINE_POINTS, len(chosen), tokens)
     chooser = torch.Generator().manual_seed(seed)
     token_rows: list[torch.Tensor] = []
     head_rows: list[torch.Tensor] = []
@@ -60,10 +60,9 @@ def fit_baselines(
     with reporter.task("baselines: k-means on the training split", len(batches)) as advance:
         for batch in loaded:
             if batch:
-                tokens, head_map = backbone_and_head(model, batch["image"].to(model.device))
-                order = torch.rand(tokens.shape[0], tokens.shape[1], generator=chooser).argsort(dim=1)
-                picked = order[:, :per_image].to(tokens.device)
-                token_rows.append(_rows(tokens, picked))
+                backbone_tokens, head_map = backbone_and_head(model, batch["image"].to(model.device))
+                picked = draw_tokens(backbone_tokens.shape[0], backbone_tokens.shape[1], per_image, chooser)
+                token_rows.append(_rows(backbone_tokens, picked))
                 head_rows.append(_rows(map_to_tokens(head_map), picked))
             advance(1)
     if not token_rows:
@@ -78,8 +77,7 @@ def fit_baselines(
 
 def _rows(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """The ``picked [B, n]`` tokens of every image of ``features [B, P, d]``, as ``[B * n, d]`` on the CPU."""
-    gathered = features.gather(1, picked.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    return gathered.flatten(0, 1).float().cpu()
+    return gather_tokens(features, picked).flatten(0, 1).float().cpu()
 
 
 @torch.no_grad()

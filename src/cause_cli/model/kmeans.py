@@ -67,6 +67,21 @@ def update_centroids(
     return updated
 
 
+def tokens_per_image(points: int, images: int, tokens: int) -> int:
+    """How many of each image's ``tokens`` a sample of about ``points`` over ``images`` takes."""
+    return max(1, min(tokens, -(-points // max(1, images))))
+
+
+def draw_tokens(images: int, tokens: int, per_image: int, generator: torch.Generator) -> torch.Tensor:
+    """``per_image`` distinct token indices for each of ``images`` images: ``[images, per_image]``."""
+    return torch.rand(images, tokens, generator=generator).argsort(dim=1)[:, :per_image]
+
+
+def gather_tokens(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """The ``picked [B, n]`` tokens of every image of ``features [B, P, d]``: ``[B, n, d]``."""
+    return features.gather(1, picked.to(features.device).unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
 def spherical_kmeans(
     features: torch.Tensor,
     k: int,

@@ -19,7 +19,7 @@ import torch
 
 from ..devices import autocast, gradient_scaler
 from ..model.heads import ClusterProbe, SegmentationHeads
-from ..model.kmeans import spherical_kmeans
+from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.modularity import ModularityObjective
 from ..paths import write_atomically
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
@@ -66,7 +66,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         # the one whose last epoch reached the best modularity is kept (labels play no part).
         starts = [ClusterProbe(config.reduced_dim, context.num_classes) for _ in range(config.probe_restarts)]
     probes = torch.nn.ModuleList(starts).to(device)
-    refine = config.probe_init == "random" or config.probe_refine
+    refine = config.refines_probe
     probes.requires_grad_(refine)
     objective = None
     if refine:
@@ -74,8 +74,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         objective = group.parallel(ModularityObjective(centres, config.modularity_temperature), device)
     linear_probe = group.parallel(heads.linear_probe, device) if context.has_labels else heads.linear_probe
     teacher = group.parallel(heads.teacher, device) if reference else heads.teacher
-    assert config.epochs_cluster_probe is not None
-    epochs = config.epochs_cluster_probe
+    epochs = context.epochs(config.epochs_cluster_probe)
     optimiser = torch.optim.Adam(probes.parameters(), lr=config.learning_rate)
     epoch_losses = torch.zeros(len(probes))
     epoch_batches = [0]
@@ -181,9 +180,9 @@ def kmeans_start(context: TrainingContext, heads: SegmentationHeads, title: str)
     assert config.probe_restarts is not None
     resolution = config.front_door_resolution or config.resolution
     assert resolution is not None
-    tokens_per_image = (resolution // context.backbone.patch_size) ** 2
+    tokens = (resolution // context.backbone.patch_size) ** 2
     images = min(len(context.data_at(config.front_door_resolution)), KMEANS_IMAGES)
-    per_image = max(1, min(tokens_per_image, -(-KMEANS_POINTS // images)))
+    per_image = tokens_per_image(KMEANS_POINTS, images, tokens)
     chooser = torch.Generator().manual_seed(config.seed)
     was_training = heads.training
     heads.eval()
@@ -191,17 +190,17 @@ def kmeans_start(context: TrainingContext, heads: SegmentationHeads, title: str)
     samples: list[torch.Tensor] = []
     seen = 0
     batches = context.training_batches(1, f"{title}: k-means start", resolution=config.front_door_resolution)
-    for tokens, _ in batches:
+    for batch_tokens, _ in batches:
         with autocast(context.device):
-            features = heads.teacher(tokens).float()
+            features = heads.teacher(batch_tokens).float()
         # One draw for the global batch, so every process picks what one process would.
-        order = torch.rand(sum(context.sizes), features.shape[1], generator=chooser).argsort(dim=1)[:, :per_image]
-        mine = order[context.first_image : context.first_image + features.shape[0]].to(features.device)
-        picked = features.gather(1, mine.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        order = draw_tokens(sum(context.sizes), features.shape[1], per_image, chooser)
+        picked = gather_tokens(features, order[context.first_image : context.first_image + features.shape[0]])
         samples.append(group.gather_rows(picked, context.sizes).flatten(0, 1).cpu())
         seen += sum(context.sizes)
         if seen >= images:
             break
+    batches.close()  # now, while the process group still stands, not whenever it is collected
     heads.train(was_training)
     points = torch.cat(samples)
     restarts = config.probe_restarts

@@ -8,7 +8,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +141,7 @@ class TrainingContext:
         title: str,
         end_of_epoch: Callable[[], None] | None = None,
         resolution: int | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """Backbone tokens and labels of every training batch for ``epochs`` epochs (the
         configured share of each), with a progress bar; ``end_of_epoch`` runs after each
         epoch (a learning-rate schedule)."""
