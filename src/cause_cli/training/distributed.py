@@ -15,6 +15,7 @@ that differs is dropout.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import subprocess
@@ -147,7 +148,13 @@ def start(group: ProcessGroup, device: torch.device) -> torch.device:
 
 
 def stop(group: ProcessGroup) -> None:
+    """Leave the process group once nothing uses it any more."""
     if group.distributed and dist.is_initialized():
+        # A DistributedDataParallel wrapper left in a reference cycle would otherwise outlive
+        # the group and be freed at exit, when its communication threads can no longer be
+        # joined: the process then aborts after training succeeded.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
