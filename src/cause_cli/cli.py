@@ -84,6 +84,13 @@ def _reporter(quiet: bool) -> Any:
 
 DATASET_HELP = "Dataset layout: cocostuff27, cocostuff81, cocostuff171, cityscapes, voc2012 or folder."
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (float32 on the CPU, bfloat16 on GPUs that have it, else float16), float32, bfloat16 or float16.",
+    ),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 RunOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
 BackboneCheckOption = Annotated[
@@ -311,6 +318,7 @@ def train(
         ),
     ] = 1,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Train the three CAUSE steps: clusterbook, head (front door), cluster probe.
@@ -328,6 +336,9 @@ def train(
     if resume and run is None:
         raise CauseError("--resume needs the run folder to continue: --run R.")
     process = from_environment()
+    if process.distributed and run is None:
+        # Each process would number a folder of its own (on other machines, other numbers).
+        raise CauseError("Processes started by torchrun write one run together: give it with --run.")
     if gpus > 1 and not process.distributed:
         _launch_training(ctx, gpus, run or next_numbered_folder(runs_home(), "train"), device)
         return
@@ -337,6 +348,7 @@ def train(
 
         config = open_run(run).config()
         config.checkpoint_seconds = checkpoint_every
+        config.precision = precision
         train_run(config, run, device, _reporter(quiet), resume=True)
         if process.is_main:
             stderr.print(f"run written to {run}")
@@ -367,6 +379,7 @@ def train(
         probe_restarts=probe_restarts,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
+        precision=precision,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
     train_run(config, run_path, device, _reporter(quiet))
@@ -486,6 +499,7 @@ def evaluate(
     ] = True,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -497,23 +511,25 @@ def evaluate(
 
     Example: cause eval --run runs/train
     """
+    from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.evaluate import evaluate_run
 
-    result = evaluate_run(
-        run,
-        dataset,
-        str(data_dir) if data_dir else None,
-        split,
-        device,
-        batch_size,
-        loader_workers,
-        _reporter(quiet or json_output),
-        crf=crf,
-        crf_workers=default_workers() if workers is None else workers,
-        backbone=backbone,
-        baselines=baselines,
-    )
+    with use_precision(precision):
+        result = evaluate_run(
+            run,
+            dataset,
+            str(data_dir) if data_dir else None,
+            split,
+            device,
+            batch_size,
+            loader_workers,
+            _reporter(quiet or json_output),
+            crf=crf,
+            crf_workers=default_workers() if workers is None else workers,
+            backbone=backbone,
+            baselines=baselines,
+        )
     if json_output:
         print(json.dumps(result))
         return
@@ -572,6 +588,7 @@ def segment(
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Write a label map and a colour overlay for every image named by SOURCE.
@@ -581,23 +598,25 @@ def segment(
 
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
+    from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.segment import segment_images
     from .paths import next_numbered_folder, runs_home
 
     out_path = out or next_numbered_folder(runs_home(), "segment")
-    result = segment_images(
-        source,
-        run,
-        out_path,
-        device,
-        batch_size,
-        _reporter(quiet),
-        crf=crf,
-        crf_workers=default_workers() if workers is None else workers,
-        legend=legend,
-        backbone=backbone,
-    )
+    with use_precision(precision):
+        result = segment_images(
+            source,
+            run,
+            out_path,
+            device,
+            batch_size,
+            _reporter(quiet),
+            crf=crf,
+            crf_workers=default_workers() if workers is None else workers,
+            legend=legend,
+            backbone=backbone,
+        )
     table = Table(title="cause segment")
     table.add_column("images", justify="right")
     table.add_column("skipped", justify="right")

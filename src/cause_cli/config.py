@@ -89,6 +89,7 @@ class TrainConfig:
     probe_restarts: int | None = None
     cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
+    precision: str = "auto"  # mixed precision: see devices.PRECISIONS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -35,8 +35,8 @@ class LoopBank:
 
     def flat(self, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All entries and their normalised code vectors, concatenated code by code."""
-        features = torch.empty(0, 0)
-        vectors = torch.empty(0, codebook.shape[1])
+        features = torch.empty(0, 0, device=codebook.device)
+        vectors = torch.empty(0, codebook.shape[1], device=codebook.device)
         for code, stored in self.entries.items():
             if stored.numel() == 0:
                 continue

@@ -30,7 +30,7 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
         optimiser.load_state_dict(state["optimiser"])
 
     context.restore("clusterbook", restore)
-    last_loss = torch.tensor(math.nan)
+    last_loss = torch.tensor(math.nan, device=context.device)
     for tokens, _ in context.training_batches(context.epochs(config.epochs_clusterbook), title):
         (sampled,) = context.grid_sample(tokens)
         loss = objective(sampled)[0] * context.batch_share()

@@ -187,8 +187,7 @@ class TrainingContext:
         apply(state["objects"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["grid_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_cuda_rng(state, self.device)
         self.start = (int(state["epoch"]), int(state["batch"]))
         self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}/{self.start}".encode()))
         message = f"{step}: resumed at epoch {self.start[0] + 1}, batch {self.start[1]}"
@@ -208,8 +207,8 @@ class TrainingContext:
             "grid_rng": self.generator.get_state(),
             "objects": objects(),
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         self.run.save_state(RESUME_FILE, state)
         self.last_checkpoint = time.monotonic()
 
@@ -247,7 +246,25 @@ class TrainingContext:
 
     def global_loss_value(self, loss: torch.Tensor) -> float:
         """The loss of the global batch, from every process's part of it."""
-        return float(self.group.all_sum(loss.detach().clone())) / self.group.world_size
+        # On this process's device: NCCL refuses a CPU tensor, which is what a step that ran no
+        # batch (zero epochs, a resume after its last batch) still holds.
+        local = loss.detach().to(self.device, torch.float32).reshape(()).clone()
+        return float(self.group.all_sum(local)) / self.group.world_size
+
+
+def restore_cuda_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the generator of this process's GPU from a checkpoint: one state (this
+    toolkit's), or one per GPU that was visible (older checkpoints), taken by index when that
+    GPU is still there. A resume on fewer or no GPUs starts that generator afresh."""
+    saved = state.get("cuda_rng")
+    if saved is None or device.type != "cuda":
+        return
+    if isinstance(saved, list | tuple):
+        index = device.index or 0
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def seed_everything(seed: int) -> None:

@@ -74,7 +74,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         }
 
     context.restore("front_door", restore)
-    last_loss = torch.tensor(math.nan)
+    last_loss = torch.tensor(math.nan, device=context.device)
     batches = context.training_batches(
         context.epochs(config.epochs_front_door), title, resolution=config.front_door_resolution
     )

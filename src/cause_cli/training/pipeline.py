@@ -21,7 +21,7 @@ from ..backbones import load_backbone, refuse_other_backbone
 from ..config import TrainConfig, apply_reference_recipe
 from ..data import canonical_name, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches
-from ..devices import resolve_device
+from ..devices import resolve_device, use_precision
 from ..errors import CauseError
 from ..progress import Reporter
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
@@ -118,7 +118,8 @@ def train(
     reporter = (reporter or Reporter()) if group.is_main else Reporter()
     run = RunDirectory(Path(run_path), writes=group.is_main)
     try:
-        return _train_steps(config, run, device, reporter, resume, group)
+        with use_precision(config.precision):
+            return _train_steps(config, run, device, reporter, resume, group)
     finally:
         leave_processes(group)
 

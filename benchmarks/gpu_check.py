@@ -1,0 +1,327 @@
+"""Everything a GPU changes, checked in one command on one GPU, in about eight minutes.
+
+    python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
+    python benchmarks/gpu_check.py --small    # on the CPU (CI): tiny shapes, the same code paths
+
+It runs the CUDA-only tests and ``bench_steps.py --full``; trains the paper's shapes (a ViT-S/8
+with random weights at 320 pixels, batch 16, K = 2048 codes, a full concept bank) for a few
+hundred steps in bfloat16 and again in float16 with loss scaling; evaluates with the dense
+CRF; segments with and without the CRF. It prints, per part: steps/s and peak GPU memory of
+each training step, the finished run's figures (which must be finite), images/s of
+``cause segment`` with and without the CRF beside the backbone's own images/s and the CRF's
+alone, and how much of the CRF's time the segmenting hid behind GPU work.
+
+A part that fails prints its error and the next part runs; the exit status is 1 when any
+part failed. With ``--small`` the CUDA-only parts are skipped and the rest runs on the CPU
+under CPU autocast, so the script never rots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cause_cli.data.synthetic import write_scenes
+from cause_cli.progress import Advance, Reporter
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_BACKBONE, PAPER_TIMM_MODEL = "dino-vits8", "vit_small_patch8_224"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    backbone: str
+    resolution: int
+    batch_size: int
+    clusterbook_size: int
+    train_images: int
+    val_images: int
+    image_sizes: tuple[int, int]
+    front_door_epochs: int
+    probe_epochs: int
+
+
+PAPER = Shapes(PAPER_BACKBONE, 320, 16, 2048, 128, 32, (320, 400), front_door_epochs=25, probe_epochs=2)
+SMALL = Shapes("toy", 64, 4, 32, 8, 4, (64, 80), front_door_epochs=2, probe_epochs=1)
+
+
+@dataclass
+class TaskTiming:
+    description: str
+    total: int | None
+    done: int = 0
+    seconds: float = 0.0
+    peak_bytes: int | None = None
+
+
+@dataclass
+class TimingReporter(Reporter):
+    """Records how long each progress task took, how many items it did and (on CUDA) the
+    peak memory allocated while it ran."""
+
+    device: torch.device
+    tasks: list[TaskTiming] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        timing = TaskTiming(description, total)
+        self.tasks.append(timing)
+
+        def advance(steps: int = 1) -> None:
+            timing.done += steps
+
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        try:
+            yield advance
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                timing.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            timing.seconds = time.perf_counter() - started
+
+
+@dataclass
+class Outcome:
+    part: str
+    ok: bool
+    seconds: float
+    lines: list[str]
+
+
+def run_part(part: str, body: Callable[[], list[str]], outcomes: list[Outcome]) -> None:
+    print(f"\n== {part}", flush=True)
+    started = time.perf_counter()
+    try:
+        lines = body()
+        ok = True
+    except Exception:  # a failed part is reported and the check goes on
+        lines = traceback.format_exc().rstrip().splitlines()
+        ok = False
+    outcome = Outcome(part, ok, time.perf_counter() - started, lines)
+    for line in lines:
+        print(f"   {line}", flush=True)
+    print(f"   -> {'ok' if ok else 'FAILED'} in {outcome.seconds:.0f} s", flush=True)
+    outcomes.append(outcome)
+
+
+def environment_lines(device: torch.device) -> list[str]:
+    from cause_cli.devices import compute_dtype
+
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, device {device}"]
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        lines.append(
+            f"{properties.name}: compute capability {properties.major}.{properties.minor}, "
+            f"{properties.total_memory / 2**30:.0f} GiB, {properties.multi_processor_count} multiprocessors"
+        )
+    from cause_cli.inference.crf import crf_available, default_workers
+
+    lines.append(f"automatic precision: {compute_dtype(device)}; dense CRF installed: {crf_available()}")
+    lines.append(f"CRF workers by default: {default_workers()} (os.cpu_count {os.cpu_count()})")
+    return lines
+
+
+def subprocess_lines(command: list[str], timeout: float) -> list[str]:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    if done.returncode != 0:
+        raise RuntimeError("\n".join([f"{' '.join(command)} exited with {done.returncode}:", *output[-40:]]))
+    return output[-15:]
+
+
+def prepare_backbone(shapes: Shapes, home: Path) -> None:
+    """A randomly initialised backbone in the cache, through the user's conversion path."""
+    if shapes.backbone != PAPER_BACKBONE:
+        return  # the toy backbone is made on first use
+    import timm
+    from safetensors.torch import save_file
+
+    from cause_cli.backbones import fetch_backbones
+
+    target = home / "random-vits8.safetensors"
+    torch.manual_seed(0)
+    model = timm.create_model(PAPER_TIMM_MODEL, pretrained=False, num_classes=0)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(target))
+    fetch_backbones([PAPER_BACKBONE], from_file=target)
+
+
+def train_part(shapes: Shapes, data: Path, run: Path, device: torch.device, precision: str) -> list[str]:
+    from cause_cli.config import TrainConfig
+    from cause_cli.runs import open_run
+    from cause_cli.training import train
+
+    config = TrainConfig(
+        data_dir=str(data),
+        backbone=shapes.backbone,
+        resolution=shapes.resolution,
+        batch_size=shapes.batch_size,
+        clusterbook_size=shapes.clusterbook_size,
+        epochs_clusterbook=1,
+        epochs_front_door=shapes.front_door_epochs,
+        epochs_cluster_probe=shapes.probe_epochs,
+        probe_refine=True,  # the probe's own training runs too, with its loss scaling
+        precision=precision,
+        checkpoint_seconds=30.0,
+    )
+    reporter = TimingReporter(device)
+    train(config, run, str(device), reporter)
+    lines = []
+    for task in reporter.tasks:
+        rate = task.done / task.seconds if task.seconds else math.nan
+        memory = "" if task.peak_bytes is None else f", peak {task.peak_bytes / 2**30:.2f} GiB"
+        lines.append(f"{task.description}: {task.done} steps in {task.seconds:.1f} s = {rate:.2f} steps/s{memory}")
+    tensors = open_run(run).load_tensors
+    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
+        for key, value in tensors(name).items():
+            if not torch.isfinite(value.float()).all():
+                raise RuntimeError(f"{precision}: {name} holds non-finite values in {key}")
+    lines.append(f"{precision}: every trained weight is finite")
+    return lines
+
+
+def evaluate_part(run: Path, device: torch.device) -> list[str]:
+    from cause_cli.inference.crf import crf_available, default_workers
+    from cause_cli.inference.evaluate import evaluate_run
+
+    reporter = TimingReporter(device)
+    result = evaluate_run(
+        run, device=str(device), reporter=reporter, crf=crf_available(), crf_workers=default_workers(), write=False
+    )
+    lines = [f"{task.description}: {task.done} in {task.seconds:.1f} s" for task in reporter.tasks]
+    lines.append(f"mIoU {result['miou']:.1f}, pixel accuracy {result['pixel_accuracy']:.1f}")
+    if result.get("crf"):
+        lines.append(
+            f"with CRF: mIoU {result['crf']['miou']:.1f}, pixel accuracy {result['crf']['pixel_accuracy']:.1f}"
+        )
+    for key in ("miou", "pixel_accuracy"):
+        if not math.isfinite(result[key]):
+            raise RuntimeError(f"evaluation gave {key} = {result[key]}")
+    return lines
+
+
+def backbone_images_per_second(run: Path, device: torch.device, batch_size: int, batches: int) -> float:
+    from cause_cli.inference.predict import load_trained
+    from cause_cli.runs import open_run
+
+    model = load_trained(open_run(run), device)
+    images = torch.randn(batch_size, 3, model.resolution, model.resolution, device=device)
+    model.backbone(images)  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(batches):
+        model.backbone(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def crf_alone_seconds(images: int, classes: int, size: int, workers: int) -> float:
+    from cause_cli.inference.crf import CRFPool
+
+    generator = np.random.default_rng(0)
+    pictures = [generator.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(images)]
+    scores = [np.log(generator.dirichlet(np.ones(classes), (size, size)).transpose(2, 0, 1)).astype(np.float32)]
+    with CRFPool(workers) as pool:
+        pool.run(pictures[:1], scores)  # start the workers
+        started = time.perf_counter()
+        pool.run(pictures, scores * images)
+        return time.perf_counter() - started
+
+
+def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch.device) -> list[str]:
+    from cause_cli.inference.crf import crf_available, default_workers
+    from cause_cli.inference.segment import segment_images
+    from cause_cli.runs import open_run
+
+    source = data / "images" / "val"
+    count = len(list(source.glob("*.png")))
+    lines = []
+    seconds: dict[bool, float] = {}
+    for crf in (False, True) if crf_available() else (False,):
+        started = time.perf_counter()
+        segment_images(source, run, out / f"crf-{crf}", str(device), shapes.batch_size, crf=crf,
+                       crf_workers=default_workers())  # fmt: skip
+        seconds[crf] = time.perf_counter() - started
+        lines.append(f"cause segment {'with' if crf else 'without'} CRF: {count / seconds[crf]:.1f} images/s")
+    backbone_rate = backbone_images_per_second(run, device, shapes.batch_size, batches=8)
+    lines.append(f"backbone alone: {backbone_rate:.1f} images/s at {shapes.resolution}")
+    if True in seconds:
+        classes = open_run(run).config().num_classes or 1
+        crf_seconds = crf_alone_seconds(count, classes, shapes.image_sizes[0], default_workers())
+        lines.append(f"CRF alone ({default_workers()} workers): {count / crf_seconds:.1f} images/s")
+        # Segmenting with the CRF takes at least the longer of the two; the sum means no overlap.
+        hidden = (seconds[False] + crf_seconds - seconds[True]) / min(seconds[False], crf_seconds)
+        lines.append(f"overlap of GPU work and CRF work: {100 * max(0.0, min(1.0, hidden)):.0f}% of the shorter hidden")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU (what CI runs)")
+    parser.add_argument("--out", type=Path, help="keep the data and runs here (default: a temporary folder)")
+    args = parser.parse_args()
+    shapes = SMALL if args.small else PAPER
+    device = torch.device("cpu" if args.small else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("No CUDA GPU here: run with --small for the CPU check.", file=sys.stderr)
+        return 2
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="cause-gpu-check-") as scratch:
+        work = args.out or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["CAUSE_HOME"] = str(work / "home")
+        run_part("environment", lambda: environment_lines(device), outcomes)
+        if device.type == "cuda":
+            python = sys.executable
+            run_part(
+                "CUDA-only tests",
+                lambda: subprocess_lines([python, "-m", "pytest", "-q", "tests/test_cuda.py"], 240),
+                outcomes,
+            )
+            run_part("bench_steps.py --full on CUDA", lambda: subprocess_lines(
+                [python, "benchmarks/bench_steps.py", "--device", "cuda", "--full"], 300), outcomes)  # fmt: skip
+        data = work / "scenes"
+        run_part("data and backbone", lambda: _prepare(shapes, data, work / "home"), outcomes)
+        for precision in ("bfloat16", "float16"):
+            run = work / f"run-{precision}"
+            run_part(
+                f"train in {precision}",
+                lambda run=run, precision=precision: train_part(shapes, data, run, device, precision),
+                outcomes,
+            )
+        run = work / "run-bfloat16"
+        run_part("evaluate with the CRF", lambda: evaluate_part(run, device), outcomes)
+        run_part("segment", lambda: segment_part(shapes, data, run, work / "segments", device), outcomes)
+    print("\n== summary")
+    for outcome in outcomes:
+        print(f"   {'ok    ' if outcome.ok else 'FAILED'} {outcome.part} ({outcome.seconds:.0f} s)")
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _prepare(shapes: Shapes, data: Path, home: Path) -> list[str]:
+    home.mkdir(parents=True, exist_ok=True)
+    write_scenes(data, shapes.train_images, shapes.val_images, seed=0, size_range=shapes.image_sizes)
+    prepare_backbone(shapes, home)
+    return [f"{shapes.train_images} training and {shapes.val_images} validation scenes; backbone {shapes.backbone}"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
