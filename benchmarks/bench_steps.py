@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,15 @@ import torch.nn.functional as F
 from cause_cli.backbones import REGISTRY, FrozenBackbone, build_model
 from cause_cli.config import TrainConfig
 from cause_cli.data.transforms import denormalise_to_uint8
+from cause_cli.devices import use_precision
 from cause_cli.inference.crf import CRFPool, crf_available, dense_crf
 from cause_cli.inference.predict import TrainedModel, predict_batch
 from cause_cli.model.bank import ConceptBank
-from cause_cli.model.contrastive import concept_contrastive_loss
+from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_terms
 from cause_cli.model.heads import ClusterProbe, SegmentationHeads
 from cause_cli.model.modularity import modularity_loss
 from cause_cli.model.ops import map_to_tokens, tokens_to_map
-from cause_cli.model.slow import LoopBank, loop_contrastive_loss
+from cause_cli.model.slow import LoopBank, entrywise_contrastive_loss, loop_contrastive_loss
 
 
 def timed(step: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -129,58 +131,103 @@ def bench_clusterbook(device: torch.device, dim: int, repeats: int) -> None:
 # --- front door ----------------------------------------------------------------------------
 
 
-def bench_front_door(device: torch.device, dim: int, projection: int, batch: int, tokens: int, repeats: int) -> None:
+def bench_front_door(
+    device: torch.device, dim: int, projection: int, batch: int, tokens: int, repeats: int, forms: tuple[str, ...]
+) -> None:
+    """One front-door step against a full bank in each form of ``forms``: ``by-code`` (this
+    toolkit's: masks through the [rows, K] code table, one kept [rows, entries] tensor),
+    ``entrywise`` (its form before: [rows, entries] masks and similarities through autograd)
+    and ``loop`` (the reference's: dict-of-tensors bank, a loop over images)."""
     codes_total, capacity = 2048, 100
     generator = torch.Generator().manual_seed(1)
     clusterbook = torch.randn(codes_total, dim, generator=generator).to(device)
     normalised = F.normalize(clusterbook, dim=1)
     ring = ConceptBank(codes_total, projection, capacity, device)
-    loop = LoopBank(codes_total, capacity)
-    fill = torch.randn(codes_total * capacity, projection, generator=generator).to(device)
+    loop = LoopBank(codes_total, capacity) if "loop" in forms else None
     fill_codes = torch.arange(codes_total, device=device).repeat_interleave(capacity)
-    keys = torch.rand(fill_codes.numel(), generator=generator).to(device)
-    # Give every code exactly 2 x capacity tokens once: half of them fill it to capacity.
-    doubled = torch.cat([fill_codes, fill_codes])
-    ring.update(doubled, torch.cat([fill, fill]), torch.cat([keys, keys + 1]))
-    loop.update(doubled, torch.cat([fill, fill]), torch.cat([keys, keys + 1]))
+    for half in range(2):  # each code gets 2 x capacity tokens once: half of them fill it
+        fill = torch.randn(codes_total * capacity, projection, generator=generator).to(device)
+        keys = torch.rand(fill_codes.numel(), generator=generator).to(device) + half
+        ring.update(torch.cat([fill_codes, fill_codes]), torch.cat([fill, fill]), torch.cat([keys, keys]))
+        if loop is not None:
+            loop.update(torch.cat([fill_codes, fill_codes]), torch.cat([fill, fill]), torch.cat([keys, keys]))
+        del fill
     assert int(ring.filled.min()) == capacity
 
     features = torch.randn(batch, tokens, dim, generator=generator).to(device)
     torch.manual_seed(2)
-    heads = SegmentationHeads(dim, 90, projection, 27).to(device).train()
+    heads = SegmentationHeads(dim, 90, projection, 27, dropout=0.0).to(device).train()
     optimiser = torch.optim.Adam(heads.student_parameters(), lr=1e-3)
+    branch = heads.student_branch()
+    settings = ContrastiveSettings()
 
-    def step(fast: bool) -> float:
+    def step(form: str) -> float:
         codes = (F.normalize(features, dim=-1) @ normalised.t()).argmax(dim=-1)
         with torch.no_grad():
             teacher = heads.teacher_projection(heads.teacher(features))
-        student = heads.student_projection(heads.student(features))
-        if fast:
+        if form == "by-code":  # as step two computes it
+            by_code = ring.by_code(normalised)
+            student, inputs, through = branch(features, by_code.features.flatten(0, 1))
+            if through is not None:
+                by_code = replace(by_code, through_projection=through.view(*by_code.features.shape[:2], -1))
+            values, defined = concept_contrastive_terms(
+                student, normalised[codes], teacher, normalised[codes], 0, by_code, settings, inputs
+            )
+            loss = values[defined].mean()
+        elif form == "entrywise":
+            student, _, _ = branch(features)
             bank_features, bank_codes = ring.entries()
-            loss = concept_contrastive_loss(student, teacher, normalised[codes], bank_features, normalised[bank_codes])
+            loss = entrywise_contrastive_loss(
+                student, teacher, normalised[codes], bank_features, normalised[bank_codes], settings
+            )
         else:
+            assert loop is not None
+            student, _, _ = branch(features)
             bank_features, bank_vectors = loop.flat(clusterbook)
-            loss = loop_contrastive_loss(student, teacher, normalised[codes], bank_features, bank_vectors)
+            loss = loop_contrastive_loss(student, teacher, normalised[codes], bank_features, bank_vectors, settings)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         heads.update_teacher(0.99)
-        # Update with the same keys for both, so that both banks stay equal (and full).
+        # The same keys for every form, so that the banks stay equal (and full).
         update_keys = torch.rand(codes.numel(), generator=torch.Generator().manual_seed(3)).to(device)
-        (ring if fast else loop).update(codes, teacher, update_keys)
+        if form == "loop":
+            assert loop is not None
+            loop.update(codes, teacher, update_keys)
+        else:
+            ring.update(codes, teacher, update_keys)
         return loss.item()
 
     state = {k: v.clone() for k, v in heads.state_dict().items()}
-    fast_loss = step(True)
-    heads.load_state_dict(state)
-    slow_loss = step(False)
-    assert abs(fast_loss - slow_loss) <= 1e-5 * abs(slow_loss), (fast_loss, slow_loss)
-    fast_time = timed(lambda: step(True), device, repeats)
-    slow_time = timed(lambda: step(False), device, repeats)
+    ring_state = {k: v.clone() for k, v in ring.state_dict().items()}
+
+    def reset() -> None:
+        heads.load_state_dict(state)
+        ring.load_state_dict({k: v.clone() for k, v in ring_state.items()})
+
+    losses: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    for form in forms:
+        reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            losses[form] = step(form)
+            peaks[form] = torch.cuda.max_memory_allocated() - base
+        else:
+            peaks[form] = cpu_peak_growth(lambda form=form: losses.__setitem__(form, step(form)))
+        seconds[form] = timed(lambda form=form: step(form), device, repeats)
+    first = forms[0]
+    for form in forms[1:]:
+        assert abs(losses[form] - losses[first]) <= 1e-5 * abs(losses[first]), (losses[form], losses[first])
     print(
         f"front-door   K=2048 full bank ({codes_total * capacity} entries) B={batch} P={tokens} D={dim} "
-        f"E={projection}: loop {slow_time * 1e3:.0f} ms, vectorised {fast_time * 1e3:.0f} ms "
-        f"(speed-up x{slow_time / fast_time:.2f}); loss equal: {fast_loss:.6f} vs {slow_loss:.6f}"
+        f"E={projection}: "
+        + ", ".join(f"{form} {seconds[form] * 1e3:.0f} ms (peak {peaks[form] / 2**20:.0f} MiB)" for form in forms)
+        + "; "
+        + ", ".join(f"{form} / {first} x{seconds[form] / seconds[first]:.2f}" for form in forms[1:])
+        + f"; same loss: {', '.join(f'{losses[form]:.6f}' for form in forms)}"
     )
 
 
@@ -228,13 +275,16 @@ def bench_segment(device: torch.device, batch: int, resolution: int, workers: in
     images = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(5)).to(device)
     size = (resolution, resolution)
     with CRFPool(workers) as crf_pool, multiprocessing.get_context("spawn").Pool(workers) as reference_pool:
-        ours = predict_batch(model, images, size, crf_pool)
-        plain, refined = reference_way_of_segmenting(model, images, size, reference_pool)
-        assert ours.refined is not None
+        # Agreement in float32 (the reference's precision); the timings below use the default.
+        with use_precision("float32"):
+            ours = predict_batch(model, images, size, crf_pool)
+            ours_refined = ours.refined()
+            plain, refined = reference_way_of_segmenting(model, images, size, reference_pool)
+        assert ours_refined is not None
         same_plain = (ours.clusters.cpu() == plain.cpu()).float().mean().item()
-        same_refined = (ours.refined.cpu() == refined).float().mean().item()
+        same_refined = (ours_refined.cpu() == refined).float().mean().item()
         assert same_plain >= 0.9999 and same_refined >= 0.999, (same_plain, same_refined)
-        our_time = timed(lambda: predict_batch(model, images, size, crf_pool), device, repeats)
+        our_time = timed(lambda: predict_batch(model, images, size, crf_pool).refined(), device, repeats)
         reference_time = timed(
             lambda: reference_way_of_segmenting(model, images, size, reference_pool), device, repeats
         )
@@ -251,17 +301,24 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the paper's shapes (for a GPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument(
+        "--front-door-paper-shapes",
+        action="store_true",
+        help="also time the by-code and entrywise forms at the paper's shapes (about 20 GB on a CPU)",
+    )
     parser.add_argument("--crf-workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     device = torch.device(args.device)
     bench_clusterbook(device, args.dim, args.repeats)
     if args.full:
-        bench_front_door(device, args.dim, projection=2048, batch=16, tokens=100, repeats=args.repeats)
+        bench_front_door(device, args.dim, 2048, 16, 100, args.repeats, ("by-code", "entrywise", "loop"))
     else:
         # The loop form rebuilds the whole bank (features and code vectors) by concatenation
         # every step, which costs time quadratic in the bank's size: small widths keep it to
         # seconds on a CPU.
-        bench_front_door(device, 64, projection=32, batch=4, tokens=16, repeats=args.repeats)
+        bench_front_door(device, 64, 32, 4, 16, args.repeats, ("by-code", "entrywise", "loop"))
+    if args.front_door_paper_shapes:
+        bench_front_door(device, args.dim, 2048, 16, 100, args.repeats, ("by-code", "entrywise"))
     if args.full:
         bench_segment(device, batch=16, resolution=320, workers=args.crf_workers, repeats=args.repeats)
     else:

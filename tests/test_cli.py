@@ -267,10 +267,10 @@ def test_eval_with_crf_writes_both_results_and_pictures(trained_run):
 @crf_only
 def test_eval_survives_a_killed_crf_worker(trained_run, tmp_path, monkeypatch):
     from cause_cli.inference import crf
-    from tests.test_crf import die_once_job
+    from tests.test_crf import die_once_labels_job
 
     monkeypatch.setenv("CAUSE_TEST_CRF_MARKER", str(tmp_path / "marker"))
-    monkeypatch.setattr(crf, "dense_crf", die_once_job)
+    monkeypatch.setattr(crf, "crf_labels", die_once_labels_job)
     result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "2", "--json")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "marker").exists()  # a worker really died

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cause_cli.errors import CauseError
 from cause_cli.inference import crf as crf_module
-from cause_cli.inference.crf import CRFPool, dense_crf
+from cause_cli.inference.crf import CRFPool, crf_labels, dense_crf
 from cause_cli.inference.metrics import MetricAccumulator
 
 from .helpers import shared_path
@@ -55,10 +55,10 @@ def crf_before_and_after(workers: int = 0) -> tuple[float, float]:
     unaries = [degraded_log_probabilities(label, seed) for seed, (_, label) in enumerate(pairs)]
     with CRFPool(workers) as pool:
         refined = pool.run([image for image, _ in pairs], unaries)
-    for (_, label), unary, marginals in zip(pairs, unaries, refined, strict=True):
+    for (_, label), unary, refined_labels in zip(pairs, unaries, refined, strict=True):
         label_t = torch.from_numpy(np.where(label == 255, -1, label))
         before.update(torch.from_numpy(unary.argmax(axis=0)), label_t)
-        after.update(torch.from_numpy(marginals.argmax(axis=0)), label_t)
+        after.update(torch.from_numpy(refined_labels.astype(np.int64)), label_t)
     return before.scores(match=False).miou, after.scores(match=False).miou
 
 
@@ -91,6 +91,11 @@ def die_once_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
         marker.write_text("died once")
         os.kill(os.getpid(), signal.SIGKILL)
     return dense_crf(image, scores)
+
+
+def die_once_labels_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    die_once_job(image, scores)
+    return crf_labels(image, scores)
 
 
 def always_die_job(image: np.ndarray, scores: np.ndarray) -> np.ndarray:

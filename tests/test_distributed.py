@@ -18,7 +18,12 @@ import torch.multiprocessing as mp
 
 from cause_cli.data.loading import ShuffledBatches
 from cause_cli.data.synthetic import write_scenes
-from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss, concept_contrastive_terms
+from cause_cli.model.contrastive import (
+    BankByCode,
+    ContrastiveSettings,
+    concept_contrastive_loss,
+    concept_contrastive_terms,
+)
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
 from cause_cli.training.distributed import from_environment, start, stop
 
@@ -76,8 +81,7 @@ def test_contrastive_terms_against_the_gathered_batch_make_the_combined_loss():
             teacher,
             code_vectors[token_codes],
             first,
-            bank,
-            code_vectors[bank_codes],
+            BankByCode.of_entries(bank, code_vectors[bank_codes]),
             settings,
         )
         total, count = total + values[defined].sum(), count + int(defined.sum())

@@ -3,14 +3,21 @@ against the loop versions in cause_cli.model.slow, written the way the reference
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cause_cli.model.bank import ConceptBank
-from cause_cli.model.contrastive import ContrastiveSettings, concept_contrastive_loss
+from cause_cli.model.contrastive import (
+    ContrastiveSettings,
+    _ConsideredLogSumExp,
+    concept_contrastive_loss,
+    concept_contrastive_terms,
+)
 from cause_cli.model.heads import SegmentationHeads
-from cause_cli.model.slow import LoopBank, loop_contrastive_loss
+from cause_cli.model.slow import LoopBank, entrywise_contrastive_loss, loop_contrastive_loss
 
 
 def chronological(bank: ConceptBank, code: int) -> torch.Tensor:
@@ -183,3 +190,97 @@ def test_a_row_without_candidates_sends_back_no_nan():
     loss = concept_contrastive_loss(student, teacher, code_vectors, bank, bank_codes, settings)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def _partly_filled_bank(seed: int) -> tuple[ConceptBank, torch.Tensor]:
+    """A ring bank of 6 codes x 5 slots: two codes full, two partly filled, two empty, and
+    garbage in the slots that hold nothing (they must not count)."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = ConceptBank(6, 8, capacity=5)
+    codes = torch.tensor([0] * 14 + [1] * 10 + [2] * 4 + [3] * 6)
+    bank.update(codes, torch.randn(len(codes), 8, generator=generator), torch.rand(len(codes), generator=generator))
+    assert bank.filled.tolist() == [5, 5, 2, 3, 0, 0]
+    empty_slots = torch.arange(5) >= bank.filled[:, None]
+    bank.features[empty_slots] = torch.randn(int(empty_slots.sum()), 8, generator=generator) * 3
+    code_vectors = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    return bank, code_vectors
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bank_by_code_equals_the_entrywise_matrices(seed):
+    bank, code_vectors = _partly_filled_bank(seed)
+    generator = torch.Generator().manual_seed(10 + seed)
+    token_codes = torch.randint(0, 6, (3, 7), generator=generator)
+    student = torch.randn(3, 7, 8, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 7, 8, generator=generator)
+    settings = ContrastiveSettings(positive_threshold=0.2, negative_threshold=-0.1)
+    entries, entry_codes = bank.entries()
+    expected = entrywise_contrastive_loss(
+        student, teacher, code_vectors[token_codes], entries, code_vectors[entry_codes], settings
+    )
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    values, defined = concept_contrastive_terms(
+        student, code_vectors[token_codes], teacher, code_vectors[token_codes], 0, bank.by_code(code_vectors), settings
+    )
+    actual = values[defined].mean()
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_considered_log_sum_exp_gradient_is_the_analytic_one():
+    generator = torch.Generator().manual_seed(3)
+    anchors = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    valid = torch.tensor([[True, True], [True, False], [False, False]])
+    considered = (torch.rand(5, 3, generator=generator) > 0.4).to(torch.float64)
+    considered[0] = 0  # a row that considers nothing gives 0 and sends back 0
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, f: _ConsideredLogSumExp.apply(a, f, valid, considered), (anchors, features)
+    )
+    value = _ConsideredLogSumExp.apply(anchors, features, valid, considered).detach()
+    weights = considered[:, :, None] * valid.to(torch.float64)  # [R, K, C]
+    slow = torch.log((torch.einsum("re,kce->rkc", anchors, features).exp() * weights).sum(dim=(1, 2))).detach()
+    nothing = (weights.sum(dim=(1, 2)) == 0).nonzero().flatten().tolist()
+    assert nothing == [0, 4]  # row 4 considers only the empty code
+    assert value[nothing].eq(0).all()
+    some = [1, 2, 3]
+    torch.testing.assert_close(value[some], slow[some])
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_the_bank_through_the_projection_gives_the_same_loss_and_gradients(per_token):
+    """The student branch hands the loss the projection's inputs and the bank taken back
+    through the projection; loss and every parameter's gradient equal those of the plain
+    similarities ``a_i . b`` in E dimensions."""
+    torch.manual_seed(7)
+    heads = SegmentationHeads(dim=12, reduced_dim=6, projection_dim=10, num_classes=3, dropout=0.0,
+                              kind="mlp" if per_token else "tr", num_queries=9)  # fmt: skip
+    heads.set_clusterbook(torch.randn(6, 12))
+    branch = heads.student_branch()
+    _, code_vectors = _partly_filled_bank(4)
+    bank = ConceptBank(6, 10, capacity=5)
+    bank.update(torch.randint(0, 6, (60,)), torch.randn(60, 10), torch.rand(60))
+    tokens, teacher = torch.randn(2, 9, 12), torch.randn(2, 9, 10)
+    token_codes = torch.randint(0, 6, (2, 9))
+    settings = ContrastiveSettings(positive_threshold=0.2, negative_threshold=-0.1)
+    by_code = bank.by_code(code_vectors)
+
+    def loss_and_gradients(through: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        student, inputs, projected_bank = branch(tokens, by_code.features.flatten(0, 1) if through else None)
+        used = by_code
+        if through:
+            used = replace(by_code, through_projection=projected_bank.view(6, 5, -1))
+        values, defined = concept_contrastive_terms(
+            student, code_vectors[token_codes], teacher, code_vectors[token_codes], 0, used, settings,
+            inputs if through else None,
+        )  # fmt: skip
+        loss = values[defined].mean()
+        return loss, torch.autograd.grad(loss, heads.student_parameters())
+
+    plain_loss, plain_gradients = loss_and_gradients(False)
+    fast_loss, fast_gradients = loss_and_gradients(True)
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for fast, plain in zip(fast_gradients, plain_gradients, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)

@@ -178,7 +178,7 @@ def test_imported_run_reproduces_reference_predictions_on_real_photos(imported_r
     from cause_cli.data.transforms import denormalise_to_uint8
 
     with CRFPool(0) as pool:
-        refined = np.stack(pool.run(list(denormalise_to_uint8(ours)), list(unary.numpy()))).argmax(axis=1)
+        refined = np.stack(pool.run(list(denormalise_to_uint8(ours)), list(unary.numpy())))
     flipped = reference_head(segment, reference_tokens(vits8_state, reference_images.flip(dims=[3])))
     reference_averaged = (reference_features + flipped.flip(dims=[3])) / 2
     logits = torch.log_softmax(3 * reference_cosines(reference_averaged, centroids), dim=1)

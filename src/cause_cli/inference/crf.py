@@ -12,6 +12,7 @@ sentence. Nothing waits forever.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import multiprocessing
 import os
@@ -71,20 +72,29 @@ def dense_crf(image: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray:
     return np.asarray(marginals, dtype=np.float32).reshape(classes, height, width)
 
 
+def crf_labels(image: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray:
+    """The label map ``[H, W]`` after the dense CRF: what a worker sends back (a byte a pixel
+    up to 256 classes, not the ``4 C`` bytes of the marginals)."""
+    marginals = dense_crf(image, log_probabilities)
+    return marginals.argmax(axis=0).astype(np.uint8 if len(marginals) <= 256 else np.int32)
+
+
 CRFJob = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
 class CRFPool:
-    """Runs :func:`dense_crf` over many images, serially (``workers=0``) or in processes."""
+    """Runs a CRF job (:func:`crf_labels` unless told otherwise) over many images, serially
+    (``workers=0``) or in processes. :meth:`submit` returns at once, so the caller's GPU
+    work goes on while the workers refine."""
 
     workers: int = 0
-    job: CRFJob | None = None  # None: this module's dense_crf, looked up when the pool is made
+    job: CRFJob | None = None  # None: this module's crf_labels, looked up when the pool is made
     seconds_per_image: float = SECONDS_PER_IMAGE_LIMIT
 
     def __post_init__(self) -> None:
         require_crf()
-        self._job: CRFJob = self.job or sys.modules[__name__].dense_crf
+        self._job: CRFJob = self.job or sys.modules[__name__].crf_labels
         self._executor: futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> CRFPool:
@@ -105,28 +115,50 @@ class CRFPool:
             self._executor = futures.ProcessPoolExecutor(self.workers, mp_context=context)
         return self._executor
 
-    def run(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Marginals for each (image, log-probabilities) pair, in order."""
+    def start(self) -> None:
+        """Start every worker now, each running the job once on a one-pixel image (which
+        imports what it needs), so that the first batches do not wait for them."""
         if self.workers == 0:
-            return [self._job(image, scores) for image, scores in zip(images, log_probabilities, strict=True)]
+            return
+        pixel, scores = np.zeros((1, 1, 3), dtype=np.uint8), np.zeros((1, 1, 1), dtype=np.float32)
         try:
-            return self._run_in_pool(images, log_probabilities)
+            self._wait(self._submit_all([pixel] * self.workers, [scores] * self.workers))
+        except futures.process.BrokenProcessPool:
+            self.close()  # made anew on the first submission, which retries as usual
+
+    def submit(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> PendingResults:
+        """Start the job on every (image, log-probabilities) pair; in this process and at once
+        with no workers."""
+        images, log_probabilities = list(images), list(log_probabilities)
+        if len(images) != len(log_probabilities):
+            raise ValueError(f"{len(images)} images and {len(log_probabilities)} score maps")
+        if self.workers == 0:
+            return PendingResults(self, images, log_probabilities, [], list(map(self._job, images, log_probabilities)))
+        return PendingResults(self, images, log_probabilities, self._submit_all(images, log_probabilities))
+
+    def run(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The job's results for each pair, in order, once all are done."""
+        return self.submit(images, log_probabilities).result()
+
+    def _submit_all(self, images: list[np.ndarray], log_probabilities: list[np.ndarray]) -> list[futures.Future]:
+        pool = self._pool()
+        return [pool.submit(self._job, image, scores) for image, scores in zip(images, log_probabilities, strict=True)]
+
+    def _collect(self, pending: PendingResults) -> list[np.ndarray]:
+        try:
+            return self._wait(pending.futures)
         except futures.process.BrokenProcessPool:
             # A worker died (killed, out of memory): replace the pool and try these images once more.
             self.close()
             try:
-                return self._run_in_pool(images, log_probabilities)
+                return self._wait(self._submit_all(pending.images, pending.log_probabilities))
             except futures.process.BrokenProcessPool as error:
                 self.close()
                 raise CauseError(
                     "A dense CRF worker died twice on the same images; rerun with --workers 0 to find the cause."
                 ) from error
 
-    def _run_in_pool(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
-        pool = self._pool()
-        submitted = [
-            pool.submit(self._job, image, scores) for image, scores in zip(images, log_probabilities, strict=True)
-        ]
+    def _wait(self, submitted: list[futures.Future]) -> list[np.ndarray]:
         try:
             return [future.result(timeout=self.seconds_per_image) for future in submitted]
         except futures.TimeoutError as error:
@@ -134,6 +166,60 @@ class CRFPool:
             raise CauseError(
                 f"A dense CRF worker took longer than {self.seconds_per_image:.0f} s on one image and was stopped."
             ) from error
+
+
+@dataclass
+class PendingResults:
+    """One submission's results, still being computed (or done, without workers)."""
+
+    pool: CRFPool
+    images: list[np.ndarray]
+    log_probabilities: list[np.ndarray]
+    futures: list[futures.Future]
+    done: list[np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        self.size = len(self.images)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def result(self) -> list[np.ndarray]:
+        """Wait for every result (in submission order)."""
+        if self.done is None:
+            self.done = self.pool._collect(self)
+            self.images, self.log_probabilities, self.futures = [], [], []
+        return self.done
+
+
+class CRFQueue:
+    """Submissions in flight while the caller goes on, handed to their callbacks in order.
+
+    At most ``limit`` images wait beyond the newest submission (twice the workers keeps every
+    worker busy), so memory stays bounded and the GPU never waits on more CRF than that.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._waiting: collections.deque[tuple[PendingResults, Callable[[list[np.ndarray]], None]]] = (
+            collections.deque()
+        )
+        self._images = 0
+
+    def put(self, pending: PendingResults, when_done: Callable[[list[np.ndarray]], None]) -> None:
+        self._waiting.append((pending, when_done))
+        self._images += len(pending)
+        while len(self._waiting) > 1 and self._images - len(pending) > self.limit:
+            self._finish_oldest()
+
+    def drain(self) -> None:
+        while self._waiting:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        pending, when_done = self._waiting.popleft()
+        self._images -= len(pending)
+        when_done(pending.result())
 
 
 def _shut_down(executor: futures.ProcessPoolExecutor) -> None:

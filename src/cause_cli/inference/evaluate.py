@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from ..paths import write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, open_run
 from .baselines import baseline_maps, fit_baselines
-from .crf import CRFPool, crf_available, require_crf
+from .crf import CRFPool, CRFQueue, crf_available, require_crf
 from .figures import colourise, confusion_picture, palette, samples_picture, save_png
 from .metrics import MetricAccumulator, SegmentationScores
-from .predict import load_trained, predict_batch
+from .predict import load_trained, predict_batch, stack_label_maps
 
 SAMPLES_SHOWN = 4
 
@@ -78,9 +79,13 @@ def evaluate_run(
     refined = MetricAccumulator(model.num_classes)
     kmeans_tokens = MetricAccumulator(model.num_classes)
     kmeans_head = MetricAccumulator(model.num_classes)
-    samples: list[tuple[np.ndarray, ...]] = []
+    samples: list[list[np.ndarray]] = []
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
+    if pool is not None:
+        pool.start()
+    # The CRF of earlier batches runs in the workers while the next batches go through the model.
+    in_flight = CRFQueue(2 * max(1, crf_workers))
     try:
         with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
             for batch in batches:
@@ -90,14 +95,15 @@ def evaluate_run(
                 predicted = predict_batch(model, images, size, pool)
                 clusters.update(predicted.clusters, labels)
                 linear.update(predicted.linear, labels)
-                if predicted.refined is not None:
-                    refined.update(predicted.refined, labels)
                 if fitted is not None:
                     on_tokens, on_head = baseline_maps(fitted, predicted.tokens, predicted.features, size)
                     kmeans_tokens.update(on_tokens, labels)
                     kmeans_head.update(on_head, labels)
-                _keep_samples(samples, images, labels, predicted.clusters, predicted.refined)
+                shown = _keep_samples(samples, images, labels, predicted.clusters)
+                if predicted.refining is not None:
+                    in_flight.put(predicted.refining, partial(_record_refined, refined, labels, shown))
                 advance(1)
+            in_flight.drain()
     finally:
         if pool is not None:
             pool.close()
@@ -148,24 +154,30 @@ def _summary(scores: SegmentationScores, names: list[str]) -> dict[str, Any]:
 
 
 def _keep_samples(
-    samples: list[tuple[np.ndarray, ...]],
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    predictions: torch.Tensor,
-    refined: torch.Tensor | None,
-) -> None:
+    samples: list[list[np.ndarray]], images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor
+) -> list[list[np.ndarray]]:
+    """Keep the first images for the figure; the entries added (the CRF's map comes later)."""
     missing = SAMPLES_SHOWN - len(samples)
     if missing <= 0:
-        return
+        return []
     rgb = denormalise_to_uint8(images[:missing])
-    for index in range(min(missing, len(rgb))):
-        entry = [rgb[index], labels[index].cpu().numpy(), predictions[index].cpu().numpy()]
-        if refined is not None:
-            entry.append(refined[index].cpu().numpy())
-        samples.append(tuple(entry))
+    added = [
+        [rgb[index], labels[index].cpu().numpy(), predictions[index].cpu().numpy()]
+        for index in range(min(missing, len(rgb)))
+    ]
+    samples.extend(added)
+    return added
 
 
-def _samples_figure(samples: list[tuple[np.ndarray, ...]], mapping: np.ndarray, crf: bool) -> Any:
+def _record_refined(
+    accumulator: MetricAccumulator, labels: torch.Tensor, shown: list[list[np.ndarray]], maps: list[np.ndarray]
+) -> None:
+    accumulator.update(stack_label_maps(maps, labels.device), labels)
+    for entry, refined in zip(shown, maps, strict=False):
+        entry.append(refined)
+
+
+def _samples_figure(samples: list[list[np.ndarray]], mapping: np.ndarray, crf: bool) -> Any:
     colours = palette()
     rows = []
     for image, label, *predicted in samples:

@@ -22,7 +22,7 @@ from ..model.heads import ClusterProbe, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
 from ..runs import PROBE_FILE, RunDirectory
 from ..training import load_heads
-from .crf import CRFPool
+from .crf import CRFPool, PendingResults
 
 CRF_SHARPNESS = 3.0
 
@@ -118,15 +118,26 @@ def crf_unary(cosines: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BatchPredictions:
-    """Cluster maps ``[B, H, W]`` of one batch: from the image alone (``clusters``), from the
-    linear probe, and after the dense CRF on the image-and-flip average (``refined``); and
-    the features they came from (``tokens [B, P, D]``, ``features [B, r, g, g]``)."""
+    """Cluster maps ``[B, H, W]`` of one batch: from the image alone (``clusters``) and from
+    the linear probe; the dense CRF's maps of the image-and-flip average, still being computed
+    (``refining``; :meth:`refined` waits for them); and the features they came from
+    (``tokens [B, P, D]``, ``features [B, r, g, g]``)."""
 
     clusters: torch.Tensor
     linear: torch.Tensor
-    refined: torch.Tensor | None
+    refining: PendingResults | None
     tokens: torch.Tensor
     features: torch.Tensor
+
+    def refined(self) -> torch.Tensor | None:
+        if self.refining is None:
+            return None
+        return stack_label_maps(self.refining.result(), self.clusters.device)
+
+
+def stack_label_maps(maps: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The CRF workers' label maps as one ``[B, H, W]`` long tensor on ``device``."""
+    return torch.from_numpy(np.stack(maps).astype(np.int64)).to(device)
 
 
 @torch.no_grad()
@@ -135,14 +146,14 @@ def predict_batch(
 ) -> BatchPredictions:
     """Every prediction evaluation reports, in one pass: the image's own features serve both
     the plain maps and the flip average, so the backbone runs twice per image (the reference
-    runs it three times, in two passes)."""
+    runs it three times, in two passes). The CRF work is submitted to ``pool`` and not waited
+    for."""
     tokens, features = backbone_and_head(model, images)
     clusters = cluster_cosines(model, features, size).argmax(dim=1)
     linear = linear_logits(model, features, size).argmax(dim=1)
-    refined = None
+    refining = None
     if pool is not None:
         averaged = flip_averaged_feature_map(model, images, features)
         unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
-        marginals = pool.run(list(denormalise_to_uint8(images)), list(unary))
-        refined = torch.from_numpy(np.stack(marginals).argmax(axis=1)).to(clusters.device)
-    return BatchPredictions(clusters, linear, refined, tokens, features)
+        refining = pool.submit(list(denormalise_to_uint8(images)), list(unary))
+    return BatchPredictions(clusters, linear, refining, tokens, features)

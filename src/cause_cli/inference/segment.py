@@ -15,6 +15,7 @@ import glob
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..errors import CauseError
 from ..paths import write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
-from .crf import CRFPool, require_crf
+from .crf import CRFPool, CRFQueue, require_crf
 from .figures import palette, save_png
 from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
 
@@ -148,6 +149,8 @@ class _Segmenter:
     def __post_init__(self) -> None:
         self.colours = palette()
         self.flat_palette = self.colours.reshape(-1).tolist()
+        # Earlier batches are refined in the CRF workers while later ones go through the model.
+        self.in_flight = CRFQueue(2 * max(1, self.pool.workers if self.pool else 1))
 
     def batch(self, pending: list[tuple[Path, Image.Image]]) -> None:
         model = self.model
@@ -167,9 +170,16 @@ class _Segmenter:
             else:
                 crf_images.append(np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)))
                 crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
-        if self.pool is not None:
+        if self.pool is None:
+            self.write_all(list(pending), cluster_maps)
+        else:
             # The whole batch at once, so the pool's workers refine several images together.
-            cluster_maps = [marginals.argmax(axis=0) for marginals in self.pool.run(crf_images, crf_unaries)]
+            self.in_flight.put(self.pool.submit(crf_images, crf_unaries), partial(self.write_all, list(pending)))
+
+    def finish(self) -> None:
+        self.in_flight.drain()
+
+    def write_all(self, pending: list[tuple[Path, Image.Image]], cluster_maps: list[np.ndarray]) -> None:
         for (relative, image), clusters in zip(pending, cluster_maps, strict=True):
             values = self.mapping[clusters] if self.mapping is not None else clusters
             self.write(relative, image, values)
@@ -213,6 +223,8 @@ def segment_images(
     summary = SegmentSummary(inputs=len(files))
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
+    if pool is not None:
+        pool.start()
     segmenter = _Segmenter(model, out, mapping, pool, summary)
     pending: list[tuple[Path, Image.Image]] = []
     try:
@@ -228,6 +240,7 @@ def segment_images(
                 advance(1)
             if pending:
                 segmenter.batch(pending)
+            segmenter.finish()
     finally:
         if pool is not None:
             pool.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .contrastive import BankByCode
+
 
 class ConceptBank:
     """Ring buffers of L2-normalised teacher projections, one per clusterbook code."""
@@ -74,6 +76,12 @@ class ConceptBank:
         valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
         codes = torch.arange(self.num_codes, device=self.filled.device).unsqueeze(1).expand_as(valid)
         return self.features[valid], codes[valid]
+
+    def by_code(self, code_vectors: torch.Tensor) -> BankByCode:
+        """The bank in place, as the loss reads it, with each code's normalised vector
+        ``code_vectors [K, D]``: no copy and no host synchronisation."""
+        valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
+        return BankByCode(self.features, valid, code_vectors)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "filled": self.filled, "next_slot": self.next_slot}

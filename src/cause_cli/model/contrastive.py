@@ -18,7 +18,9 @@ columns]`` loss matrix is kept beyond the similarities.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ class ContrastiveSettings:
     negative_threshold: float = 0.1
 
 
-def _per_image_terms(
+def per_image_terms(
     similarity: torch.Tensor,
     positive: torch.Tensor,
     negative: torch.Tensor,
@@ -58,21 +60,129 @@ def _per_image_terms(
     return image_total / image_count.clamp_min(1), image_count > 0
 
 
+@dataclass(frozen=True)
+class BankByCode:
+    """The concept bank as the loss reads it: ``features [K, C, E]`` (L2-normalised; slots
+    that hold nothing may hold anything), ``valid [K, C]`` (which slots hold an entry) and
+    each code's normalised vector ``code_vectors [K, D]``. Every entry of code ``k`` has the
+    code vector ``code_vectors[k]``."""
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    code_vectors: torch.Tensor
+    # The entries taken back through the student's projection, [K, C, r + 1] (StudentBranch).
+    through_projection: torch.Tensor | None = None
+
+    @staticmethod
+    def of_entries(features: torch.Tensor, code_vectors: torch.Tensor) -> BankByCode:
+        """A bank given entry by entry (``[N, E]`` and ``[N, D]``): each entry its own code."""
+        return BankByCode(
+            features[:, None], torch.ones(len(features), 1, dtype=torch.bool, device=features.device), code_vectors
+        )
+
+
+class _ConsideredLogSumExp(torch.autograd.Function):
+    """``log sum_{k considered} sum_{c valid} exp(l_i . r_kc)`` for every row ``l_i`` of
+    ``left [R, q]`` over ``right [K, C, q]`` (``valid [K, C]`` boolean, ``considered [R, K]``
+    0 or 1); 0 for a row that considers no entry.
+
+    The only ``[R, K * C]`` tensor kept for the backward pass is the exponentials: the
+    gradients ``sum_kc p_ikc r_kc`` and ``sum_i p_ikc l_i`` reuse them, with no mask or
+    similarity matrix beside.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, considered: torch.Tensor
+    ) -> torch.Tensor:
+        codes, capacity, width = right.shape
+        flat = right.reshape(codes * capacity, width)
+        similarity = left @ flat.t()  # [R, K * C]
+        # Empty slots out before the shift: a large value there would underflow the others.
+        similarity.view(-1, codes, capacity).masked_fill_(~valid, -math.inf)
+        shift = similarity.amax(dim=1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        exponentials = similarity.sub_(shift).exp_().view(-1, codes, capacity)
+        denominator = (exponentials.sum(dim=2) * considered).sum(dim=1)
+        some = denominator > 0
+        result = torch.where(some, denominator.clamp_min(torch.finfo(denominator.dtype).tiny).log() + shift[:, 0], 0.0)
+        ctx.save_for_backward(exponentials, left, flat, considered, denominator)
+        return result
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, upstream: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        exponentials, left, flat, considered, denominator = ctx.saved_tensors
+        scale = considered * (upstream / denominator.clamp_min(torch.finfo(denominator.dtype).tiny))[:, None]
+        probabilities = (exponentials * scale[:, :, None]).flatten(1)  # [R, K * C]
+        grad_left = probabilities @ flat if ctx.needs_input_grad[0] else None
+        grad_right = None
+        if ctx.needs_input_grad[1]:
+            grad_right = (probabilities.t() @ left).view(*exponentials.shape[1:], -1)
+        return grad_left, grad_right, None, None
+
+
+def _bank_terms(
+    anchors: torch.Tensor,
+    anchor_codes: torch.Tensor,
+    bank: BankByCode,
+    settings: ContrastiveSettings,
+    batch: int,
+    student: torch.Tensor,
+    student_inputs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_image_terms` against the bank, computed code by code.
+
+    Whether an entry is a positive or a negative depends on its code only, so the masks are
+    ``[rows, K]`` (the code table), never ``[rows, entries]``; the sum of the positives'
+    similarities is each anchor against the sum of each positive code's entries. Given the
+    projection's inputs (``student_inputs [R, r]`` and ``bank.through_projection``), the
+    similarities are ``[h_i, 1] . [b W, b . bias] / |h_i W^T + bias|``: the same numbers as
+    ``a_i . b`` for ``r + 1`` multiply-adds instead of ``E``.
+    """
+    code_similarity = anchor_codes @ bank.code_vectors.float().t()  # [R, K]
+    positive = code_similarity > settings.positive_threshold
+    considered = positive | (code_similarity < settings.negative_threshold)
+    features = bank.features.float()
+    valid = bank.valid.to(features.dtype)
+    entries_per_code = valid.sum(dim=1)  # [K]
+    code_sums = torch.bmm(valid[:, None, :], features)[:, 0]  # [K, E]; einsum picks a slow order
+    positive_f = positive.to(features.dtype)
+    positives_per_row = positive_f @ entries_per_code
+    scaled = anchors / settings.temperature
+    positive_similarity = (scaled * (positive_f @ code_sums)).sum(dim=1)
+    if student_inputs is not None and bank.through_projection is not None:
+        norms = student.float().norm(dim=1).clamp_min(1e-12)  # as F.normalize divides
+        inputs = student_inputs.float()
+        left = torch.cat([inputs, inputs.new_ones(len(inputs), 1)], dim=1) / (norms * settings.temperature)[:, None]
+        right = bank.through_projection.float()
+    else:
+        left, right = scaled, features
+    log_denominator = _ConsideredLogSumExp.apply(left, right, bank.valid, considered.to(features.dtype))
+    row_total = positives_per_row * log_denominator - positive_similarity
+    image_total = row_total.view(batch, -1).sum(dim=1)
+    image_count = positives_per_row.view(batch, -1).sum(dim=1)
+    return image_total / image_count.clamp_min(1), image_count > 0
+
+
 def concept_contrastive_terms(
     student: torch.Tensor,
     code_vectors: torch.Tensor,
     teacher: torch.Tensor,
     teacher_code_vectors: torch.Tensor,
     first_image: int = 0,
-    bank_features: torch.Tensor | None = None,
-    bank_code_vectors: torch.Tensor | None = None,
+    bank: BankByCode | None = None,
     settings: ContrastiveSettings = ContrastiveSettings(),
+    student_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's term against the batch, then each image's term against the bank, ``[2B]``
     (``[B]`` without a bank), and whether each is defined (the image has a positive pair).
 
     ``student [B, P, E]`` and its tokens' normalised code vectors ``[B, P, D]`` are the
-    anchors. ``teacher [G, P, E]`` with ``teacher_code_vectors [G, P, D]`` are the candidates:
+    anchors; ``student_inputs [B, P, r]``, what the student's projection made them from,
+    speeds up the bank's term when the bank holds its entries through that projection.
+    ``teacher [G, P, E]`` with ``teacher_code_vectors [G, P, D]`` are the candidates:
     the same images (``G = B``) or a larger batch holding them from image ``first_image`` on,
     whose other images' tokens are candidates too.
     """
@@ -87,18 +197,11 @@ def concept_contrastive_terms(
     rows = torch.arange(batch * tokens, device=positive.device)
     positive[rows, rows + first_image * tokens] = False  # a token is not its own positive
     negative = code_similarity < settings.negative_threshold
-    terms = [_per_image_terms(anchors @ candidates.t() / settings.temperature, positive, negative, batch)]
-
-    if bank_features is not None and bank_features.shape[0] > 0:
-        assert bank_code_vectors is not None
-        bank_code_similarity = anchor_codes @ bank_code_vectors.float().t()
+    terms = [per_image_terms(anchors @ candidates.t() / settings.temperature, positive, negative, batch)]
+    if bank is not None and bank.features.shape[0] > 0:
+        inputs = None if student_inputs is None else student_inputs.reshape(batch * tokens, -1)
         terms.append(
-            _per_image_terms(
-                anchors @ bank_features.float().t() / settings.temperature,
-                bank_code_similarity > settings.positive_threshold,
-                bank_code_similarity < settings.negative_threshold,
-                batch,
-            )
+            _bank_terms(anchors, anchor_codes, bank, settings, batch, student.reshape(batch * tokens, -1), inputs)
         )
     return torch.cat([value for value, _ in terms]), torch.cat([mask for _, mask in terms])
 
@@ -119,9 +222,11 @@ def concept_contrastive_loss(
     Terms of images without any positive pair (where the reference's mean would be NaN) are
     left out of the mean.
     """
-    values, defined = concept_contrastive_terms(
-        student, code_vectors, teacher, code_vectors, 0, bank_features, bank_code_vectors, settings
-    )
+    bank = None
+    if bank_features is not None:
+        assert bank_code_vectors is not None
+        bank = BankByCode.of_entries(bank_features, bank_code_vectors)
+    values, defined = concept_contrastive_terms(student, code_vectors, teacher, code_vectors, 0, bank, settings)
     if not bool(defined.any()):
         return student.sum() * 0.0
     return values[defined].mean()

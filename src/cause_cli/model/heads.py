@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import cosine_similarity_matrix, ema_update_, quantise, tokens_to_map
@@ -218,12 +219,32 @@ class SegmentationHeads(nn.Module):
 class StudentBranch(nn.Module):
     """Tokens ``[B, P, D]`` to the student's projections ``[B, P, E]``, with the input
     dropout of training: what step two differentiates, as one module for data-parallel
-    training."""
+    training (so every use of a parameter happens in its forward).
 
-    def __init__(self, head: nn.Module, projection: nn.Module) -> None:
+    Returns the projections, the head's features ``[B, P, r]`` they were projected from, and,
+    given the concept bank's entries ``[N, E]``, those entries taken back through the
+    projection, ``[N, r + 1]`` (``b W`` and ``b . bias``; None when ``r + 1 >= E``): the
+    bank's similarities then cost ``r + 1`` multiply-adds each instead of ``E`` (see
+    :mod:`.contrastive`). The projection
+    runs in float32 whatever the autocast around it, like the loss it feeds.
+    """
+
+    def __init__(self, head: nn.Module, projection: ProjectionHead) -> None:
         super().__init__()
         self.head = head
         self.projection = projection
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.head(tokens, use_dropout=True))
+    def forward(
+        self, tokens: torch.Tensor, bank_entries: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        features = self.head(tokens, use_dropout=True)
+        linear = self.projection.linear
+        with torch.autocast(tokens.device.type, enabled=False):
+            features = features.float()
+            projected = F.linear(features, linear.weight, linear.bias)
+            through_projection = None
+            reduced, projected_width = linear.in_features, linear.out_features
+            if bank_entries is not None and reduced + 1 < projected_width:  # else no cheaper
+                entries = bank_entries.float()
+                through_projection = torch.cat([entries @ linear.weight, (entries @ linear.bias)[:, None]], dim=1)
+        return projected, features, through_projection

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contrastive import ContrastiveSettings
+from .contrastive import ContrastiveSettings, concept_contrastive_terms, per_image_terms
 
 
 class LoopBank:
@@ -77,3 +77,29 @@ def loop_contrastive_loss(
             terms.append(term(bank_similarity, anchor_codes @ bank_code_vectors.float().t(), None))
     stacked = torch.stack(terms)
     return stacked[~torch.isnan(stacked)].mean()
+
+
+def entrywise_contrastive_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    code_vectors: torch.Tensor,
+    bank_features: torch.Tensor,
+    bank_code_vectors: torch.Tensor,
+    settings: ContrastiveSettings = ContrastiveSettings(),
+) -> torch.Tensor:
+    """The vectorised loss as it was before the code table: the bank's code similarities,
+    masks and feature similarities as ``[rows, entries]`` matrices through autograd."""
+    batch, tokens, _ = student.shape
+    batch_values, batch_defined = concept_contrastive_terms(
+        student, code_vectors, teacher, code_vectors, settings=settings
+    )
+    anchors = F.normalize(student.float(), dim=-1).reshape(batch * tokens, -1)
+    code_similarity = code_vectors.float().reshape(batch * tokens, -1) @ bank_code_vectors.float().t()
+    bank_values, bank_defined = per_image_terms(
+        anchors @ bank_features.float().t() / settings.temperature,
+        code_similarity > settings.positive_threshold,
+        code_similarity < settings.negative_threshold,
+        batch,
+    )
+    values, defined = torch.cat([batch_values, bank_values]), torch.cat([batch_defined, bank_defined])
+    return values[defined].mean()

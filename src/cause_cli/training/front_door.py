@@ -5,6 +5,7 @@ section 2)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -79,32 +80,37 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         context.epochs(config.epochs_front_door), title, resolution=config.front_door_resolution
     )
     for tokens, labels in batches:
+        by_code = bank.by_code(normalised_codes) if config.use_bank else None
+        bank_entries = by_code.features.flatten(0, 1) if by_code is not None else None
         with autocast(device):
             if heads.per_token:
                 # A per-token head commutes with sampling: sample first, compute 16x less.
                 (sampled,) = context.grid_sample(tokens)
                 with torch.no_grad():
                     teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
-                student = student_branch(sampled)
+                student, student_inputs, through_projection = student_branch(sampled, bank_entries)
             else:
                 with torch.no_grad():
                     teacher = heads.teacher_projection(heads.teacher(tokens, use_dropout=True))
-                student = student_branch(tokens)
-                sampled, student, teacher = context.grid_sample(tokens, student, teacher)
+                student, student_inputs, through_projection = student_branch(tokens, bank_entries)
+                sampled, student, teacher, student_inputs = context.grid_sample(
+                    tokens, student, teacher, student_inputs
+                )
         codes = nearest_code(sampled, clusterbook)
         # Anchors meet the teacher's tokens of the global batch, as in one process.
         all_teacher = group.gather_rows(teacher, context.sizes)
         all_codes = group.gather_rows(codes, context.sizes)
-        bank_features, bank_codes = bank.entries() if config.use_bank else (None, None)
+        if by_code is not None and through_projection is not None:
+            by_code = replace(by_code, through_projection=through_projection.view(*by_code.features.shape[:2], -1))
         values, defined = concept_contrastive_terms(
             student,
             normalised_codes[codes],
             all_teacher,
             normalised_codes[all_codes],
             context.first_image,
-            bank_features,
-            normalised_codes[bank_codes] if bank_codes is not None else None,
+            by_code,
             settings,
+            student_inputs,
         )
         loss = context.global_mean(values[defined])
         if reference:
