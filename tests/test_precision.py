@@ -93,3 +93,16 @@ def test_processes_started_by_torchrun_need_one_run_folder(tmp_path):
     assert refused.returncode == 1
     assert "give it with --run" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_loader_workers_follow_the_device_and_the_cpus_this_process_may_use(monkeypatch):
+    from cause_cli import devices
+
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert devices.available_cpus() <= 3
+    monkeypatch.setattr(devices, "available_cpus", lambda: 16)
+    gpu = torch.device("cuda", 0)
+    assert devices.loader_workers(None, CPU) == 0
+    assert devices.loader_workers(None, gpu) == 8
+    assert devices.loader_workers(None, gpu, processes_here=4) == 3
+    assert devices.loader_workers(2, gpu) == 2 and devices.loader_workers(5, CPU) == 5

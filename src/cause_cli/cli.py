@@ -306,8 +306,13 @@ def train(
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the heads (the paper's 0.1).")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[
-        int, typer.Option("--workers", help="Processes loading images (0: in this process); memory is pinned on CUDA.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Processes loading images (0: in this process; default: none on the CPU, up to 8 per GPU).",
+            min=0,
+        ),
+    ] = None,
     gpus: Annotated[
         int,
         typer.Option(
@@ -488,7 +493,12 @@ def evaluate(
         int | None,
         typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
     ] = None,
-    loader_workers: Annotated[int, typer.Option("--loader-workers", help="DataLoader worker processes.")] = 0,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU).", min=0
+        ),
+    ] = None,
     baselines: Annotated[
         bool,
         typer.Option(

@@ -71,7 +71,7 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0
     val_fraction: float = 0.2
-    workers: int = 0
+    workers: int | None = None  # image-loading processes; None: devices.loader_workers decides
     # "default": labels reach nothing but the linear probe. "reference": the reference code's
     # recipe exactly (see apply_reference_recipe), label leak included.
     recipe: str = "default"

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from .errors import CauseError
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, and the container's CPU quota (cgroup
+    v2) where one is set; ``os.cpu_count()`` counts the whole machine."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def loader_workers(requested: int | None, device: torch.device, processes_here: int = 1) -> int:
+    """Image-loading processes: as asked, else none on the CPU (they would compete with the
+    model for the same cores) and up to 8 per GPU process on CUDA, within the CPUs there are."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, available_cpus() // max(1, processes_here) - 1))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

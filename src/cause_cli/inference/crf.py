@@ -15,13 +15,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..devices import available_cpus
 from ..errors import CauseError
 
 ITERATIONS = 10
@@ -234,4 +234,5 @@ def _shut_down(executor: futures.ProcessPoolExecutor) -> None:
 
 
 def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
+    """One CRF worker per CPU this process may use (affinity and container quota)."""
+    return available_cpus()

@@ -21,7 +21,7 @@ import torch
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
 from ..data.transforms import denormalise_to_uint8
-from ..devices import resolve_device
+from ..devices import loader_workers, resolve_device
 from ..errors import CauseError
 from ..paths import write_json
 from ..progress import Reporter
@@ -42,7 +42,7 @@ def evaluate_run(
     split: str = "val",
     device: str = "auto",
     batch_size: int = 16,
-    workers: int = 0,
+    workers: int | None = None,
     reporter: Reporter | None = None,
     write: bool = True,
     crf: bool | None = None,
@@ -63,6 +63,7 @@ def evaluate_run(
     elif crf:
         require_crf()
     torch_device = resolve_device(device)
+    workers = loader_workers(workers, torch_device)
     model = load_trained(run, torch_device, backbone)
     config = model.config
     dataset_name = dataset or config.dataset

@@ -19,7 +19,7 @@ from ..backbones import FrozenBackbone
 from ..config import TrainConfig
 from ..data import SegmentationDataset, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
-from ..devices import autocast
+from ..devices import autocast, loader_workers
 from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
 from ..progress import Reporter
 from ..runs import RESUME_FILE, RunDirectory
@@ -89,7 +89,7 @@ class TrainingContext:
             batches=order,
             generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
             keep_empty=self.group.distributed,
-            workers=self.config.workers,
+            workers=loader_workers(self.config.workers, self.device, self.group.local_world_size),
             pin_memory=self.device.type == "cuda",
         )
 
