@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +167,7 @@ def bench_front_door(
         if form == "by-code":  # as step two computes it
             by_code = ring.by_code(normalised)
             student, inputs, through = branch(features, by_code.features.flatten(0, 1))
-            if through is not None:
-                by_code = replace(by_code, through_projection=through.view(*by_code.features.shape[:2], -1))
+            by_code = by_code.through(through)
             values, defined = concept_contrastive_terms(
                 student, normalised[codes], teacher, normalised[codes], 0, by_code, settings, inputs
             )

@@ -145,3 +145,37 @@ def test_missing_pydensecrf_is_one_sentence(monkeypatch):
     monkeypatch.setattr(crf_module, "crf_available", lambda: False)
     with pytest.raises(CauseError, match="pip install cause-cli\\[crf\\]"):
         CRFPool(0)
+
+
+def reference_crf_image(normalised: torch.Tensor) -> np.ndarray:
+    """The reference's image for the CRF, through torchvision itself: to_pil_image(invTrans(x))
+    with invTrans two Normalize steps (divide by 1 / std, then subtract -mean)."""
+    from torchvision import transforms
+
+    inverse = transforms.Compose(
+        [
+            transforms.Normalize(mean=[0.0, 0.0, 0.0], std=[1 / 0.229, 1 / 0.224, 1 / 0.225]),
+            transforms.Normalize(mean=[-0.485, -0.456, -0.406], std=[1.0, 1.0, 1.0]),
+        ]
+    )
+    return np.asarray(transforms.functional.to_pil_image(inverse(normalised.clone())))
+
+
+def test_crf_maps_of_real_photos_equal_the_reference_arithmetic_on_every_pixel():
+    from cause_cli.data.transforms import denormalise_to_uint8, normalise, resize_and_crop
+
+    root = shared_path("data", "real")
+    photos = sorted((root / "voc2012" / "images").glob("*.png")) + sorted(root.glob("cityscapes/leftImg8bit/**/*.png"))
+    assert len(photos) == 11
+    naive_differs = 0
+    for seed, path in enumerate(photos):
+        normalised = normalise(resize_and_crop(Image.open(path).convert("RGB"), 320))
+        ours = denormalise_to_uint8(normalised[None])[0]
+        reference = reference_crf_image(normalised)
+        np.testing.assert_array_equal(ours, reference)
+        naive = ((normalised * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+                  + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)).clamp(0, 1) * 255).to(torch.uint8)  # fmt: skip
+        naive_differs += int((naive.permute(1, 2, 0).numpy() != reference).any())
+        scores = torch.log_softmax(torch.randn(5, 320, 320, generator=torch.Generator().manual_seed(seed)), 0).numpy()
+        np.testing.assert_array_equal(crf_labels(ours, scores), crf_labels(reference, scores))
+    assert naive_differs > 0, "x * std + mean should round some pixel differently on these photos"

@@ -3,8 +3,6 @@ against the loop versions in cause_cli.model.slow, written the way the reference
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,8 +204,9 @@ def _partly_filled_bank(seed: int) -> tuple[ConceptBank, torch.Tensor]:
     return bank, code_vectors
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bank_by_code_equals_the_entrywise_matrices(seed):
+def test_bank_by_code_equals_the_entrywise_matrices(seed, compact):
     bank, code_vectors = _partly_filled_bank(seed)
     generator = torch.Generator().manual_seed(10 + seed)
     token_codes = torch.randint(0, 6, (3, 7), generator=generator)
@@ -220,7 +219,13 @@ def test_bank_by_code_equals_the_entrywise_matrices(seed):
     )
     (expected_grad,) = torch.autograd.grad(expected, student)
     values, defined = concept_contrastive_terms(
-        student, code_vectors[token_codes], teacher, code_vectors[token_codes], 0, bank.by_code(code_vectors), settings
+        student,
+        code_vectors[token_codes],
+        teacher,
+        code_vectors[token_codes],
+        0,
+        bank.by_code(code_vectors, compact),
+        settings,
     )
     actual = values[defined].mean()
     (actual_grad,) = torch.autograd.grad(actual, student)
@@ -237,9 +242,9 @@ def test_considered_log_sum_exp_gradient_is_the_analytic_one():
     considered[0] = 0  # a row that considers nothing gives 0 and sends back 0
     features.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, f: _ConsideredLogSumExp.apply(a, f, valid, considered), (anchors, features)
+        lambda a, f: _ConsideredLogSumExp.apply(a, f, valid, considered, None), (anchors, features)
     )
-    value = _ConsideredLogSumExp.apply(anchors, features, valid, considered).detach()
+    value = _ConsideredLogSumExp.apply(anchors, features, valid, considered, None).detach()
     weights = considered[:, :, None] * valid.to(torch.float64)  # [R, K, C]
     slow = torch.log((torch.einsum("re,kce->rkc", anchors, features).exp() * weights).sum(dim=(1, 2))).detach()
     nothing = (weights.sum(dim=(1, 2)) == 0).nonzero().flatten().tolist()
@@ -269,9 +274,7 @@ def test_the_bank_through_the_projection_gives_the_same_loss_and_gradients(per_t
 
     def loss_and_gradients(through: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         student, inputs, projected_bank = branch(tokens, by_code.features.flatten(0, 1) if through else None)
-        used = by_code
-        if through:
-            used = replace(by_code, through_projection=projected_bank.view(6, 5, -1))
+        used = by_code.through(projected_bank)
         values, defined = concept_contrastive_terms(
             student, code_vectors[token_codes], teacher, code_vectors[token_codes], 0, used, settings,
             inputs if through else None,
@@ -284,3 +287,34 @@ def test_the_bank_through_the_projection_gives_the_same_loss_and_gradients(per_t
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
     for fast, plain in zip(fast_gradients, plain_gradients, strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_an_empty_bank_through_the_projection_adds_no_term():
+    heads = SegmentationHeads(dim=12, reduced_dim=6, projection_dim=10, num_classes=3, dropout=0.0)
+    code_vectors = F.normalize(torch.randn(6, 4), dim=1)
+    empty = ConceptBank(6, 10, capacity=5).by_code(code_vectors, compact=True)
+    student, inputs, projected_bank = heads.student_branch()(torch.randn(2, 9, 12), empty.features.flatten(0, 1))
+    token_codes = torch.randint(0, 6, (2, 9))
+    values, _ = concept_contrastive_terms(
+        student, code_vectors[token_codes], torch.randn(2, 9, 10), code_vectors[token_codes], 0,
+        empty.through(projected_bank), ContrastiveSettings(), inputs,
+    )  # fmt: skip
+    assert values.shape == (2,)
+
+
+def test_considered_log_sum_exp_over_groups_sharing_codes():
+    generator = torch.Generator().manual_seed(4)
+    anchors = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    groups = torch.randn(4, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True, True], [True, False], [True, True], [False, False]])
+    group_codes = torch.tensor([0, 2, 0, 1])
+    considered = (torch.rand(5, 3, generator=generator) > 0.4).to(torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, g: _ConsideredLogSumExp.apply(a, g, valid, considered, group_codes), (anchors, groups)
+    )
+    value = _ConsideredLogSumExp.apply(anchors, groups, valid, considered, group_codes).detach()
+    weights = considered[:, group_codes][:, :, None] * valid.to(torch.float64)  # [R, G, C]
+    slow = torch.log((torch.einsum("re,gce->rgc", anchors, groups).exp() * weights).sum(dim=(1, 2))).detach()
+    some = weights.sum(dim=(1, 2)) > 0
+    torch.testing.assert_close(value[some], slow[some])
+    assert value[~some].eq(0).all()

@@ -18,6 +18,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+_INVERSE_STD = torch.tensor([1 / value for value in IMAGENET_STD]).view(3, 1, 1)
+_NEGATED_MEAN = torch.tensor([-value for value in IMAGENET_MEAN]).view(3, 1, 1)
 
 
 def shorter_side_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -55,7 +57,10 @@ def denormalise_to_uint8(images: torch.Tensor) -> np.ndarray:
     Truncates like torchvision's ``to_pil_image``, which the reference uses to give the dense
     CRF its image, so the CRF sees the same pixels.
     """
-    rgb = images.detach().cpu().float() * _STD + _MEAN
+    # The reference's arithmetic, step for step: Normalize(0, 1 / std), Normalize(-mean, 1),
+    # then mul(255).byte(). x * std + mean rounds differently and moves some pixels by one.
+    rgb = images.detach().cpu().float() / _INVERSE_STD
+    rgb = rgb - _NEGATED_MEAN
     return (rgb.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

@@ -77,11 +77,23 @@ class ConceptBank:
         codes = torch.arange(self.num_codes, device=self.filled.device).unsqueeze(1).expand_as(valid)
         return self.features[valid], codes[valid]
 
-    def by_code(self, code_vectors: torch.Tensor) -> BankByCode:
-        """The bank in place, as the loss reads it, with each code's normalised vector
-        ``code_vectors [K, D]``: no copy and no host synchronisation."""
-        valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
-        return BankByCode(self.features, valid, code_vectors)
+    def by_code(self, code_vectors: torch.Tensor, compact: bool | None = None) -> BankByCode:
+        """The bank as the loss reads it, with each code's normalised vector ``code_vectors
+        [K, D]``.
+
+        Not ``compact``, it is the ring buffer itself, every slot, with no copy and no host
+        synchronisation: its cost is the same empty or full (the default on GPUs). ``compact``,
+        it is the entries alone, each a group of one with its code: cheaper while most slots
+        are empty (the default on the CPU while the bank is less than half full).
+        """
+        if compact is None:
+            compact = self.features.device.type == "cpu" and 2 * len(self) < self.features.shape[0] * self.capacity
+        if not compact:
+            valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
+            return BankByCode(self.features, valid, code_vectors)
+        entries, codes = self.entries()
+        one_each = torch.ones(len(entries), 1, dtype=torch.bool, device=entries.device)
+        return BankByCode(entries[:, None], one_each, code_vectors, group_codes=codes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "filled": self.filled, "next_slot": self.next_slot}

@@ -19,7 +19,7 @@ columns]`` loss matrix is kept beyond the similarities.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -62,16 +62,26 @@ def per_image_terms(
 
 @dataclass(frozen=True)
 class BankByCode:
-    """The concept bank as the loss reads it: ``features [K, C, E]`` (L2-normalised; slots
-    that hold nothing may hold anything), ``valid [K, C]`` (which slots hold an entry) and
-    each code's normalised vector ``code_vectors [K, D]``. Every entry of code ``k`` has the
-    code vector ``code_vectors[k]``."""
+    """The concept bank as the loss reads it: groups of entries of one code each, ``features
+    [K, C, E]`` (L2-normalised; slots that hold nothing may hold anything), ``valid [K, C]``
+    (which slots hold an entry) and the codes' normalised vectors ``code_vectors``: group
+    ``k``'s is ``code_vectors[k]``, or ``code_vectors[group_codes[k]]``."""
 
     features: torch.Tensor
     valid: torch.Tensor
     code_vectors: torch.Tensor
     # The entries taken back through the student's projection, [K, C, r + 1] (StudentBranch).
     through_projection: torch.Tensor | None = None
+    # Which row of code_vectors each group of entries has, [K]; None: group k has row k.
+    group_codes: torch.Tensor | None = None
+
+    def through(self, projected_entries: torch.Tensor | None) -> BankByCode:
+        """This bank with its entries taken back through the student's projection, given
+        flat ``[K * C, r + 1]`` as :class:`~.heads.StudentBranch` returns them (or not: None)."""
+        if projected_entries is None:
+            return self
+        shape = (*self.features.shape[:2], projected_entries.shape[-1])
+        return replace(self, through_projection=projected_entries.reshape(shape))
 
     @staticmethod
     def of_entries(features: torch.Tensor, code_vectors: torch.Tensor) -> BankByCode:
@@ -82,45 +92,56 @@ class BankByCode:
 
 
 class _ConsideredLogSumExp(torch.autograd.Function):
-    """``log sum_{k considered} sum_{c valid} exp(l_i . r_kc)`` for every row ``l_i`` of
-    ``left [R, q]`` over ``right [K, C, q]`` (``valid [K, C]`` boolean, ``considered [R, K]``
-    0 or 1); 0 for a row that considers no entry.
+    """``log sum_{g: code of g considered} sum_{c valid} exp(l_i . r_gc)`` for every row
+    ``l_i`` of ``left [R, q]`` over the groups ``right [G, C, q]`` (``valid [G, C]`` boolean,
+    ``considered [R, K]`` 0 or 1 per code, ``group_codes [G]`` the code of each group, or
+    None when group ``g`` is code ``g``); 0 for a row that considers no entry.
 
-    The only ``[R, K * C]`` tensor kept for the backward pass is the exponentials: the
-    gradients ``sum_kc p_ikc r_kc`` and ``sum_i p_ikc l_i`` reuse them, with no mask or
+    The only ``[R, G * C]`` tensor kept for the backward pass is the exponentials: the
+    gradients ``sum_gc p_igc r_gc`` and ``sum_i p_igc l_i`` reuse them, with no mask or
     similarity matrix beside.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, considered: torch.Tensor
+        ctx: Any,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        valid: torch.Tensor,
+        considered: torch.Tensor,
+        group_codes: torch.Tensor | None,
     ) -> torch.Tensor:
-        codes, capacity, width = right.shape
-        flat = right.reshape(codes * capacity, width)
-        similarity = left @ flat.t()  # [R, K * C]
+        groups, capacity, width = right.shape
+        flat = right.reshape(groups * capacity, width)
+        similarity = left @ flat.t()  # [R, G * C]
         # Empty slots out before the shift: a large value there would underflow the others.
-        similarity.view(-1, codes, capacity).masked_fill_(~valid, -math.inf)
+        similarity.view(-1, groups, capacity).masked_fill_(~valid, -math.inf)
         shift = similarity.amax(dim=1, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, 0.0)
-        exponentials = similarity.sub_(shift).exp_().view(-1, codes, capacity)
-        denominator = (exponentials.sum(dim=2) * considered).sum(dim=1)
+        exponentials = similarity.sub_(shift).exp_().view(-1, groups, capacity)
+        per_code = exponentials.sum(dim=2)  # [R, G]
+        if group_codes is not None:
+            per_code = per_code.new_zeros(len(per_code), considered.shape[1]).index_add_(1, group_codes, per_code)
+        denominator = (per_code * considered).sum(dim=1)
         some = denominator > 0
         result = torch.where(some, denominator.clamp_min(torch.finfo(denominator.dtype).tiny).log() + shift[:, 0], 0.0)
-        ctx.save_for_backward(exponentials, left, flat, considered, denominator)
+        ctx.save_for_backward(exponentials, left, flat, considered, denominator, group_codes)
         return result
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, upstream: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        exponentials, left, flat, considered, denominator = ctx.saved_tensors
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        exponentials, left, flat, considered, denominator, group_codes = ctx.saved_tensors
         scale = considered * (upstream / denominator.clamp_min(torch.finfo(denominator.dtype).tiny))[:, None]
-        probabilities = (exponentials * scale[:, :, None]).flatten(1)  # [R, K * C]
+        if group_codes is not None:
+            scale = scale[:, group_codes]  # [R, G]
+        probabilities = (exponentials * scale[:, :, None]).flatten(1)  # [R, G * C]
         grad_left = probabilities @ flat if ctx.needs_input_grad[0] else None
         grad_right = None
         if ctx.needs_input_grad[1]:
             grad_right = (probabilities.t() @ left).view(*exponentials.shape[1:], -1)
-        return grad_left, grad_right, None, None
+        return grad_left, grad_right, None, None, None
 
 
 def _bank_terms(
@@ -146,8 +167,12 @@ def _bank_terms(
     considered = positive | (code_similarity < settings.negative_threshold)
     features = bank.features.float()
     valid = bank.valid.to(features.dtype)
-    entries_per_code = valid.sum(dim=1)  # [K]
-    code_sums = torch.bmm(valid[:, None, :], features)[:, 0]  # [K, E]; einsum picks a slow order
+    entries_per_code = valid.sum(dim=1)  # per group, [G]
+    code_sums = torch.bmm(valid[:, None, :], features)[:, 0]  # [G, E]; einsum picks a slow order
+    if bank.group_codes is not None:
+        codes_total = len(bank.code_vectors)
+        entries_per_code = entries_per_code.new_zeros(codes_total).index_add_(0, bank.group_codes, entries_per_code)
+        code_sums = code_sums.new_zeros(codes_total, code_sums.shape[1]).index_add_(0, bank.group_codes, code_sums)
     positive_f = positive.to(features.dtype)
     positives_per_row = positive_f @ entries_per_code
     scaled = anchors / settings.temperature
@@ -159,7 +184,8 @@ def _bank_terms(
         right = bank.through_projection.float()
     else:
         left, right = scaled, features
-    log_denominator = _ConsideredLogSumExp.apply(left, right, bank.valid, considered.to(features.dtype))
+    considered_f = considered.to(features.dtype)
+    log_denominator = _ConsideredLogSumExp.apply(left, right, bank.valid, considered_f, bank.group_codes)
     row_total = positives_per_row * log_denominator - positive_similarity
     image_total = row_total.view(batch, -1).sum(dim=1)
     image_count = positives_per_row.view(batch, -1).sum(dim=1)

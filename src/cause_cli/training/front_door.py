@@ -5,7 +5,6 @@ section 2)."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -100,8 +99,8 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         # Anchors meet the teacher's tokens of the global batch, as in one process.
         all_teacher = group.gather_rows(teacher, context.sizes)
         all_codes = group.gather_rows(codes, context.sizes)
-        if by_code is not None and through_projection is not None:
-            by_code = replace(by_code, through_projection=through_projection.view(*by_code.features.shape[:2], -1))
+        if by_code is not None:
+            by_code = by_code.through(through_projection)
         values, defined = concept_contrastive_terms(
             student,
             normalised_codes[codes],
