@@ -140,3 +140,15 @@ def test_label_of_another_size_is_named(tmp_path):
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tmp_path / "labels" / "train" / "a.png")
     with pytest.raises(CauseError, match="is \\(10, 10\\)"):
         ImageFolderDataset(tmp_path, "train", 16)[0]
+
+
+def test_pixels_normalised_on_the_device_equal_normalising_the_image():
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    from cause_cli.data.transforms import normalise_pixels, pixels
+
+    raw = pixels(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 9, 7)
+    expected = (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) - torch.tensor(
+        [0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)  # fmt: skip
+    assert torch.equal(normalise_pixels(raw[None], "cpu")[0], expected)

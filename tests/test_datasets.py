@@ -212,7 +212,7 @@ def test_coco_stuff_items_are_remapped(tmp_path, name):
     assert val.class_names == list(LABEL_MAPS[name].class_names)
     item = val[0]
     assert set(item) == {"image", "label", "index", "path"}
-    assert item["image"].shape == (3, 20, 20) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 20, 20) and item["image"].dtype == torch.uint8
     assert item["label"].shape == (20, 20) and item["label"].dtype == torch.int64
     expected = {"cocostuff27": [9, 17, 21, -1], "cocostuff81": [1, 0, 0, -1], "cocostuff171": [0, 80, 137, -1]}
     for band, value in enumerate(expected[name]):  # 40 -> 20 pixels: each band is 5 rows

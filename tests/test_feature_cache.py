@@ -11,6 +11,7 @@ import torch
 
 from cause_cli.backbones import FrozenBackbone
 from cause_cli.config import TrainConfig
+from cause_cli.data import base
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 from cause_cli.runs import RunDirectory
@@ -38,10 +39,20 @@ def test_backbone_runs_once_per_image(scenes, tmp_path, monkeypatch):
         images_seen.append(images.shape[0])
         return original(self, images)
 
+    decoded = []
+    original_read = base.read_image
+
+    def counting_reads(path, *args, **kwargs):
+        decoded.append(path)
+        return original_read(path, *args, **kwargs)
+
     monkeypatch.setattr(FrozenBackbone, "forward", counting)
+    monkeypatch.setattr(base, "read_image", counting_reads)
     train(config(scenes, cache_features=True), tmp_path / "cached", "cpu")
-    # 6 epochs and the cluster probe's k-means pass over 12 images: the backbone saw each once
+    # 6 epochs and the cluster probe's k-means pass over 12 images: the backbone saw each once,
+    # and each image was decoded once (later epochs read only its label)
     assert sum(images_seen) == 12
+    assert len(decoded) == 12 and len(set(decoded)) == 12
     images_seen.clear()
     train(config(scenes), tmp_path / "plain", "cpu")
     assert sum(images_seen) == 7 * 12
@@ -68,3 +79,30 @@ def test_a_disk_too_small_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
     with pytest.raises(CauseError, match=r"needs .* GiB .* only"):
         FeatureCache(tmp_path, images=1000, tokens=1600, dim=384)
+
+
+class _FlushRecorder:
+    """Stands in for the cache's mmap to record which byte ranges each write flushes."""
+
+    def __init__(self, real):
+        self.real, self.ranges = real, []
+
+    def flush(self, offset=0, size=None):
+        self.ranges.append((offset, size))
+        return self.real.flush(offset, size)
+
+
+def test_a_write_flushes_only_the_rows_it_wrote(tmp_path):
+    cache = FeatureCache(tmp_path, images=64, tokens=16, dim=32)
+    recorder = _FlushRecorder(cache._map)
+    cache._map = recorder
+    tokens = torch.randn(2, 16, 32)
+    cache.put(torch.tensor([40, 3]), tokens)
+    row_bytes = 16 * 32 * 2
+    assert len(recorder.ranges) == 2 and all(size is not None for _, size in recorder.ranges)
+    covered = sorted((offset, offset + size) for offset, size in recorder.ranges)
+    for row in (3, 40):
+        assert any(start <= row * row_bytes and (row + 1) * row_bytes <= end for start, end in covered)
+    assert sum(size for _, size in recorder.ranges) < 64 * row_bytes / 4
+    reopened = FeatureCache(tmp_path, images=64, tokens=16, dim=32)
+    torch.testing.assert_close(reopened.get(torch.tensor([40, 3])), tokens.half().float())

@@ -1,7 +1,8 @@
 """What every dataset shares: the item it returns, reading files, and image/label pairs.
 
-Every dataset returns items ``{"image": float [3, R, R] normalised, "label": int64 [R, R]
-(-1 = ignore), "index": int, "path": str}`` and tells whether it has labels, its class names
+Every dataset returns items ``{"image": uint8 [3, R, R] (normalised on the device by
+:func:`.transforms.normalise_pixels`), "label": int64 [R, R] (-1 = ignore), "index": int,
+"path": str}`` and tells whether it has labels, its class names
 (or None) and its number of classes. A file that cannot be read raises
 :class:`UnreadableFile`; :mod:`.loading` turns that into a skipped item for training.
 """
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import CauseError
 from .labels import LabelMap, bit_palette
-from .transforms import normalise, resize_and_crop
+from .transforms import pixels, resize_and_crop
 
 Item = dict[str, Any]
 LABEL_MODES = ("L", "P", "I", "I;16")
@@ -76,6 +77,15 @@ def read_label(path: Path, image: Path, image_size: tuple[int, int]) -> Image.Im
     return label
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """The stored size of the image at ``path``, from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as opened:
+            return opened.size
+    except _READ_ERRORS as error:
+        raise UnreadableFile(path, str(error) or type(error).__name__) from error
+
+
 def no_label(resolution: int) -> torch.Tensor:
     return torch.full((resolution, resolution), -1, dtype=torch.long)
 
@@ -88,8 +98,25 @@ class SegmentationDataset(Dataset):
     # One line about where the data comes from (e.g. prepared crops), for the training log.
     note: str | None = None
 
+    # Items whose pixels the reader has another way (rows of the feature cache), per index:
+    # their images are not decoded and come as zeros. The training context sets it each epoch.
+    pixels_not_needed: np.ndarray | None = None
+
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def needs_pixels(self, index: int) -> bool:
+        return self.pixels_not_needed is None or not bool(self.pixels_not_needed[index])
+
+    def pixels_at(
+        self, path: Path, index: int, resolution: int, square_resize: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The item's ``uint8 [3, R, R]`` pixels and its image's stored size; zeros (and the
+        size from the header) when its pixels are not needed."""
+        if not self.needs_pixels(index):
+            return torch.zeros(3, resolution, resolution, dtype=torch.uint8), image_size(path)
+        image = read_image(path)
+        return pixels(resize_and_crop(image, resolution, square_resize)), image.size
 
     def __getitem__(self, index: int) -> Item:
         return self.load(index)[0]
@@ -151,17 +178,16 @@ class PairedDataset(SegmentationDataset):
 
     def load(self, index: int) -> tuple[Item, list[int]]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image_pixels, size = self.pixels_at(sample.image, index, self.resolution, self.square_resize)
         unknown: list[int] = []
         if sample.label is None:
             label = no_label(self.resolution)
         else:
-            opened = read_label(sample.label, sample.image, image.size)
+            opened = read_label(sample.label, sample.image, size)
             unknown = self.label_map.unknown_ids(np.asarray(opened))
             small = resize_and_crop(opened, self.resolution, self.square_resize)
             label = torch.from_numpy(self.label_map.apply(np.asarray(small)))
-        pixels = normalise(resize_and_crop(image, self.resolution, self.square_resize))
-        return {"image": pixels, "label": label, "index": index, "path": sample.relative}, unknown
+        return {"image": image_pixels, "label": label, "index": index, "path": sample.relative}, unknown
 
     def infer_num_classes(self) -> int | None:
         """The map's number of classes; for a map without names, the largest label + 1."""

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import CauseError
 from .base import Item, SegmentationDataset, no_label, read_image, read_label
-from .transforms import label_tensor, normalise, resize_and_crop
+from .transforms import label_tensor, resize_and_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "all")
@@ -136,11 +136,10 @@ class ImageFolderDataset(SegmentationDataset):
 
     def load(self, index: int) -> tuple[Item, list[int]]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        image_pixels, size = self.pixels_at(sample.image, index, self.resolution)
         if sample.label is not None:
-            opened = read_label(sample.label, sample.image, image.size)
+            opened = read_label(sample.label, sample.image, size)
             label = label_tensor(resize_and_crop(opened, self.resolution))
         else:
             label = no_label(self.resolution)
-        pixels = normalise(resize_and_crop(image, self.resolution))
-        return {"image": pixels, "label": label, "index": index, "path": sample.relative}, []
+        return {"image": image_pixels, "label": label, "index": index, "path": sample.relative}, []

@@ -45,10 +45,25 @@ def resize_and_crop(image: Image.Image, resolution: int, square_resize: bool = F
     return resized.crop(center_crop_box(resized.width, resized.height, resolution))
 
 
+def pixels(image: Image.Image) -> torch.Tensor:
+    """RGB ``PIL`` image to ``uint8 [3, H, W]``: what datasets hand the loader (a quarter of
+    the bytes of floats to copy to the GPU)."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise_pixels(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """``uint8 [..., 3, H, W]`` to normalised float32 on ``device`` (where it already is by
+    default): copied as bytes, scaled to [0, 1] and normalised there, with the ImageNet mean
+    and std, in the reference's arithmetic (ToTensor, then Normalize)."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    scaled = images.float() / 255.0
+    return (scaled - _MEAN.to(scaled.device)) / _STD.to(scaled.device)
+
+
 def normalise(image: Image.Image) -> torch.Tensor:
     """RGB ``PIL`` image to a normalised float tensor ``[3, H, W]``."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return (torch.from_numpy(array).permute(2, 0, 1) - _MEAN) / _STD
+    return normalise_pixels(pixels(image))
 
 
 def denormalise_to_uint8(images: torch.Tensor) -> np.ndarray:

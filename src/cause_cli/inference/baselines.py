@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
+from ..data.transforms import normalise_pixels
 from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
@@ -60,7 +61,7 @@ def fit_baselines(
     with reporter.task("baselines: k-means on the training split", len(batches)) as advance:
         for batch in loaded:
             if batch:
-                backbone_tokens, head_map = backbone_and_head(model, batch["image"].to(model.device))
+                backbone_tokens, head_map = backbone_and_head(model, normalise_pixels(batch["image"], model.device))
                 picked = draw_tokens(backbone_tokens.shape[0], backbone_tokens.shape[1], per_image, chooser)
                 token_rows.append(_rows(backbone_tokens, picked))
                 head_rows.append(_rows(map_to_tokens(head_map), picked))

@@ -20,7 +20,7 @@ import torch
 
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
-from ..data.transforms import denormalise_to_uint8
+from ..data.transforms import denormalise_to_uint8, normalise_pixels
 from ..devices import loader_workers, resolve_device
 from ..errors import CauseError
 from ..paths import write_json
@@ -90,7 +90,7 @@ def evaluate_run(
     try:
         with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
             for batch in batches:
-                images = batch["image"].to(torch_device)
+                images = normalise_pixels(batch["image"], torch_device)
                 labels = batch["label"].to(torch_device)
                 size = (int(labels.shape[-2]), int(labels.shape[-1]))
                 predicted = predict_batch(model, images, size, pool)

@@ -19,6 +19,7 @@ from ..backbones import FrozenBackbone
 from ..config import TrainConfig
 from ..data import SegmentationDataset, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
+from ..data.transforms import normalise_pixels
 from ..devices import autocast, loader_workers
 from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
 from ..progress import Reporter
@@ -82,8 +83,13 @@ class TrainingContext:
         recorded (with several processes, a batch of nothing else comes as an empty dict)."""
         order = self.shuffled_batches(resolution)
         order.set_epoch(epoch)
+        data = self.data_at(resolution)
+        assert self.config.resolution is not None
+        cache = self.feature_cache(resolution or self.config.resolution)
+        # Images whose tokens are cached are not decoded, only their labels read.
+        data.pixels_not_needed = cache.snapshot() if cache is not None else None
         return iterate_batches(
-            self.data_at(resolution),
+            data,
             self.config.batch_size,
             self.load_report,
             batches=order,
@@ -122,18 +128,22 @@ class TrainingContext:
                 yield None
                 continue
             labels = batch["label"].to(self.device, non_blocking=non_blocking)
-            cached = cache.get(batch["index"]) if cache is not None else None
-            if cached is not None:
-                yield cached.to(self.device, non_blocking=non_blocking), labels
+            if cache is None:
+                with autocast(self.device):
+                    tokens = self.backbone(normalise_pixels(batch["image"], self.device)).float()
+                yield tokens, labels
                 continue
-            images = batch["image"].to(self.device, non_blocking=non_blocking)
-            with autocast(self.device):
-                tokens = self.backbone(images).float()
-            if cache is not None:
-                cache.put(batch["index"], tokens)
-                # Read back what later epochs will read, so every epoch sees the same values.
-                tokens = tokens.half().float()
-            yield tokens, labels
+            indices = batch["index"]
+            cached = torch.from_numpy(cache.has(indices))
+            if not cached.all():
+                # Only the images whose tokens are not in yet: the others were not even decoded.
+                images = normalise_pixels(batch["image"][~cached], self.device)
+                with autocast(self.device):
+                    cache.put(indices[~cached], self.backbone(images).float())
+            # Read back, so this epoch sees the float16 values every later epoch will.
+            tokens = cache.get(indices)
+            assert tokens is not None
+            yield tokens.to(self.device, non_blocking=non_blocking), labels
 
     def training_batches(
         self,

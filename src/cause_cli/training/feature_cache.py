@@ -8,6 +8,7 @@ saying whether its tokens are in; a run that stops halfway keeps what it had com
 
 from __future__ import annotations
 
+import mmap
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -40,11 +41,23 @@ class FeatureCache:
                     f"The feature cache needs {needed / 2**30:.1f} GiB in {folder} but only "
                     f"{free / 2**30:.1f} GiB is free; free some space or train without --cache-features."
                 )
-        mode: Literal["r+", "w+"] = "r+" if self.path.exists() else "w+"
-        self.tokens = np.memmap(self.path, dtype=np.float16, mode=mode, shape=(images, tokens, dim))
+            with open(self.path, "wb") as created:
+                created.truncate(needed)
+        with open(self.path, "r+b") as opened:
+            self._map = mmap.mmap(opened.fileno(), needed)
+        self.tokens = np.ndarray((images, tokens, dim), dtype=np.float16, buffer=self._map)
+        self.row_bytes = tokens * dim * 2
         flags_mode: Literal["r+", "w+"] = "r+" if flags_path.exists() else "w+"
         self.filled = np.memmap(flags_path, dtype=np.uint8, mode=flags_mode, shape=(images,))
         self.size_bytes = needed
+
+    def has(self, indices: torch.Tensor) -> np.ndarray:
+        """Whether each of these items' tokens are in, ``bool [B]``."""
+        return self.filled[indices.cpu().numpy()].astype(bool)
+
+    def snapshot(self) -> np.ndarray:
+        """Whether each item's tokens are in, ``bool [N]``, as of now."""
+        return np.array(self.filled, dtype=bool)
 
     def get(self, indices: torch.Tensor) -> torch.Tensor | None:
         """The cached tokens of these items ``[B, P, D]`` (float32), or None if any is missing."""
@@ -56,7 +69,15 @@ class FeatureCache:
     def put(self, indices: torch.Tensor, tokens: torch.Tensor) -> None:
         rows = indices.cpu().numpy()
         self.tokens[rows] = tokens.detach().to("cpu", torch.float16).numpy()
-        self.tokens.flush()
+        self._flush_rows(rows)
         # The flag goes last, so a stop between the two writes leaves the tokens recomputed.
         self.filled[rows] = 1
         self.filled.flush()
+
+    def _flush_rows(self, rows: np.ndarray) -> None:
+        """Write these rows' pages to disk, and only those: flushing the whole map would scan
+        all of it (gigabytes at the paper's scale) after every batch."""
+        for row in np.unique(rows):
+            start = int(row) * self.row_bytes
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            self._map.flush(aligned, start + self.row_bytes - aligned)
