@@ -162,7 +162,9 @@ def prepare_backbone(shapes: Shapes, home: Path) -> None:
     fetch_backbones([PAPER_BACKBONE], from_file=target)
 
 
-def train_part(shapes: Shapes, data: Path, run: Path, device: torch.device, precision: str) -> list[str]:
+def train_part(
+    shapes: Shapes, data: Path, run: Path, device: torch.device, precision: str, cache_features: bool = False
+) -> list[str]:
     from cause_cli.config import TrainConfig
     from cause_cli.runs import open_run
     from cause_cli.training import train
@@ -174,11 +176,12 @@ def train_part(shapes: Shapes, data: Path, run: Path, device: torch.device, prec
         batch_size=shapes.batch_size,
         clusterbook_size=shapes.clusterbook_size,
         epochs_clusterbook=1,
-        epochs_front_door=shapes.front_door_epochs,
+        epochs_front_door=2 if cache_features else shapes.front_door_epochs,
         epochs_cluster_probe=shapes.probe_epochs,
         probe_refine=True,  # the probe's own training runs too, with its loss scaling
         precision=precision,
         checkpoint_seconds=30.0,
+        cache_features=cache_features,
     )
     reporter = TimingReporter(device)
     train(config, run, str(device), reporter)
@@ -192,7 +195,7 @@ def train_part(shapes: Shapes, data: Path, run: Path, device: torch.device, prec
         for key, value in tensors(name).items():
             if not torch.isfinite(value.float()).all():
                 raise RuntimeError(f"{precision}: {name} holds non-finite values in {key}")
-    lines.append(f"{precision}: every trained weight is finite")
+    lines.append(f"{precision}{' (feature cache)' if cache_features else ''}: every trained weight is finite")
     return lines
 
 
@@ -283,6 +286,7 @@ def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU (what CI runs)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the CUDA-only tests and bench_steps.py")
     parser.add_argument("--out", type=Path, help="keep the data and runs here (default: a temporary folder)")
     args = parser.parse_args()
     shapes = SMALL if args.small else PAPER
@@ -296,7 +300,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         os.environ["CAUSE_HOME"] = str(work / "home")
         run_part("environment", lambda: environment_lines(device), outcomes)
-        if device.type == "cuda":
+        if device.type == "cuda" and not args.no_bench:
             python = sys.executable
             run_part(
                 "CUDA-only tests",
@@ -314,6 +318,11 @@ def main() -> int:
                 lambda run=run, precision=precision: train_part(shapes, data, run, device, precision),
                 outcomes,
             )
+        run_part(
+            "train with --cache-features",
+            lambda: train_part(shapes, data, work / "run-cached", device, "auto", cache_features=True),
+            outcomes,
+        )
         run = work / "run-bfloat16"
         run_part("evaluate with the CRF", lambda: evaluate_part(run, device), outcomes)
         run_part("segment", lambda: segment_part(shapes, data, run, work / "segments", device), outcomes)

@@ -21,6 +21,12 @@ def test_gpu_check_runs_small_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = done.stdout.split("== summary")[1]
-    for part in ("train in bfloat16", "train in float16", "evaluate with the CRF", "segment"):
+    for part in (
+        "train in bfloat16",
+        "train in float16",
+        "train with --cache-features",
+        "evaluate with the CRF",
+        "segment",
+    ):
         assert f"ok     {part}" in summary
     assert "every trained weight is finite" in done.stdout

@@ -249,10 +249,14 @@ class TrainingContext:
             return 1.0
         return self.sizes[self.group.rank] * self.group.world_size / sum(self.sizes)
 
-    def global_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """This process's part of the mean of ``values`` over all processes (their mean with one)."""
-        count = self.group.all_sum(torch.tensor(float(values.numel()), device=values.device))
-        return values.sum() * self.group.world_size / count.clamp_min(1)
+    def global_mean(self, values: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """This process's part of the mean of ``values`` (those ``kept``, a boolean mask) over
+        all processes (their mean with one). The count stays on the device: no host sync."""
+        if kept is None:
+            kept = torch.ones_like(values, dtype=torch.bool)
+        count = self.group.all_sum(kept.sum().to(values.dtype))
+        total = torch.where(kept, values, torch.zeros_like(values)).sum()
+        return total * self.group.world_size / count.clamp_min(1)
 
     def global_loss_value(self, loss: torch.Tensor) -> float:
         """The loss of the global batch, from every process's part of it."""

@@ -111,7 +111,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             settings,
             student_inputs,
         )
-        loss = context.global_mean(values[defined])
+        loss = context.global_mean(values, defined)
         if reference:
             with autocast(device):
                 probe_features = heads.teacher(tokens, use_dropout=True).float()
