@@ -318,3 +318,15 @@ def test_considered_log_sum_exp_over_groups_sharing_codes():
     some = weights.sum(dim=(1, 2)) > 0
     torch.testing.assert_close(value[some], slow[some])
     assert value[~some].eq(0).all()
+
+
+def test_tr_head_fused_attention_equals_the_explicit_weights():
+    torch.manual_seed(8)
+    heads = SegmentationHeads(dim=12, reduced_dim=6, projection_dim=10, num_classes=3, kind="tr", num_queries=9)
+    heads.set_clusterbook(torch.randn(6, 12))
+    head = heads.student.eval()
+    tokens = torch.randn(2, 9, 12)
+    explicit = head.decode(tokens, attention_weights=True)
+    fused = head.decode(tokens, attention_weights=False)
+    assert explicit["self_attn_weights"] is not None and fused["self_attn_weights"] is None
+    torch.testing.assert_close(fused["output"], explicit["output"], rtol=1e-5, atol=1e-6)

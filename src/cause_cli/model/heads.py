@@ -83,17 +83,21 @@ class TRHead(nn.Module):
     def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
         self.clusterbook = clusterbook.detach().to(self.query_pos.device, self.query_pos.dtype)
 
-    def decode(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every intermediate of the decoder layer, for inspection and tests."""
+    def decode(self, tokens: torch.Tensor, attention_weights: bool = True) -> dict[str, torch.Tensor | None]:
+        """Every intermediate of the decoder layer, for inspection and tests. Without
+        ``attention_weights`` the attention runs fused (``scaled_dot_product_attention``: flash
+        or memory-efficient kernels on GPUs) and the weights come back as None."""
         if self.clusterbook.shape[0] == 0:
             raise RuntimeError("TRHead needs its clusterbook: call set_clusterbook first")
         if tokens.shape[1] != self.query_pos.shape[0]:
             raise ValueError(f"TRHead was built for {self.query_pos.shape[0]} tokens per image, got {tokens.shape[1]}")
         queries = quantise(tokens, self.clusterbook)
         with_pos = queries + self.query_pos
-        self_out, self_weights = self.self_attn(with_pos, with_pos, queries)
+        self_out, self_weights = self.self_attn(with_pos, with_pos, queries, need_weights=attention_weights)
         norm1_out = self.norm1(queries + self.dropout1(self_out))
-        cross_out, cross_weights = self.cross_attn(norm1_out + self.query_pos, tokens, tokens)
+        cross_out, cross_weights = self.cross_attn(
+            norm1_out + self.query_pos, tokens, tokens, need_weights=attention_weights
+        )
         norm2_out = self.norm2(norm1_out + self.dropout2(cross_out))
         linear2_out = self.linear2(self.ffn_dropout(torch.relu(self.linear1(norm2_out))))
         norm3_out = self.norm3(norm2_out + self.dropout3(linear2_out))
@@ -110,7 +114,8 @@ class TRHead(nn.Module):
         }
 
     def forward(self, tokens: torch.Tensor, use_dropout: bool = False) -> torch.Tensor:
-        decoded = self.decode(tokens)["output"]
+        decoded = self.decode(tokens, attention_weights=False)["output"]
+        assert decoded is not None
         return self.projection(decoded, self.dropout if use_dropout else None)
 
 
