@@ -28,7 +28,10 @@ class ConceptBank:
     ) -> None:
         self.num_codes = num_codes
         self.capacity = capacity
-        self.features = torch.zeros(num_codes, capacity, feature_dim, device=device, dtype=dtype)
+        # One slot more than the ring buffers hold: writes that must not land go there, so an
+        # update needs no boolean indexing (which waits for the GPU).
+        self._storage = torch.zeros(num_codes * capacity + 1, feature_dim, device=device, dtype=dtype)
+        self.features = self._storage[:-1].view(num_codes, capacity, feature_dim)
         self.filled = torch.zeros(num_codes, dtype=torch.long, device=device)
         self.next_slot = torch.zeros(num_codes, dtype=torch.long, device=device)
 
@@ -65,8 +68,9 @@ class ConceptBank:
         # Of more than `capacity` new entries only the newest survive, so older ones are not written.
         write = (rank < kept) & (rank >= kept - self.capacity)
         slot = (self.next_slot[sorted_codes] + rank) % self.capacity
-        write_codes = sorted_codes[write]
-        self.features[write_codes, slot[write]] = features[order[write]].to(self.features.dtype)
+        nowhere = self.num_codes * self.capacity  # the spare slot
+        targets = torch.where(write, sorted_codes * self.capacity + slot, nowhere)
+        self._storage.index_copy_(0, targets, features[order].to(self._storage.dtype))
 
         self.next_slot = (self.next_slot + kept_per_code) % self.capacity
         self.filled = torch.clamp(self.filled + kept_per_code, max=self.capacity)
@@ -99,6 +103,6 @@ class ConceptBank:
         return {"features": self.features, "filled": self.filled, "next_slot": self.next_slot}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.features = state["features"].to(self.features.device, self.features.dtype)
+        self.features.copy_(state["features"])
         self.filled = state["filled"].to(self.filled.device)
         self.next_slot = state["next_slot"].to(self.next_slot.device)
