@@ -54,6 +54,13 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
+@nox.session(name="gpu-check")
+def gpu_check(session: nox.Session) -> None:
+    """Everything a GPU changes, on one GPU in a few minutes (``-- --small``: on the CPU)."""
+    install_package(session, "test")
+    session.run("python", "benchmarks/gpu_check.py", *session.posargs)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """Install the toolkit and run `cause demo`."""
