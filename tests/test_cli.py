@@ -232,9 +232,11 @@ def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
     run = tmp_path / "tr-run"
     result = invoke("train", "--data-dir", scenes, "--run", run, "--head", "tr", "--resolution", "64",
                     "--clusterbook-size", "32", "--batch-size", "8", "--epochs-front-door", "1", "--min-updates", "0",
-                    "--device", "cpu", "--quiet")  # fmt: skip
+                    "--reduced-dim", "24", "--device", "cpu", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())
+    assert info["config"]["reduced_dim"] == 24
+    assert RunDirectory(run).load_tensors("probe.safetensors")["centroids"].shape[1] == 24
     # The paper's 5 cluster-probe epochs after the TR head belong to its random start; the
     # default k-means start is not refined.
     assert info["config"]["head"] == "tr" and info["config"]["epochs_cluster_probe"] == 0

@@ -222,6 +222,9 @@ def train(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     clusterbook_size: Annotated[int, typer.Option("--clusterbook-size", help="Concepts K in the clusterbook.")] = 2048,
+    reduced_dim: Annotated[
+        int, typer.Option("--reduced-dim", help="Width of the head's features (the paper's 90).", min=1)
+    ] = 90,
     epochs_clusterbook: Annotated[
         int | None, typer.Option("--epochs-clusterbook", help="Default: the paper's 1, or enough for --min-updates.")
     ] = None,
@@ -369,6 +372,7 @@ def train(
         resolution=resolution,
         batch_size=batch_size,
         clusterbook_size=clusterbook_size,
+        reduced_dim=reduced_dim,
         epochs_clusterbook=epochs_clusterbook,
         epochs_front_door=epochs_front_door,
         epochs_cluster_probe=epochs_cluster_probe,
