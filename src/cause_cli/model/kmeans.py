@@ -2,17 +2,18 @@
 label-free start of the cluster probe (step three).
 
 Points and centroids live on the unit sphere and a point belongs to the centroid of highest
-cosine, as the cluster probe assigns pixels. Seeding is k-means++ with the cosine distance
-``1 - cos``: each new centroid is a point drawn with probability proportional to its squared
-distance from the nearest centroid so far. Lloyd's iterations then alternate assignment and
-``centroid = normalise(sum of its points)`` until no point changes cluster. A centroid that
-loses all its points moves to the point its cluster fits worst. Of several restarts, the one
-with the highest mean cosine between points and their centroids is kept: a criterion that
-needs no labels.
+cosine, as the cluster probe assigns pixels. Seeding is greedy k-means++ with the cosine
+distance ``1 - cos``: each new centroid is the best of a few points drawn with probability
+proportional to their squared distance from the nearest centroid so far. Lloyd's iterations
+then alternate assignment and ``centroid = normalise(sum of its points)`` until no point
+changes cluster. A centroid that loses all its points moves to the point its cluster fits
+worst. Of several restarts, the one with the highest mean cosine between points and their
+centroids is kept: a criterion that needs no labels.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +40,26 @@ def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` seeds drawn from the unit ``points [N, d]`` by k-means++ with the cosine distance."""
+    """``k`` seeds drawn from the unit ``points [N, d]`` by greedy k-means++ with the cosine
+    distance: each step draws ``2 + ln k`` candidates with probability proportional to their
+    squared distance from the nearest seed so far and keeps the one that leaves the smallest
+    total (Arthur and Vassilvitskii's greedy variant, as scikit-learn seeds). One draw a step
+    lands in a poor optimum far more often: on one head's features, 8 plain restarts missed
+    the best clustering for 3 of 6 seeds."""
+    trials = 2 + int(math.log(k))
     first = int(torch.randint(points.shape[0], (1,), generator=generator))
     seeds = [points[first]]
-    nearest = 1.0 - points @ points[first]
+    nearest = (1.0 - points @ points[first]).clamp_min(0)
     for _ in range(1, k):
-        weights = nearest.clamp_min(0).square().cpu()
+        weights = nearest.square().cpu()
         if float(weights.sum()) <= 0:  # every point already sits on a seed: any point will do
             weights = torch.ones_like(weights)
-        chosen = int(torch.multinomial(weights.double(), 1, generator=generator))
-        seeds.append(points[chosen])
-        nearest = torch.minimum(nearest, 1.0 - points @ points[chosen])
+        candidates = torch.multinomial(weights.double(), trials, replacement=True, generator=generator)
+        distances = (1.0 - points @ points[candidates.to(points.device)].t()).clamp_min(0)  # [N, trials]
+        totals = torch.minimum(nearest.unsqueeze(1), distances).square().sum(dim=0)
+        best = int(totals.argmin())
+        seeds.append(points[int(candidates[best])])
+        nearest = torch.minimum(nearest, distances[:, best])
     return torch.stack(seeds)
 
 
