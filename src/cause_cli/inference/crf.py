@@ -178,17 +178,13 @@ class PendingResults:
     futures: list[futures.Future]
     done: list[np.ndarray] | None = None
 
-    def __post_init__(self) -> None:
-        self.size = len(self.images)
-
     def __len__(self) -> int:
-        return self.size
+        return len(self.images)
 
     def result(self) -> list[np.ndarray]:
         """Wait for every result (in submission order)."""
         if self.done is None:
             self.done = self.pool._collect(self)
-            self.images, self.log_probabilities, self.futures = [], [], []
         return self.done
 
 

@@ -96,8 +96,7 @@ class ConceptBank:
             valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
             return BankByCode(self.features, valid, code_vectors)
         entries, codes = self.entries()
-        one_each = torch.ones(len(entries), 1, dtype=torch.bool, device=entries.device)
-        return BankByCode(entries[:, None], one_each, code_vectors, group_codes=codes)
+        return BankByCode.of_entries(entries, code_vectors, codes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "filled": self.filled, "next_slot": self.next_slot}

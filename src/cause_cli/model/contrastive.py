@@ -84,11 +84,13 @@ class BankByCode:
         return replace(self, through_projection=projected_entries.reshape(shape))
 
     @staticmethod
-    def of_entries(features: torch.Tensor, code_vectors: torch.Tensor) -> BankByCode:
-        """A bank given entry by entry (``[N, E]`` and ``[N, D]``): each entry its own code."""
-        return BankByCode(
-            features[:, None], torch.ones(len(features), 1, dtype=torch.bool, device=features.device), code_vectors
-        )
+    def of_entries(
+        features: torch.Tensor, code_vectors: torch.Tensor, entry_codes: torch.Tensor | None = None
+    ) -> BankByCode:
+        """A bank given entry by entry, ``features [N, E]``, each entry a group of one: its code
+        is ``code_vectors[n]`` (``[N, D]``), or ``code_vectors[entry_codes[n]]``."""
+        one_each = torch.ones(len(features), 1, dtype=torch.bool, device=features.device)
+        return BankByCode(features[:, None], one_each, code_vectors, group_codes=entry_codes)
 
 
 class _ConsideredLogSumExp(torch.autograd.Function):

@@ -230,8 +230,8 @@ class StudentBranch(nn.Module):
     given the concept bank's entries ``[N, E]``, those entries taken back through the
     projection, ``[N, r + 1]`` (``b W`` and ``b . bias``; None when ``r + 1 >= E``): the
     bank's similarities then cost ``r + 1`` multiply-adds each instead of ``E`` (see
-    :mod:`.contrastive`). The projection
-    runs in float32 whatever the autocast around it, like the loss it feeds.
+    :mod:`.contrastive`). The projection runs in float32 whatever the autocast around it, like
+    the loss it feeds.
     """
 
     def __init__(self, head: nn.Module, projection: ProjectionHead) -> None:
