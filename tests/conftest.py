@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from .helpers import shared_path
+from .helpers import require_pydensecrf, shared_path
 
 
 @pytest.fixture
@@ -26,3 +26,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "cause-home"
     monkeypatch.setenv("CAUSE_HOME", str(cache))
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def pydensecrf():
+    """For tests of the dense CRF: skips without pydensecrf, fails in CI."""
+    require_pydensecrf()

@@ -1,9 +1,11 @@
-"""Helpers for the tests. Tests that need ../shared find it from the repository root; when it
-is missing they skip locally and fail under CI=true, so a wrong path can never pass silently."""
+"""Helpers for the tests. Tests that need ../shared find it from the repository root, and
+tests of the dense CRF need pydensecrf; when either is missing they skip locally and fail in
+CI (CI set to true, 1 or yes, as CI services set it), so nothing can pass there by skipping."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +16,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
 
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def skip_or_fail_in_ci(message: str) -> None:
+    """Skip the test here, but fail it in CI, where everything the tests need is installed."""
+    if under_ci():
+        pytest.fail(f"{message} (in CI this is a failure, not a skip)")
+    pytest.skip(message)
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        message = f"{path} is missing (the shared folder belongs beside the repository root)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail_in_ci(f"{path} is missing (the shared folder belongs beside the repository root)")
     return path
+
+
+def require_pydensecrf() -> None:
+    from cause_cli.inference.crf import crf_available
+
+    if not crf_available():
+        skip_or_fail_in_ci("pydensecrf is not installed")
 
 
 def assert_close(actual, expected, rtol: float = 1e-5, atol: float | None = None) -> None:
@@ -49,3 +66,13 @@ def assert_same_weights(actual_run: Path, expected_run: Path, rtol: float, atol:
         assert expected.keys() == actual.keys(), name
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=f"{name}:{key}")
+
+
+def work_record(run: Path, title: str) -> tuple[int, int, int, int]:
+    """(batches trained, batches in the step, done before, backbone passes) of the step titled
+    ``title`` (e.g. "step 2/3 front door"), from its last record in the run's train.log."""
+    pattern = re.escape(title) + r": (\d+) of (\d+) batches trained here \((\d+) done before\), (\d+) backbone"
+    records = re.findall(pattern, (run / "train.log").read_text())
+    assert records, f"no work record of {title!r} in {run / 'train.log'}"
+    trained, total, before, passes = (int(value) for value in records[-1])
+    return trained, total, before, passes

@@ -15,7 +15,6 @@ from cause_cli import __version__
 from cause_cli.cli import app
 from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
-from cause_cli.inference.crf import crf_available
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 
@@ -194,11 +193,14 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
 @pytest.mark.parametrize(
     "probe",
     [
-        {},  # the default step three: a k-means start, no refinement
+        {},  # the default step three: a k-means start in the whitened space, no refinement
+        {"probe_space": "head"},
         {"probe_refine": True},
         {"probe_init": "random", "probe_restarts": 2},
+        {"head": "tr", "reduced_dim": 24},
+        {"cache_features": True},
     ],
-    ids=["kmeans", "kmeans-refined", "random"],
+    ids=["kmeans", "kmeans-head-space", "kmeans-refined", "random", "tr-head", "feature-cache"],
 )
 def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
     unlabelled = tmp_path / "unlabelled"
@@ -209,6 +211,7 @@ def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
     for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
         with_labels = RunDirectory(labelled_run).load_tensors(name)
         without = RunDirectory(unlabelled_run).load_tensors(name)
+        assert with_labels.keys() == without.keys(), name
         for key, value in with_labels.items():
             if key.startswith("linear_probe"):
                 continue
@@ -250,7 +253,7 @@ def test_tr_head_trains_evaluates_and_segments(scenes, tmp_path):
     assert len(list((out / "labels").glob("*.png"))) == 8
 
 
-crf_only = pytest.mark.skipif(not crf_available(), reason="pydensecrf missing")
+crf_only = pytest.mark.usefixtures("pydensecrf")
 
 
 @crf_only

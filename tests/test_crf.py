@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cause_cli.inference.metrics import MetricAccumulator
 
 from .helpers import shared_path
 
-pytestmark = pytest.mark.skipif(not crf_module.crf_available(), reason="pydensecrf is not installed")
+pytestmark = pytest.mark.usefixtures("pydensecrf")
 
 VOC_CLASSES = 21
 
@@ -141,10 +142,15 @@ def test_a_hung_worker_is_stopped():
     assert time.monotonic() - started < 30
 
 
-def test_missing_pydensecrf_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(crf_module, "crf_available", lambda: False)
-    with pytest.raises(CauseError, match="pip install cause-cli\\[crf\\]"):
+@pytest.mark.parametrize("pydensecrf", [None])  # this test runs with or without the module
+def test_missing_pydensecrf_is_one_sentence(monkeypatch, pydensecrf):
+    # As if the module were not installed: an import of it raises ImportError.
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert not crf_module.crf_available()
+    with pytest.raises(CauseError, match="pip install cause-cli\\[crf\\]") as refused:
         CRFPool(0)
+    assert str(refused.value).count(". ") == 0 and str(refused.value).endswith(".")
 
 
 def reference_crf_image(normalised: torch.Tensor) -> np.ndarray:

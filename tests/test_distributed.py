@@ -27,7 +27,7 @@ from cause_cli.model.contrastive import (
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
 from cause_cli.training.distributed import from_environment, start, stop
 
-from .helpers import assert_same_weights
+from .helpers import assert_same_weights, work_record
 
 # --- sampling -----------------------------------------------------------------------------
 
@@ -231,6 +231,7 @@ def test_killed_processes_resume_to_the_weights_of_an_uninterrupted_run(tmp_path
     launcher.wait(timeout=60)
     assert killed >= 2, "step two finished before the processes could be killed"
     assert not (interrupted / "head.safetensors").exists()
+    checkpoint = torch.load(interrupted / "resume.pt", weights_only=True)
 
     resumed = subprocess.run(
         _cause("train", "--resume", "--run", interrupted, "--device", "cpu", "--gpus", "2"),
@@ -240,6 +241,12 @@ def test_killed_processes_resume_to_the_weights_of_an_uninterrupted_run(tmp_path
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "front_door: resumed at epoch" in (interrupted / "train.log").read_text()
+    # Rank 0 trained (and ran the backbone on) only the batches after the checkpoint's position.
+    trained, total, before, passes = work_record(interrupted, "step 2/3 front door")
+    assert work_record(whole, "step 2/3 front door") == (total, total, 0, total)
+    per_epoch = total // 8
+    assert before == checkpoint["epoch"] * per_epoch + checkpoint["batch"] > 0
+    assert trained == passes == total - before
     assert_same_weights(interrupted, whole, rtol=1e-4, atol=2e-5)
 
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from cause_cli.backbones import REGISTRY
 from cause_cli.cli import app
 from cause_cli.data.transforms import normalise, resize_and_crop
-from cause_cli.inference.crf import CRFPool, crf_available
+from cause_cli.inference.crf import CRFPool
 from cause_cli.inference.predict import (
     cluster_cosines,
     crf_unary,
@@ -35,7 +35,7 @@ from cause_cli.model.reference import load_reference_file
 from cause_cli.runs import RunDirectory
 
 from .fake_hub import FakeHub, forbid_remote_connections, point_hub_at
-from .helpers import shared_path
+from .helpers import require_pydensecrf, shared_path
 from .test_backbones import independent_resize
 
 RESOLUTION = 320
@@ -170,8 +170,7 @@ def test_imported_run_reproduces_reference_predictions_on_real_photos(imported_r
     print(f"pixels agreeing with the reference path, no CRF: {100 * agreement(predictions, expected):.3f}%")
     assert agreement(predictions, expected) > 0.999
 
-    if not crf_available():
-        pytest.skip("pydensecrf is not installed")
+    require_pydensecrf()
     # With CRF: image and flip averaged, log_softmax(3 cos), the dense CRF.
     averaged = flip_averaged_feature_map(model, ours, features)
     unary = crf_unary(cluster_cosines(model, averaged, (RESOLUTION, RESOLUTION)))

@@ -1,5 +1,7 @@
-"""A training run killed partway (a real SIGKILL to a real process) and resumed with
-`cause train --resume` ends with the same weights as an uninterrupted run."""
+"""A training run killed partway (a real SIGKILL to a real process) in any of the three steps
+and resumed with `cause train --resume` continues from its checkpoint (the batches it had done
+are not trained again nor sent through the backbone) and ends with the same weights as an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -15,50 +17,91 @@ import torch
 
 from cause_cli.data.synthetic import write_scenes
 
-from .helpers import assert_same_weights
+from .helpers import assert_same_weights, work_record
+
+TRAIN_IMAGES, BATCH = 16, 4
+PER_EPOCH = TRAIN_IMAGES // BATCH
+EPOCHS = {"clusterbook": 4, "front_door": 6, "cluster_probe": 4}
+OUTPUTS = {"clusterbook": "clusterbook", "front_door": "head", "cluster_probe": "probe"}
+TITLES = {"clusterbook": "step 1/3 clusterbook", "front_door": "step 2/3 front door",
+          "cluster_probe": "step 3/3 cluster probe"}  # fmt: skip
 
 
-def cause(*args: object, env: dict[str, str]) -> list[str]:
+def cause(*args: object) -> list[str]:
     return [sys.executable, "-m", "cause_cli", *[str(a) for a in args]]
 
 
 def train_args(scenes, run) -> list[object]:
+    # A random probe start refined by modularity, with two restarts, so that step three has
+    # batches, schedulers and restarts to resume.
     return ["train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "32",
-            "--batch-size", "4", "--epochs-clusterbook", "2", "--epochs-front-door", "6",
-            "--epochs-cluster-probe", "2", "--checkpoint-every", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+            "--batch-size", BATCH, "--epochs-clusterbook", EPOCHS["clusterbook"],
+            "--epochs-front-door", EPOCHS["front_door"], "--epochs-cluster-probe", EPOCHS["cluster_probe"],
+            "--probe-init", "random", "--probe-restarts", "2",
+            "--checkpoint-every", "0", "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+CACHE: list[str] = []  # the tests' backbone cache (conftest's), set by the module fixture
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "CAUSE_HOME": CACHE[0], "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def scenes_and_whole_run(tmp_path_factory):
+    CACHE[:] = [str(tmp_path_factory.getbasetemp() / "cause-home")]
+    root = tmp_path_factory.mktemp("resume")
+    scenes = write_scenes(root / "scenes", num_train=TRAIN_IMAGES, num_val=2, seed=4, size_range=(64, 72))
+    whole = root / "whole"
+    subprocess.run(cause(*train_args(scenes, whole)), env=environment(), check=True, capture_output=True)
+    return scenes, whole
+
+
+def kill_during(step: str, scenes, run) -> dict:
+    """Start a training, SIGKILL it once a checkpoint of ``step`` exists; return that checkpoint."""
+    process = subprocess.Popen(cause(*train_args(scenes, run)), env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            state = run / "resume.pt"
+            if state.exists() and not (run / f"{OUTPUTS[step]}.safetensors").exists():
+                try:
+                    checkpoint_step = torch.load(state, weights_only=True)["step"]
+                except Exception:  # replaced while being read
+                    continue
+                if checkpoint_step == step:
+                    process.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run finished before {step} could be killed"
+    assert not (run / f"{OUTPUTS[step]}.safetensors").exists(), f"{step} ended before the kill landed"
+    json.loads((run / "run.json").read_text())  # the run folder stays readable
+    return torch.load(run / "resume.pt", weights_only=True)
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    scenes = write_scenes(tmp_path / "scenes", num_train=16, num_val=2, seed=4, size_range=(64, 72))
-    env = {**os.environ, "CAUSE_HOME": os.environ["CAUSE_HOME"], "OMP_NUM_THREADS": "1"}
-    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    subprocess.run(cause(*train_args(scenes, whole), env=env), env=env, check=True, capture_output=True)
+@pytest.mark.parametrize("step", ["clusterbook", "front_door", "cluster_probe"])
+def test_a_run_killed_in_any_step_resumes_where_it_stopped_to_the_same_weights(scenes_and_whole_run, tmp_path, step):
+    scenes, whole = scenes_and_whole_run
+    interrupted = tmp_path / "interrupted"
+    checkpoint = kill_during(step, scenes, interrupted)
+    assert checkpoint["step"] == step
+    done = checkpoint["epoch"] * PER_EPOCH + checkpoint["batch"]
+    total = EPOCHS[step] * PER_EPOCH
+    assert 0 < done < total
 
-    process = subprocess.Popen(cause(*train_args(scenes, interrupted), env=env), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    killed_in_step_two = False
-    while time.monotonic() < deadline and process.poll() is None:
-        state = interrupted / "resume.pt"
-        if (interrupted / "clusterbook.safetensors").exists() and state.exists():
-            try:
-                step = torch.load(state, weights_only=True)["step"]
-            except Exception:  # replaced while being read
-                continue
-            if step == "front_door":
-                process.send_signal(signal.SIGKILL)
-                killed_in_step_two = True
-                break
-        time.sleep(0.01)
-    process.wait(timeout=60)
-    assert killed_in_step_two, "the run finished step two before it could be killed"
-    assert not (interrupted / "head.safetensors").exists()
-    json.loads((interrupted / "run.json").read_text())  # the run folder stays readable
-
-    resumed = subprocess.run(cause("train", "--resume", "--run", interrupted, "--device", "cpu", env=env), env=env,
-                             capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(cause("train", "--resume", "--run", interrupted, "--device", "cpu"),
+                             env=environment(), capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed at epoch" in (interrupted / "train.log").read_text()
     assert not (interrupted / "resume.pt").exists()
+    # The resumed process trained only what the checkpoint had not, and sent only that through
+    # the backbone; the uninterrupted run trained everything.
+    assert work_record(interrupted, TITLES[step]) == (total - done, total, done, total - done)
+    assert work_record(whole, TITLES[step]) == (total, total, 0, total)
     assert_same_weights(interrupted, whole, rtol=1e-5, atol=1e-6)

@@ -276,6 +276,14 @@ def train(
             help="Refine the k-means centroids by the paper's modularity objective (a random start always is).",
         ),
     ] = False,
+    probe_space: Annotated[
+        str,
+        typer.Option(
+            "--probe-space",
+            help="Where the cluster probe clusters: whitened (the head's features whitened by a fit on the "
+            "training images, no labels) or head (the head's features, the paper's).",
+        ),
+    ] = "whitened",
     probe_restarts: Annotated[
         int | None,
         typer.Option(
@@ -385,6 +393,7 @@ def train(
         recipe=recipe,
         probe_init=probe_init,
         probe_refine=probe_refine,
+        probe_space=probe_space,
         probe_restarts=probe_restarts,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,

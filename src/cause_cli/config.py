@@ -10,6 +10,7 @@ from .errors import CauseError
 
 HEADS = ("mlp", "tr")
 PROBE_INITS = ("kmeans", "random")
+PROBE_SPACES = ("whitened", "head")
 # Restarts of the cluster probe when none are asked for: k-means restarts are cheap; the
 # paper's random start is one.
 DEFAULT_PROBE_RESTARTS = {"kmeans": 8, "random": 1}
@@ -84,6 +85,9 @@ class TrainConfig:
     # Whether k-means centroids are then refined by the paper's modularity objective (a random
     # start always is).
     probe_refine: bool = False
+    # Where the cluster probe's centroids live: "whitened" (the teacher's features whitened by
+    # a fit on the training split, no labels) or "head" (the teacher's features, the paper's).
+    probe_space: str = "whitened"
     # Starts of the cluster probe: k-means restarts ranked by mean cosine, or random starts
     # trained side by side and ranked by modularity. None: 8 for k-means, 1 for random.
     probe_restarts: int | None = None
@@ -110,6 +114,8 @@ class TrainConfig:
             raise CauseError("The negative threshold must not exceed the positive threshold.")
         if self.probe_init not in PROBE_INITS:
             raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
+        if self.probe_space not in PROBE_SPACES:
+            raise CauseError(f"Unknown cluster-probe space '{self.probe_space}'; choose {' or '.join(PROBE_SPACES)}.")
         if self.probe_restarts is None:
             start = "random" if self.recipe == "reference" else self.probe_init
             self.probe_restarts = DEFAULT_PROBE_RESTARTS[start]
@@ -199,4 +205,4 @@ def apply_reference_recipe(config: TrainConfig) -> None:
         config.front_door_resolution = REFERENCE_MLP_TRAIN_RESOLUTION
     config.epochs_clusterbook, config.epochs_front_door = 1, 2
     config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]
-    config.probe_init, config.probe_refine = "random", True
+    config.probe_init, config.probe_refine, config.probe_space = "random", True, "head"

@@ -254,10 +254,23 @@ FAMILIES: dict[str, SceneFamily] = {
             (3, 6),
             "tuning only: 7 classes, colours 1.2 standard deviations off the mean",
         ),
+        SceneFamily(
+            "tune-overlap",
+            tuple(
+                textured_class(f"mixed-{index}-{pattern}", _mixed_colour(first, second, sign), pattern)
+                for index, (first, second, sign) in enumerate(
+                    ((0, 1, +1.0), (1, 2, +1.0), (0, 2, +1.0), (0, 1, -1.0), (1, 2, -1.0))
+                )
+                for pattern in ("checker", "dots")
+            ),
+            (128, 176),
+            (3, 6),
+            "tuning only: 10 classes, 5 mixed colours each in two textures",
+        ),
     )
 }
 REPORTED_FAMILIES = ("three-large", "six-small", "twelve-overlap", "pastel-six", "big-images")
-TUNING_FAMILIES = ("tune-five", "tune-seven")
+TUNING_FAMILIES = ("tune-five", "tune-seven", "tune-overlap")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

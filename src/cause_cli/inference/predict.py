@@ -18,7 +18,7 @@ from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
 from ..data.transforms import denormalise_to_uint8
 from ..devices import autocast
-from ..model.heads import ClusterProbe, LinearProbe, SegmentationHeads
+from ..model.heads import ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
 from ..runs import PROBE_FILE, RunDirectory
 from ..training import load_heads
@@ -57,8 +57,11 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
     num_classes = int(info["num_classes"])
     heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
     probe_state = run.load_tensors(PROBE_FILE, device)
-    cluster_probe = ClusterProbe(config.reduced_dim, num_classes).to(device)
-    cluster_probe.centroids.data.copy_(probe_state["centroids"])
+    whitening = FeatureWhitening(config.reduced_dim) if "whitening.matrix" in probe_state else None
+    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening).to(device)
+    cluster_probe.load_state_dict(
+        {key: value for key, value in probe_state.items() if key in cluster_probe.state_dict()}
+    )
     linear_probe = heads.linear_probe
     if "linear_probe.linear.weight" in probe_state:
         linear_probe.load_state_dict(

@@ -144,17 +144,61 @@ class LinearProbe(nn.Module):
         return tokens_to_map(self.linear(tokens))
 
 
-class ClusterProbe(nn.Module):
-    """Cluster centroids ``Phi [C, r]`` that assign head features to clusters by cosine."""
+# The smallest variance whitening divides by, as a share of the largest: directions the head
+# keeps almost nothing in are not blown up into noise (1e-2 to 1e-4 measured alike).
+WHITENING_FLOOR = 1e-3
 
-    def __init__(self, reduced_dim: int, num_clusters: int) -> None:
+
+class FeatureWhitening(nn.Module):
+    """PCA whitening of unit-length features: ``x -> (x / |x| - mu) V diag(1 / sqrt(lambda))``.
+
+    Fitted without labels on a sample of the teacher head's features, it gives every direction
+    of the head's feature space the same variance. The front door concentrates the features in
+    a narrow cone (mean cosine to their cluster's centre above 0.98) where the directions that
+    separate similar classes carry little variance; spherical k-means on the whitened features
+    finds them (docs/quality.md).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("matrix", torch.eye(dim))
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, floor: float = WHITENING_FLOOR) -> FeatureWhitening:
+        """The whitening of ``features [N, r]`` (float64 arithmetic, float32 result)."""
+        unit = F.normalize(features.double(), dim=-1)
+        mean = unit.mean(dim=0)
+        centred = unit - mean
+        covariance = centred.T @ centred / max(1, len(unit) - 1)
+        variances, directions = torch.linalg.eigh(covariance)
+        variances = variances.clamp_min(0) + floor * variances.max().clamp_min(torch.finfo(torch.float64).tiny)
+        whitening = cls(features.shape[-1])
+        whitening.mean.copy_(mean.float())
+        whitening.matrix.copy_((directions / variances.sqrt()).float())
+        return whitening
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(features, dim=-1) - self.mean) @ self.matrix
+
+
+class ClusterProbe(nn.Module):
+    """Cluster centroids ``Phi [C, r]`` that assign head features to clusters by cosine, in
+    the head's feature space or (with ``whitening``) in its whitened space."""
+
+    def __init__(self, reduced_dim: int, num_clusters: int, whitening: FeatureWhitening | None = None) -> None:
         super().__init__()
         self.centroids = nn.Parameter(torch.empty(num_clusters, reduced_dim))
         nn.init.uniform_(self.centroids, -1.0 / num_clusters, 1.0 / num_clusters)
+        self.whitening = whitening
+
+    def space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Head features ``[..., r]`` in the space the centroids live in."""
+        return tokens if self.whitening is None else self.whitening(tokens)
 
     def cosine(self, tokens: torch.Tensor) -> torch.Tensor:
         """``cos(h, Phi_c)`` for every token: ``[..., P, C]``."""
-        return cosine_similarity_matrix(tokens, self.centroids)
+        return cosine_similarity_matrix(self.space(tokens), self.centroids)
 
     def assign(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cluster index of every token: ``[..., P]``."""

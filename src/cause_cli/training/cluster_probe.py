@@ -7,18 +7,22 @@ the teacher's features of the training images (k-means++ seeding, restarts ranke
 cosine, no labels), and the modularity refinement runs only when asked for
 (``probe_refine``): on folders of a few hundred images a random start often leaves classes
 without a centroid, and refining k-means centroids by modularity lowered their mIoU in our
-measurements (docs/quality.md).
+measurements (docs/quality.md). Also by default (``probe_space="whitened"``) the centroids
+live in the teacher's feature space whitened by a fit on the same sample, where k-means
+separates classes that the front door packed close together; the whitening is saved with
+the centroids and applied at inference.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 from typing import Any
 
 import torch
 
 from ..devices import autocast, gradient_scaler
-from ..model.heads import ClusterProbe, SegmentationHeads
+from ..model.heads import ClusterProbe, FeatureWhitening, SegmentationHeads
 from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.modularity import ModularityObjective
 from ..paths import write_atomically
@@ -57,14 +61,28 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         parameter.requires_grad_(True)
     group = context.group
     assert config.probe_restarts is not None
+    whitening = None
+    points = None
+    if config.probe_init == "kmeans" or config.probe_space == "whitened":
+        points = sample_teacher_features(context, heads, title)
+    if config.probe_space == "whitened":
+        assert points is not None
+        whitening = FeatureWhitening.fit(points)
+        points = whitening(points)
+        context.run.log(f"cluster probe: whitening fitted on {len(points):,} tokens")
     if config.probe_init == "kmeans":
-        start = ClusterProbe(config.reduced_dim, context.num_classes)
-        start.centroids.data.copy_(kmeans_start(context, heads, title))
+        assert points is not None
+        start = ClusterProbe(config.reduced_dim, context.num_classes, copy.deepcopy(whitening))
+        start.centroids.data.copy_(kmeans_centroids(context, points))
         starts = [start]
     else:
         # Several probes from different random starts can learn side by side on the same batches;
         # the one whose last epoch reached the best modularity is kept (labels play no part).
-        starts = [ClusterProbe(config.reduced_dim, context.num_classes) for _ in range(config.probe_restarts)]
+        starts = [
+            ClusterProbe(config.reduced_dim, context.num_classes, copy.deepcopy(whitening))
+            for _ in range(config.probe_restarts)
+        ]
+    probe_space = whitening.to(device) if whitening is not None else torch.nn.Identity()
     probes = torch.nn.ModuleList(starts).to(device)
     refine = config.refines_probe
     probes.requires_grad_(refine)
@@ -127,7 +145,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         loss = features.new_zeros(())
         if objective is not None:
             (sampled,) = context.grid_sample(features)
-            losses = objective(sampled) * context.batch_share()
+            losses = objective(probe_space(sampled)) * context.batch_share()
             # Every process keeps the same start: the one best on the global batches.
             epoch_losses.add_(group.all_sum(losses.detach().clone()).cpu() / group.world_size)
             epoch_batches[0] += 1
@@ -160,7 +178,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         context.run.log(f"cluster probe: last-epoch modularity loss {listed}; kept start {best + 1} of {len(probes)}")
     if reference:
         context.run.save_tensors(HEAD_FILE, heads.state_dict())
-    tensors = {"centroids": starts[best].centroids.detach()}
+    tensors = {key: value.detach() for key, value in starts[best].state_dict().items()}
     tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
     context.run.save_tensors(PROBE_FILE, tensors)
 
@@ -172,12 +190,11 @@ KMEANS_IMAGES = 2_000
 
 
 @torch.no_grad()
-def kmeans_start(context: TrainingContext, heads: SegmentationHeads, title: str) -> torch.Tensor:
-    """Spherical k-means centroids ``[C, r]`` of the teacher's features (as inference computes
-    them: no dropout) on a sample of the training tokens; identical in every process."""
+def sample_teacher_features(context: TrainingContext, heads: SegmentationHeads, title: str) -> torch.Tensor:
+    """The teacher's features ``[N, r]`` (as inference computes them: no dropout) of a sample
+    of the training tokens; identical in every process."""
     config = context.config
     group = context.group
-    assert config.probe_restarts is not None
     resolution = config.front_door_resolution or config.resolution
     assert resolution is not None
     tokens = (resolution // context.backbone.patch_size) ** 2
@@ -189,7 +206,7 @@ def kmeans_start(context: TrainingContext, heads: SegmentationHeads, title: str)
     context.start = (0, 0)
     samples: list[torch.Tensor] = []
     seen = 0
-    batches = context.training_batches(1, f"{title}: k-means start", resolution=config.front_door_resolution)
+    batches = context.training_batches(1, f"{title}: sampling features", resolution=config.front_door_resolution)
     for batch_tokens, _ in batches:
         with autocast(context.device):
             features = heads.teacher(batch_tokens).float()
@@ -202,11 +219,18 @@ def kmeans_start(context: TrainingContext, heads: SegmentationHeads, title: str)
             break
     batches.close()  # now, while the process group still stands, not whenever it is collected
     heads.train(was_training)
-    points = torch.cat(samples)
+    context.run.log(f"cluster probe: sampled {sum(len(rows) for rows in samples):,} tokens of {seen:,} images")
+    return torch.cat(samples)
+
+
+def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Tensor:
+    """Spherical k-means centroids ``[C, r]`` of ``points``, best of the configured restarts."""
+    config = context.config
+    assert config.probe_restarts is not None
     restarts = config.probe_restarts
     result = spherical_kmeans(points, context.num_classes, torch.Generator().manual_seed(config.seed), restarts)
     context.run.log(
-        f"cluster probe: k-means start on {len(points):,} tokens of {seen:,} images, best of {restarts} "
-        f"restarts, mean cosine {result.mean_cosine:.4f} after {result.iterations} iterations"
+        f"cluster probe: k-means start, best of {restarts} restarts, mean cosine {result.mean_cosine:.4f} "
+        f"after {result.iterations} iterations"
     )
     return result.centroids

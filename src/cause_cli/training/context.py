@@ -47,6 +47,7 @@ class TrainingContext:
     caches: dict[int, FeatureCache] = field(default_factory=dict)
     group: ProcessGroup = SINGLE_PROCESS
     sizes: list[int] = field(default_factory=list)  # every process's images in this step
+    backbone_passes: int = 0  # batches this process sent through the backbone
 
     @property
     def has_labels(self) -> bool:
@@ -131,6 +132,7 @@ class TrainingContext:
             if cache is None:
                 with autocast(self.device):
                     tokens = self.backbone(normalise_pixels(batch["image"], self.device)).float()
+                self.backbone_passes += 1
                 yield tokens, labels
                 continue
             indices = batch["index"]
@@ -140,6 +142,7 @@ class TrainingContext:
                 images = normalise_pixels(batch["image"][~cached], self.device)
                 with autocast(self.device):
                     cache.put(indices[~cached], self.backbone(images).float())
+                self.backbone_passes += 1
             # Read back, so this epoch sees the float16 values every later epoch will.
             tokens = cache.get(indices)
             assert tokens is not None
@@ -163,8 +166,12 @@ class TrainingContext:
             if self.group.is_main:
                 self.feature_cache(resolution or self.config.resolution)
             self.group.barrier()
-        with self.reporter.task(title, epochs * per_epoch) as advance:
-            advance(first_epoch * per_epoch + done)
+        total = epochs * per_epoch
+        already_done = min(total, first_epoch * per_epoch + done)
+        trained = 0
+        passes_before = self.backbone_passes
+        with self.reporter.task(title, total) as advance:
+            advance(already_done)
             for epoch in range(first_epoch, epochs):
                 raw = self.batches(epoch, resolution)
                 skip = done if epoch == first_epoch else 0
@@ -178,10 +185,16 @@ class TrainingContext:
                     # Processes train in step: where one has no readable image, all pass.
                     if min(self.sizes) > 0:
                         assert batch is not None
+                        trained += 1
                         yield batch
                     advance(1)
                 if end_of_epoch is not None:
                     end_of_epoch()
+        # What this process did, so that a resumed run shows the work it did not redo.
+        self.run.log(
+            f"{title}: {trained} of {total} batches trained here ({already_done} done before), "
+            f"{self.backbone_passes - passes_before} backbone passes"
+        )
 
     def restore(self, step: str, apply: Callable[[dict[str, Any]], None]) -> None:
         """With --resume, load the running step's checkpoint into its objects and random

@@ -39,10 +39,14 @@ def step_linear_probe(
     labels: torch.Tensor,
     optimiser: torch.optim.Optimizer,
 ) -> None:
-    # The probe reads the teacher's features as inference sees them (no dropout), which also
-    # keeps the random number stream, and so the unsupervised steps, independent of labels.
+    # The probe reads the teacher's features as inference sees them (no dropout, the TR head's
+    # inner dropouts included), which also keeps the random number stream, and so the
+    # unsupervised steps, independent of labels.
+    was_training = heads.teacher.training
+    heads.teacher.eval()
     with torch.no_grad(), autocast(context.device):
         features = heads.teacher(tokens).float()
+    heads.teacher.train(was_training)
     loss = linear_probe_loss(context, linear_probe, features, labels)
     if loss is None:
         return
