@@ -317,3 +317,89 @@ def test_segment_with_crf(trained_run, scenes, tmp_path):
     assert outputs["0"].keys() == outputs["2"].keys()
     for name, label in outputs["0"].items():
         np.testing.assert_array_equal(outputs["2"][name], label)
+
+
+def _run_without_metrics(run, tmp_path):
+    """A copy of ``run`` that has not been evaluated, so segment writes cluster ids."""
+    copy = tmp_path / "unevaluated"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("metrics.json", "*.png"))
+    return copy
+
+
+@crf_only
+def test_eval_crf_result_is_the_dense_crf_of_the_flip_average(trained_run):
+    """`cause eval`'s figures against the toolkit's pieces called one by one: the plain result
+    is the image's own argmax, the CRF result dense_crf on the image-and-flip average."""
+    from cause_cli.data import open_dataset
+    from cause_cli.data.loading import LoadReport, iterate_batches
+    from cause_cli.data.transforms import denormalise_to_uint8, normalise_pixels
+    from cause_cli.inference.crf import dense_crf
+    from cause_cli.inference.metrics import MetricAccumulator
+    from cause_cli.inference.predict import (
+        cluster_cosines,
+        crf_unary,
+        flip_averaged_feature_map,
+        head_feature_map,
+        linear_logits,
+        load_trained,
+    )
+
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+
+    model = load_trained(RunDirectory(trained_run), torch.device("cpu"))
+    config = model.config
+    data = open_dataset(config.dataset, config.data_dir, "val", model.resolution, config.val_fraction)
+    plain, refined, linear = (MetricAccumulator(model.num_classes) for _ in range(3))
+    for batch in iterate_batches(data, 3, LoadReport()):
+        images = normalise_pixels(batch["image"], model.device)
+        labels = batch["label"]
+        size = (int(labels.shape[-2]), int(labels.shape[-1]))
+        features = head_feature_map(model, images)
+        plain.update(cluster_cosines(model, features, size).argmax(dim=1), labels)
+        linear.update(linear_logits(model, features, size).argmax(dim=1), labels)
+        unary = crf_unary(cluster_cosines(model, flip_averaged_feature_map(model, images, features), size))
+        maps = [
+            dense_crf(image, log_p.numpy()).argmax(axis=0) for image, log_p in zip(denormalise_to_uint8(images), unary)
+        ]
+        refined.update(torch.from_numpy(np.stack(maps)).long(), labels)
+    assert not torch.equal(plain.histogram, refined.histogram)  # the CRF changed something here
+    for reported, expected in ((metrics, plain.scores()), (metrics["crf"], refined.scores())):
+        assert reported["miou"] == pytest.approx(expected.miou, abs=1e-9)
+        assert reported["pixel_accuracy"] == pytest.approx(expected.pixel_accuracy, abs=1e-9)
+    assert metrics["linear_probe"]["miou"] == pytest.approx(linear.scores(match=False).miou, abs=1e-9)
+
+
+@crf_only
+def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, scenes, tmp_path):
+    from cause_cli.data.transforms import normalise, resize_and_crop
+    from cause_cli.inference.crf import dense_crf
+    from cause_cli.inference.predict import (
+        cluster_cosines,
+        crf_unary,
+        flip_averaged_feature_map,
+        head_feature_map,
+        load_trained,
+    )
+
+    run = _run_without_metrics(trained_run, tmp_path)
+    out = tmp_path / "segments"
+    result = invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--crf", "--workers", "0",
+                    "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model = load_trained(RunDirectory(run), torch.device("cpu"))
+    changed = 0
+    photos = sorted((scenes / "images" / "val").glob("*.png"))
+    assert len(photos) == 8
+    for photo in photos:
+        image = Image.open(photo).convert("RGB")
+        batch = normalise(resize_and_crop(image, model.resolution, square_resize=True))[None]
+        features = head_feature_map(model, batch)
+        size = (image.height, image.width)
+        unary = crf_unary(cluster_cosines(model, flip_averaged_feature_map(model, batch, features), size))[0]
+        expected = dense_crf(np.asarray(image), unary.numpy()).argmax(axis=0)
+        written = np.asarray(Image.open(out / "labels" / photo.name))
+        np.testing.assert_array_equal(written, expected, err_msg=photo.name)
+        changed += int((expected != unary.argmax(dim=0).numpy()).sum())
+    assert changed > 0  # the CRF moved pixels, so an argmax of the unary would not pass

@@ -185,3 +185,47 @@ def test_crf_maps_of_real_photos_equal_the_reference_arithmetic_on_every_pixel()
         scores = torch.log_softmax(torch.randn(5, 320, 320, generator=torch.Generator().manual_seed(seed)), 0).numpy()
         np.testing.assert_array_equal(crf_labels(ours, scores), crf_labels(reference, scores))
     assert naive_differs > 0, "x * std + mean should round some pixel differently on these photos"
+
+
+def test_dense_crf_uses_the_papers_settings_on_the_bgr_image(monkeypatch):
+    """METHOD.md section 4: 10 mean-field iterations, a Gaussian kernel (sxy 1, compat 3), a
+    bilateral kernel (sxy 67, srgb 3, compat 4) on the 8-bit image in BGR order, and the
+    unary -log softmax of the given log-probabilities."""
+    import pydensecrf.densecrf as dcrf
+
+    calls: dict[str, object] = {}
+    real_crf = dcrf.DenseCRF2D
+
+    class RecordingCRF:
+        def __init__(self, width, height, classes):
+            calls["shape"] = (width, height, classes)
+            self.model = real_crf(width, height, classes)
+
+        def setUnaryEnergy(self, unary):  # noqa: N802 (pydensecrf's names)
+            calls["unary"] = np.array(unary)
+            self.model.setUnaryEnergy(unary)
+
+        def addPairwiseGaussian(self, **settings):  # noqa: N802
+            calls["gaussian"] = settings
+            self.model.addPairwiseGaussian(**settings)
+
+        def addPairwiseBilateral(self, **settings):  # noqa: N802
+            calls["bilateral"] = {key: value for key, value in settings.items() if key != "rgbim"}
+            calls["image"] = np.array(settings["rgbim"])
+            self.model.addPairwiseBilateral(**settings)
+
+        def inference(self, iterations):
+            calls["iterations"] = iterations
+            return self.model.inference(iterations)
+
+    monkeypatch.setattr(dcrf, "DenseCRF2D", RecordingCRF)
+    generator = np.random.default_rng(0)
+    image = generator.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    log_probabilities = np.log(generator.dirichlet(np.ones(4), size=(5, 7)).transpose(2, 0, 1)).astype(np.float32)
+    dense_crf(image, log_probabilities)
+    assert calls["shape"] == (7, 5, 4)
+    assert calls["iterations"] == 10
+    assert calls["gaussian"] == {"sxy": 1, "compat": 3}
+    assert calls["bilateral"] == {"sxy": 67, "srgb": 3, "compat": 4}
+    np.testing.assert_array_equal(calls["image"], image[:, :, ::-1])
+    np.testing.assert_allclose(calls["unary"], -log_probabilities.reshape(4, -1), rtol=1e-5, atol=1e-5)
