@@ -201,15 +201,15 @@ def test_dense_crf_uses_the_papers_settings_on_the_bgr_image(monkeypatch):
             calls["shape"] = (width, height, classes)
             self.model = real_crf(width, height, classes)
 
-        def setUnaryEnergy(self, unary):  # noqa: N802 (pydensecrf's names)
+        def setUnaryEnergy(self, unary):
             calls["unary"] = np.array(unary)
             self.model.setUnaryEnergy(unary)
 
-        def addPairwiseGaussian(self, **settings):  # noqa: N802
+        def addPairwiseGaussian(self, **settings):
             calls["gaussian"] = settings
             self.model.addPairwiseGaussian(**settings)
 
-        def addPairwiseBilateral(self, **settings):  # noqa: N802
+        def addPairwiseBilateral(self, **settings):
             calls["bilateral"] = {key: value for key, value in settings.items() if key != "rgbim"}
             calls["image"] = np.array(settings["rgbim"])
             self.model.addPairwiseBilateral(**settings)
