@@ -6,11 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cause_cli.inference.predict import CRF_SHARPNESS
+from cause_cli.config import TrainConfig
+from cause_cli.inference.predict import (
+    TrainedModel,
+    cluster_cosines,
+    crf_unary,
+    flip_averaged_feature_map,
+    head_feature_map,
+)
 from cause_cli.model.heads import ClusterProbe, SegmentationHeads
-from cause_cli.model.ops import map_to_tokens, tokens_to_map
+from cause_cli.model.ops import map_to_tokens
 from cause_cli.model.reference import convert_heads, load_reference_file
 
 from .helpers import assert_close, shared_path
@@ -71,45 +77,60 @@ def test_linear_probe(kind, inputs, parity):
     assert_close(logits, parity("heads")[f"{kind}_linear_logits"])
 
 
+class ParityBackbone(torch.nn.Module):
+    """Stands in for the backbone: the reference's features of the parity images ``images``
+    and of their horizontal flip, so the toolkit's own inference functions run on them."""
+
+    def __init__(self, images: torch.Tensor, feat: torch.Tensor, feat_flip: torch.Tensor) -> None:
+        super().__init__()
+        self.images, self.feat, self.feat_flip = images, feat, feat_flip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if torch.equal(images, self.images):
+            return self.feat
+        if torch.equal(images, self.images.flip(dims=[3])):
+            return self.feat_flip
+        raise AssertionError("the parity backbone was given other images")
+
+
+def parity_model(kind: str, inputs) -> tuple[TrainedModel, torch.Tensor]:
+    """A trained model of the reference's checkpoints and stand-in images for it."""
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    heads, probe = reference_heads(kind), reference_probe(kind)
+    config = TrainConfig(data_dir=".", head=kind, resolution=64)
+    model = TrainedModel(config, ParityBackbone(images, *inputs), heads, probe, heads.linear_probe, 27, None,
+                         torch.device("cpu"))  # type: ignore[arg-type]  # fmt: skip
+    return model, images
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_assignment_and_crf_unary(kind, inputs, parity):
     expected = parity("heads")
-    heads, probe = reference_heads(kind), reference_probe(kind)
-    feat, _ = inputs
-    with torch.no_grad():
-        features = heads.teacher(feat)
-        cosines = probe.cosine(features)  # [B, P, C]
-        assignment = probe.assign(features).reshape(4, 8, 8)
-        unary = torch.log_softmax(CRF_SHARPNESS * tokens_to_map(cosines), dim=1)
+    model, images = parity_model(kind, inputs)
+    features = head_feature_map(model, images)  # [B, r, 8, 8]
+    cosines = cluster_cosines(model, features, (8, 8))  # at the token grid: no resampling
+    assignment = cosines.argmax(dim=1)
     assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_preds"]))
     assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_loss_preds"]))
-    assert_close(unary, expected[f"{kind}_cluster_logprob_crf"])
+    assert_close(crf_unary(cosines), expected[f"{kind}_cluster_logprob_crf"])
     # The reference's "cluster loss" is minus the mean best cosine.
-    assert_close(-cosines.max(dim=-1).values.mean(), expected[f"{kind}_cluster_loss"])
+    assert_close(-cosines.max(dim=1).values.mean(), expected[f"{kind}_cluster_loss"])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_predictions_after_upsampling(kind, inputs, parity):
-    heads, probe = reference_heads(kind), reference_probe(kind)
-    feat, _ = inputs
-    with torch.no_grad():
-        upsampled = F.interpolate(tokens_to_map(heads.teacher(feat)), (32, 32), mode="bilinear", align_corners=False)
-        predictions = probe.assign(map_to_tokens(upsampled)).reshape(4, 32, 32)
+    model, images = parity_model(kind, inputs)
+    predictions = cluster_cosines(model, head_feature_map(model, images), (32, 32)).argmax(dim=1)
     assert torch.equal(predictions, torch.from_numpy(parity("heads")[f"{kind}_cluster_preds_interp32"]))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_flip_averaged_features_and_crf_unary(kind, inputs, parity):
     expected = parity("heads")
-    heads, probe = reference_heads(kind), reference_probe(kind)
-    feat, feat_flip = inputs
-    with torch.no_grad():
-        flipped_back = tokens_to_map(heads.teacher(feat_flip)).flip(dims=[3])
-        averaged = (tokens_to_map(heads.teacher(feat)) + flipped_back) / 2
-        assert_close(map_to_tokens(averaged), expected[f"{kind}_tta_seg_feat"])
-        upsampled = F.interpolate(averaged, (32, 32), mode="bilinear", align_corners=False)
-        cosines = probe.cosine(map_to_tokens(upsampled)).transpose(1, 2).reshape(4, 27, 32, 32)
-        unary = torch.log_softmax(CRF_SHARPNESS * cosines, dim=1)
+    model, images = parity_model(kind, inputs)
+    averaged = flip_averaged_feature_map(model, images, head_feature_map(model, images))
+    assert_close(map_to_tokens(averaged), expected[f"{kind}_tta_seg_feat"])
+    unary = crf_unary(cluster_cosines(model, averaged, (32, 32)))
     assert_close(unary, expected[f"{kind}_tta_cluster_logprob_crf32"])
 
 
