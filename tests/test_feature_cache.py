@@ -18,6 +18,8 @@ from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 from cause_cli.training.feature_cache import FeatureCache
 
+from .helpers import assert_same_weights
+
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
@@ -57,10 +59,23 @@ def test_backbone_runs_once_per_image(scenes, tmp_path, monkeypatch):
     train(config(scenes), tmp_path / "plain", "cpu")
     assert sum(images_seen) == 7 * 12
     assert "feature cache:" in (tmp_path / "cached" / "train.log").read_text()
-    cached = RunDirectory(tmp_path / "cached").load_tensors("clusterbook.safetensors")["clusterbook"]
-    plain = RunDirectory(tmp_path / "plain").load_tensors("clusterbook.safetensors")["clusterbook"]
-    # float16 tokens: close to, not equal to, the float32 run
-    torch.testing.assert_close(cached, plain, rtol=0.05, atol=1e-3)
+
+
+def test_a_cached_run_learns_what_a_run_on_float16_tokens_learns(scenes, tmp_path, monkeypatch):
+    """The cache stores float16 tokens: every step of a cached run must see exactly what an
+    uncached run whose backbone rounds its tokens to float16 sees, so the two runs' weights
+    (clusterbook, heads, cluster probe and its whitening, linear probe) agree to float32
+    rounding; a cache that stored or returned the wrong tokens, or other images', would not."""
+    train(config(scenes, cache_features=True), tmp_path / "cached", "cpu")
+    original = FrozenBackbone.forward
+    monkeypatch.setattr(FrozenBackbone, "forward", lambda self, images: original(self, images).half().float())
+    train(config(scenes), tmp_path / "rounded", "cpu")
+    assert_same_weights(tmp_path / "cached", tmp_path / "rounded", rtol=1e-5, atol=1e-6)
+    cached = RunDirectory(tmp_path / "cached").load_tensors("probe.safetensors")
+    rounded = RunDirectory(tmp_path / "rounded").load_tensors("probe.safetensors")
+    assert cached.keys() == rounded.keys() and "whitening.matrix" in cached
+    for key in cached:
+        torch.testing.assert_close(cached[key], rounded[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_cache_round_trip(tmp_path):
