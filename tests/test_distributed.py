@@ -4,6 +4,7 @@ one process with their combined batch, and only rank 0 writes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from cause_cli.model.contrastive import (
     concept_contrastive_terms,
 )
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
+from cause_cli.runs import RunDirectory
 from cause_cli.training.distributed import from_environment, start, stop
 
 from .helpers import assert_same_weights, work_record
@@ -171,6 +173,27 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_combined_b
     assert log.count("skipped 1 unreadable file(s)") == 1
     assert launched.stderr.count("run written to") == 1
     assert not (two / "resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_labels_influence_nothing_but_the_linear_probe_with_two_processes(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes", num_train=8, num_val=2, seed=6, size_range=(64, 72))
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(scenes / "images", unlabelled / "images")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"with": tmp_path / "with", "without": tmp_path / "without"}
+    for data, run in ((scenes, runs["with"]), (unlabelled, runs["without"])):
+        arguments = [*_train_arguments(data, run, 2), "--num-classes", "6", "--dropout", "0.1", "--gpus", "2"]
+        done = subprocess.run(_cause(*arguments), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
+        with_labels = RunDirectory(runs["with"]).load_tensors(name)
+        without = RunDirectory(runs["without"]).load_tensors(name)
+        assert with_labels.keys() == without.keys(), name
+        for key, value in with_labels.items():
+            if not key.startswith("linear_probe"):
+                assert torch.equal(value, without[key]), f"{name}:{key} depends on the labels"
+    assert "linear_probe.linear.weight" in RunDirectory(runs["with"]).load_tensors("probe.safetensors")
 
 
 @pytest.mark.slow
