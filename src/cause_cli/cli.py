@@ -302,6 +302,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run).")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Train the --run folder over from the start: the files an earlier training and evaluation "
+            "wrote there are removed first (without it, a run trained with other settings is refused).",
+        ),
+    ] = False,
     checkpoint_every: Annotated[
         float, typer.Option("--checkpoint-every", help="Seconds between resumable checkpoints (0: every batch).")
     ] = 60.0,
@@ -351,7 +359,13 @@ def train(
 
     if resume and run is None:
         raise CauseError("--resume needs the run folder to continue: --run R.")
+    if resume and overwrite:
+        raise CauseError("--resume continues a run and --overwrite starts it over: give one of them.")
     process = from_environment()
+    if overwrite and run is not None and not process.distributed:  # before any process starts
+        from .runs import RunDirectory
+
+        RunDirectory(run).clear_training()
     if process.distributed and run is None:
         # Each process would number a folder of its own (on other machines, other numbers).
         raise CauseError("Processes started by torchrun write one run together: give it with --run.")
@@ -425,7 +439,7 @@ def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str)
     # The options given on this command line, passed on as they came; the others default alike.
     arguments: list[str] = [ctx.info_name or "train", "--run", str(run)]
     for option in ctx.command.params:
-        if option.param_type_name != "option" or option.name in ("gpus", "run", None):
+        if option.param_type_name != "option" or option.name in ("gpus", "run", "overwrite", None):
             continue
         if option.name not in ctx.params or ctx.params[option.name] is None:
             continue

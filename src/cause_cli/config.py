@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import CauseError
@@ -11,6 +12,12 @@ from .errors import CauseError
 HEADS = ("mlp", "tr")
 PROBE_INITS = ("kmeans", "random")
 PROBE_SPACES = ("whitened", "head")
+# Settings a finished or interrupted run may be continued with other values of: how fast it
+# goes and where, not what it learns (the feature cache keeps tokens in float16, which is as
+# close as mixed precision).
+SETTINGS_THAT_CHANGE_NOTHING_LEARNT = frozenset(
+    {"workers", "checkpoint_seconds", "precision", "cache_features", "extra"}
+)
 # Restarts of the cluster probe when none are asked for: k-means restarts are cheap; the
 # paper's random start is one.
 DEFAULT_PROBE_RESTARTS = {"kmeans": 8, "random": 1}
@@ -170,6 +177,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def differences(self, other: TrainConfig) -> list[tuple[str, Any, Any]]:
+        """``(option, this value, other value)`` for every setting that changes what a run
+        learns and differs between the two (resolved) configurations."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        for config in (mine, theirs):
+            config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
+        return [
+            (name, mine[name], theirs[name])
+            for name in mine
+            if name not in SETTINGS_THAT_CHANGE_NOTHING_LEARNT and mine[name] != theirs[name]
+        ]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

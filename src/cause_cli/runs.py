@@ -34,6 +34,12 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 RESUME_FILE = "resume.pt"  # the unfinished step's training state; gone once the step is done
 LOG_FILE = "train.log"
+# What a training and its evaluation write, removed by `cause train --overwrite` (the log and
+# the feature cache, whose folder names the backbone and images it holds, are kept).
+TRAINING_OUTPUTS = (
+    RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, FRONT_DOOR_HEAD_FILE, PROBE_FILE, RESUME_FILE, METRICS_FILE,
+    "confusion.png", "samples.png",
+)  # fmt: skip
 
 
 @dataclass
@@ -47,6 +53,12 @@ class RunDirectory:
 
     def has(self, name: str) -> bool:
         return self.file(name).is_file()
+
+    def clear_training(self) -> None:
+        """Remove what training and evaluation wrote, so the folder can be trained over."""
+        for name in TRAINING_OUTPUTS:
+            self.file(name).unlink(missing_ok=True)
+        self.log("overwritten: the earlier training's files were removed")
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

@@ -56,6 +56,8 @@ def prepare(
     if config.resolution % backbone.patch_size:
         raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
     config.dataset = canonical_name(config.dataset)
+    # Stored resolved, so that the run can be evaluated or continued from any folder.
+    config.data_dir = str(Path(config.data_dir).expanduser().resolve())
     apply_reference_recipe(config)
     train_set = open_dataset(
         config.dataset, config.data_dir, "train", config.resolution, config.val_fraction, crops=True
@@ -87,6 +89,8 @@ def prepare(
     message += f"; concept thresholds {config.positive_threshold} / {config.negative_threshold}"
     reporter.message(message)
     run.log(message)
+    if run.has("run.json"):
+        refuse_other_settings(run, config)
     run.write_run_info(
         {
             "toolkit_version": __version__,
@@ -99,6 +103,19 @@ def prepare(
     )
     generator = torch.Generator().manual_seed(config.seed)
     return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
+
+
+def refuse_other_settings(run: RunDirectory, config: TrainConfig) -> None:
+    """A run folder holds one training: continuing it with other settings would leave files
+    (and a run.json) that describe a training that never happened."""
+    differences = run.config().differences(config)
+    if not differences:
+        return
+    listed = "; ".join(f"--{name.replace('_', '-')} {old} there, {new} here" for name, old, new in differences)
+    raise CauseError(
+        f"{run.path} was trained with other settings ({listed}): give a new --run folder, or add "
+        "--overwrite to train this one over."
+    )
 
 
 def train(
