@@ -150,7 +150,7 @@ WHITENING_FLOOR = 1e-3
 
 
 class FeatureWhitening(nn.Module):
-    """PCA whitening of unit-length features: ``x -> (x / |x| - mu) V diag(1 / sqrt(lambda))``.
+    """ZCA whitening of unit-length features: ``x -> (x / |x| - mu) V diag(1 / sqrt(lambda)) V^T``.
 
     Fitted without labels on a sample of the teacher head's features, it gives every direction
     of the head's feature space the same variance. The front door concentrates the features in
@@ -175,7 +175,9 @@ class FeatureWhitening(nn.Module):
         variances = variances.clamp_min(0) + floor * variances.max().clamp_min(torch.finfo(torch.float64).tiny)
         whitening = cls(features.shape[-1])
         whitening.mean.copy_(mean.float())
-        whitening.matrix.copy_((directions / variances.sqrt()).float())
+        # ZCA form: the result does not depend on the signs (or, for equal variances, the
+        # rotation) of the eigenvectors, so runs that sample the same features agree on it.
+        whitening.matrix.copy_(((directions / variances.sqrt()) @ directions.T).float())
         return whitening
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
