@@ -71,4 +71,8 @@ def test_evaluation_takes_the_longer_of_model_and_crf_not_their_sum(run, monkeyp
     evaluate_run(run, reporter=both, crf_workers=WORKERS, **settings)
     took = both.seconds["evaluating val with CRF"]
     print(f"model {model_seconds:.2f} s, CRF {crf_seconds:.2f} s, both {took:.2f} s")
-    assert took <= 1.2 * max(model_seconds, crf_seconds), (took, model_seconds, crf_seconds)
+    # Without the overlap it takes the sum (about 4.7 s); with it, about the longer (2.6 s on a
+    # quiet machine). The bound leaves room for a busy one: at least half of the shorter part
+    # must have run alongside the longer.
+    longer, shorter = max(model_seconds, crf_seconds), min(model_seconds, crf_seconds)
+    assert took <= longer + 0.5 * shorter, (took, model_seconds, crf_seconds)
