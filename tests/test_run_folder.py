@@ -5,8 +5,12 @@ it over on purpose."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cause_cli.cli import app
@@ -70,3 +74,73 @@ def test_the_data_folder_is_stored_resolved(scenes, tmp_path, monkeypatch):
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     result = invoke("train", "--run", tmp_path / "r", "--resume", "--overwrite")
     assert result.exit_code == 1 and "give one of them" in result.stderr
+
+
+def strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_are_strict_json_and_an_evaluation_of_nothing_keeps_them(scenes, tmp_path):
+    run = tmp_path / "run"
+    # More clusters than the labels' classes: some classes have no pixels, so no IoU.
+    assert invoke(*train_command(scenes, run, "--num-classes", "8")).exit_code == 0
+    result = invoke("eval", "--run", run, "--device", "cpu", "--no-crf", "--json")
+    assert result.exit_code == 0, result.output
+    printed = strict_json(result.stdout)
+    stored = (run / "metrics.json").read_bytes()
+    assert None in printed["iou_per_class"].values()
+    strict_json(stored.decode())
+
+    # Labels that ignore every pixel: no score is defined, and the JSON says null, not NaN.
+    ignored = tmp_path / "ignored"
+    shutil.copytree(scenes, ignored)
+    for label in (ignored / "labels" / "val").glob("*.png"):
+        Image.fromarray(np.full_like(np.asarray(Image.open(label)), 255)).save(label)
+    undefined = invoke("eval", "--run", run, "--data-dir", ignored, "--device", "cpu", "--no-crf", "--json")
+    assert undefined.exit_code == 0, undefined.output
+    assert strict_json(undefined.stdout)["miou"] is None
+    assert strict_json((run / "metrics.json").read_text())["pixel_accuracy"] is None
+    stored = (run / "metrics.json").read_bytes()
+
+    unreadable = tmp_path / "unreadable"
+    for split in ("train", "val"):
+        for image in sorted((scenes / "images" / split).glob("*.png")):
+            target = unreadable / "images" / split / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"not an image")
+            label = unreadable / "labels" / split / image.name
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_bytes((scenes / "labels" / split / image.name).read_bytes())
+    nothing = invoke(
+        "eval", "--run", run, "--data-dir", unreadable, "--device", "cpu", "--no-crf", "--no-baselines", "-q"
+    )
+    assert nothing.exit_code == 1
+    assert len(nothing.stderr.strip().splitlines()) == 1 and "nothing was evaluated" in nothing.stderr
+    assert (run / "metrics.json").read_bytes() == stored
+
+
+def test_training_on_images_none_of_which_can_be_read_is_refused(scenes, tmp_path):
+    broken = tmp_path / "broken"
+    for image in sorted((scenes / "images" / "train").glob("*.png")):
+        target = broken / "images" / "train" / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"not an image")
+    result = invoke(*train_command(broken, tmp_path / "run", "--num-classes", "6"))
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert re.search(r"No training image could be read \(all \d+ tried of \d+ were unreadable, listed in", message)
+    assert "nothing was trained" in message
+    assert not (tmp_path / "run" / "clusterbook.safetensors").exists()
+
+
+def test_quiet_training_still_counts_the_files_it_skipped(scenes, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(scenes / "images", data / "images")
+    (data / "images" / "train" / "scene_0002.png").write_bytes(b"not an image")
+    result = invoke(*train_command(data, tmp_path / "run", "--num-classes", "6"))
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable file(s), listed in" in result.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from rich.table import Table
 from . import __version__
 from .config import DEFAULT_MIN_UPDATES
 from .errors import CauseError
+from .paths import json_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,7 +126,7 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
         module = __import__(package)
         details[package] = getattr(module, "__version__", "?")
     if json_output:
-        print(json.dumps(details))
+        print(json_text(details))
         return
     table = Table(title="cause info", show_header=False)
     for key, value in details.items():
@@ -568,7 +568,7 @@ def evaluate(
             baselines=baselines,
         )
     if json_output:
-        print(json.dumps(result))
+        print(json_text(result))
         return
     print_metrics(result)
 

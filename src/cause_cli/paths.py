@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -50,5 +51,21 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def json_ready(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None: JSON has neither, and a
+    reader of a bare ``NaN`` fails (a class without pixels has no IoU)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_ready(value) for value in data]
+    return data
+
+
+def json_text(data: Any, indent: int | None = None) -> str:
+    return json.dumps(json_ready(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_atomically(path, lambda target: target.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    write_atomically(path, lambda target: target.write_text(json_text(data, indent=2) + "\n"))

@@ -53,6 +53,9 @@ class Reporter:
     def message(self, text: str) -> None:
         pass
 
+    def quiet_summary(self, text: str) -> None:
+        """A line shown only with --quiet, in place of the messages it hides."""
+
 
 class RichReporter(Reporter):
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
@@ -81,4 +84,8 @@ class RichReporter(Reporter):
 
     def message(self, text: str) -> None:
         if not self.quiet:
+            self.console.print(text)
+
+    def quiet_summary(self, text: str) -> None:
+        if self.quiet:
             self.console.print(text)

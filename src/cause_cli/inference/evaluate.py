@@ -111,7 +111,15 @@ def evaluate_run(
 
     for line in report.lines(dataset_name):
         reporter.message(line)
-    names = model.class_names or data.class_names or [str(index) for index in range(model.num_classes)]
+    if len(report.skipped) >= len(data):
+        kept = f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
+        raise CauseError(
+            f"None of the {len(data)} images of the {split} split of {root} could be read, so nothing was "
+            f"evaluated and {kept}."
+        )
+    names = list(model.class_names or data.class_names or [])[: model.num_classes]
+    # More clusters than named classes (--num-classes above the data's): the rest by number.
+    names += [str(index) for index in range(len(names), model.num_classes)]
     cluster_scores = clusters.scores(match=True)
     linear_scores = linear.scores(match=False)
     result: dict[str, Any] = {

@@ -21,9 +21,10 @@ from ..data import SegmentationDataset, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
 from ..data.transforms import normalise_pixels
 from ..devices import autocast, loader_workers
+from ..errors import CauseError
 from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
 from ..progress import Reporter
-from ..runs import RESUME_FILE, RunDirectory
+from ..runs import LOG_FILE, RESUME_FILE, RunDirectory
 from .distributed import SINGLE_PROCESS, ProcessGroup
 from .feature_cache import FeatureCache
 
@@ -190,6 +191,14 @@ class TrainingContext:
                     advance(1)
                 if end_of_epoch is not None:
                     end_of_epoch()
+        if total and not trained and not already_done and self.load_report.skipped:
+            for line in self.load_report.lines(self.config.dataset):
+                self.run.log(line)
+            raise CauseError(
+                f"No training image could be read (all {len(self.load_report.skipped)} tried of "
+                f"{len(self.data_at(resolution))} were unreadable, listed in {self.run.file(LOG_FILE)}), "
+                "so nothing was trained."
+            )
         # What this process did, so that a resumed run shows the work it did not redo.
         self.run.log(
             f"{title}: {trained} of {total} batches trained here ({already_done} done before), "

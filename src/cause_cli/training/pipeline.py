@@ -24,7 +24,7 @@ from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
 from ..errors import CauseError
 from ..progress import Reporter
-from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
+from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
 from .clusterbook import train_clusterbook
 from .context import TrainingContext, seed_everything
@@ -177,4 +177,7 @@ def _train_steps(
     for line in context.load_report.lines(config.dataset):
         reporter.message(line)
         run.log(line)
+    if context.load_report.skipped:
+        skipped = len(context.load_report.skipped)
+        reporter.quiet_summary(f"skipped {skipped} unreadable file(s), listed in {run.file(LOG_FILE)}")
     return run
