@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,55 @@ def test_quiet_training_still_counts_the_files_it_skipped(scenes, tmp_path):
     result = invoke(*train_command(data, tmp_path / "run", "--num-classes", "6"))
     assert result.exit_code == 0, result.output
     assert "skipped 1 unreadable file(s), listed in" in result.stderr
+
+
+def test_inputs_that_would_share_an_output_name_get_their_whole_name():
+    from cause_cli.inference.segment import output_names
+
+    relatives = [
+        Path("a.jpg"),
+        Path("a.tif"),
+        Path("b.png"),
+        Path("sub/a.jpg"),
+        Path("d.jpg"),
+        Path("d.tif"),
+        Path("d.jpg.png"),
+    ]
+    assert output_names(relatives) == [
+        Path("a.jpg.png"), Path("a.tif.png"), Path("b.png"), Path("sub/a.png"), Path("d.jpg.png"), Path("d.tif.png"),
+        Path("d.jpg.png-2.png"),
+    ]  # fmt: skip
+
+
+def test_segment_keeps_both_of_two_inputs_with_one_stem(scenes, tmp_path):
+    run = tmp_path / "run"
+    assert invoke(*train_command(scenes, run)).exit_code == 0
+    source = tmp_path / "photos"
+    source.mkdir()
+    first, second = sorted((scenes / "images" / "val").glob("*.png"))[:2]
+    Image.open(first).save(source / "a.png")
+    Image.open(second).convert("RGB").save(source / "a.jpg", quality=95)
+    out = tmp_path / "out"
+    assert invoke("segment", source, "--run", run, "--out", out, "--quiet").exit_code == 0
+    assert sorted(path.name for path in (out / "labels").iterdir()) == ["a.jpg.png", "a.png.png"]
+    assert sorted(path.name for path in (out / "overlays").iterdir()) == ["a.jpg.png", "a.png.png"]
+    renamed = json.loads((out / "summary.json").read_text())["renamed"]
+    assert {entry["input"]: entry["label"] for entry in renamed} == {
+        "a.jpg": "labels/a.jpg.png",
+        "a.png": "labels/a.png.png",
+    }
+
+
+@pytest.mark.parametrize("clusters", [6, 300])
+def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
+    from types import SimpleNamespace
+
+    from cause_cli.inference.segment import SegmentSummary, _Input, _Segmenter
+
+    segmenter = _Segmenter(SimpleNamespace(num_classes=clusters), tmp_path, None, None, SegmentSummary())  # type: ignore[arg-type]
+    values = np.arange(12).reshape(3, 4) * (clusters - 1) // 11  # 0 to clusters - 1
+    segmenter.write(_Input(Path("x.jpg"), Path("x.png")), Image.new("RGB", (4, 3)), values)
+    written = Image.open(tmp_path / "labels" / "x.png")
+    np.testing.assert_array_equal(np.asarray(written), values)
+    assert written.mode == ("P" if clusters <= 256 else "I;16")
+    assert Image.open(tmp_path / "overlays" / "x.png").size == (4, 3)

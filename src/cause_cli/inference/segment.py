@@ -11,6 +11,7 @@ clusters to classes). Files that are not readable images are skipped and listed,
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import time
@@ -138,6 +139,12 @@ def legend_picture(names: list[str], colours: np.ndarray) -> Image.Image:
     return picture
 
 
+@dataclass(frozen=True)
+class _Input:
+    relative: Path  # the input's path below the source, as the summary names it
+    output: Path  # its label and overlay files' path below labels/ and overlays/
+
+
 @dataclass
 class _Segmenter:
     model: TrainedModel
@@ -152,7 +159,7 @@ class _Segmenter:
         # Earlier batches are refined in the CRF workers while later ones go through the model.
         self.in_flight = CRFQueue(2 * max(1, self.pool.workers if self.pool else 1))
 
-    def batch(self, pending: list[tuple[Path, Image.Image]]) -> None:
+    def batch(self, pending: list[tuple[_Input, Image.Image]]) -> None:
         model = self.model
         resized = [resize_and_crop(image, model.resolution, square_resize=True) for _, image in pending]
         batch = torch.stack([normalise(image) for image in resized]).to(model.device)
@@ -179,23 +186,46 @@ class _Segmenter:
     def finish(self) -> None:
         self.in_flight.drain()
 
-    def write_all(self, pending: list[tuple[Path, Image.Image]], cluster_maps: list[np.ndarray]) -> None:
-        for (relative, image), clusters in zip(pending, cluster_maps, strict=True):
+    def write_all(self, pending: list[tuple[_Input, Image.Image]], cluster_maps: list[np.ndarray]) -> None:
+        for (item, image), clusters in zip(pending, cluster_maps, strict=True):
             values = self.mapping[clusters] if self.mapping is not None else clusters
-            self.write(relative, image, values)
+            self.write(item, image, values)
 
-    def write(self, relative: Path, image: Image.Image, values: np.ndarray) -> None:
-        label = Image.fromarray(values.astype(np.uint8), "P")
-        label.putpalette(self.flat_palette)
+    def write(self, item: _Input, image: Image.Image, values: np.ndarray) -> None:
+        if self.model.num_classes <= 256:
+            label = Image.fromarray(values.astype(np.uint8), "P")
+            label.putpalette(self.flat_palette)
+        else:  # ids past 255 do not fit a palette PNG: 16-bit greyscale, the colours only on the overlay
+            label = Image.fromarray(values.astype(np.uint16))
         label = label.resize(image.size, Image.Resampling.NEAREST)
-        label_path = self.out / "labels" / relative.with_suffix(".png")
-        overlay_path = self.out / "overlays" / relative.with_suffix(".png")
+        label_path = self.out / "labels" / item.output
+        overlay_path = self.out / "overlays" / item.output
         save_png(label, label_path)
-        tint = Image.fromarray(self.colours[np.asarray(label)], "RGB")
+        tint = Image.fromarray(self.colours[np.asarray(label, dtype=np.int64) % len(self.colours)], "RGB")
         save_png(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
         self.summary.written.append(
-            {"input": relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
+            {"input": item.relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
         )
+
+
+def output_names(relatives: list[Path]) -> list[Path]:
+    """The label file's path (below ``labels/``) of each input: its name with ``.png``, or,
+    where two inputs would share one (``a.jpg`` and ``a.tif``), its whole name plus ``.png``
+    (``a.jpg.png``), numbered if even that is taken."""
+    wanted = collections.Counter(relative.with_suffix(".png") for relative in relatives)
+    taken: set[Path] = set()
+    names = []
+    for relative in relatives:
+        name = relative.with_suffix(".png")
+        if wanted[name] > 1:
+            name = relative.with_name(relative.name + ".png")
+        number = 2
+        while name in taken:
+            name = relative.with_name(f"{relative.name}-{number}.png")
+            number += 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def segment_images(
@@ -215,6 +245,7 @@ def segment_images(
     run = open_run(run_path)
     out = Path(out)
     files = collect_inputs(source)
+    outputs = output_names([relative for _, relative in files])
     if crf:
         require_crf()
     model = load_trained(run, resolve_device(device), backbone)
@@ -226,12 +257,12 @@ def segment_images(
     if pool is not None:
         pool.start()
     segmenter = _Segmenter(model, out, mapping, pool, summary)
-    pending: list[tuple[Path, Image.Image]] = []
+    pending: list[tuple[_Input, Image.Image]] = []
     try:
         with reporter.task("segmenting", len(files)) as advance:
-            for path, relative in files:
+            for (path, relative), output in zip(files, outputs, strict=True):
                 try:
-                    pending.append((relative, read_image(path, upright=True)))
+                    pending.append((_Input(relative, output), read_image(path, upright=True)))
                 except UnreadableFile as error:
                     summary.skipped.append({"input": relative.as_posix(), "reason": error.reason})
                 if len(pending) >= batch_size:
@@ -248,5 +279,11 @@ def segment_images(
     if legend:
         save_png(legend_picture(names, segmenter.colours), out / "legend.png")
     result = summary.as_dict(run.path, model.config.backbone, "classes" if mapping is not None else "clusters")
+    result["renamed"] = [
+        {"input": relative.as_posix(), "label": f"labels/{output.as_posix()}"}
+        for (_, relative), output in zip(files, outputs, strict=True)
+        if output != relative.with_suffix(".png")
+    ]
+    result["label_format"] = "8-bit palette PNG" if model.num_classes <= 256 else "16-bit greyscale PNG"
     write_json(out / "summary.json", result)
     return result
