@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +201,32 @@ def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
     np.testing.assert_array_equal(np.asarray(written), values)
     assert written.mode == ("P" if clusters <= 256 else "I;16")
     assert Image.open(tmp_path / "overlays" / "x.png").size == (4, 3)
+
+
+def test_a_second_process_on_a_run_being_written_is_refused(scenes, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "cause_cli", *(str(a) for a in train_command(scenes, run))]
+    command[command.index("--epochs-front-door") + 1] = "40"  # long enough to meet it running
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "train.log").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first training ended before the second could meet it"
+        second = subprocess.run(command, capture_output=True, text=True)
+        evaluation = subprocess.run([sys.executable, "-m", "cause_cli", "eval", "--run", str(run), "--no-crf"],
+                                    capture_output=True, text=True)  # fmt: skip
+        first.send_signal(signal.SIGKILL)  # killed while it holds the lock...
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    for refused in (second, evaluation):
+        assert refused.returncode == 1
+        message = refused.stderr.strip().splitlines()[-1]
+        assert re.search(r"is being written by cause train \(process \d+ on .+\); wait for it to end", message)
+    # ...and the lock went with it: the run resumes.
+    resumed = subprocess.run([sys.executable, "-m", "cause_cli", "train", "--resume", "--run", str(run),
+                              "--device", "cpu", "--quiet"], capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "probe.safetensors").exists()

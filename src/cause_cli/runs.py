@@ -14,13 +14,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from .config import TrainConfig
 from .errors import CauseError
@@ -34,6 +43,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 RESUME_FILE = "resume.pt"  # the unfinished step's training state; gone once the step is done
 LOG_FILE = "train.log"
+LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; says who that is
 # What a training and its evaluation write, removed by `cause train --overwrite` (the log and
 # the feature cache, whose folder names the backbone and images it holds, are kept).
 TRAINING_OUTPUTS = (
@@ -53,6 +63,33 @@ class RunDirectory:
 
     def has(self, name: str) -> bool:
         return self.file(name).is_file()
+
+    @contextlib.contextmanager
+    def writing(self, command: str) -> Iterator[None]:
+        """Hold the folder's lock while ``command`` writes it; another process that holds it is
+        named in one sentence. The lock is the kernel's (``flock``), so a process that ends in
+        any way, ``kill -9`` included, releases it: it cannot be left stuck."""
+        if not self.writes or fcntl is None:  # only the writing process locks; no flock on Windows
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = self.file(LOCK_FILE).open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise CauseError(
+                    f"{self.path} is being written by {holder}; wait for it to end, or use another folder."
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"cause {command} (process {os.getpid()} on {socket.gethostname()})")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing releases the lock
 
     def clear_training(self) -> None:
         """Remove what training and evaluation wrote, so the folder can be trained over."""

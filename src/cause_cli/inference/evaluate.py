@@ -9,6 +9,7 @@ once and its flip once, never more.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 from functools import partial
@@ -58,103 +59,107 @@ def evaluate_run(
     """
     reporter = reporter or Reporter()
     run = open_run(run_path)
-    if crf is None:
-        crf = crf_available()
-    elif crf:
-        require_crf()
-    torch_device = resolve_device(device)
-    workers = loader_workers(workers, torch_device)
-    model = load_trained(run, torch_device, backbone)
-    config = model.config
-    dataset_name = dataset or config.dataset
-    root = data_dir or config.data_dir
-    data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
-    if not data.has_labels:
-        raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
-    fitted = fit_baselines(model, batch_size, workers, reporter, config.seed) if baselines else None
-    report = LoadReport()
-    batches = iterate_batches(data, batch_size, report, workers=workers, pin_memory=torch_device.type == "cuda")
-    steps = (len(data) + batch_size - 1) // batch_size
-    clusters = MetricAccumulator(model.num_classes)
-    linear = MetricAccumulator(model.num_classes)
-    refined = MetricAccumulator(model.num_classes)
-    kmeans_tokens = MetricAccumulator(model.num_classes)
-    kmeans_head = MetricAccumulator(model.num_classes)
-    samples: list[list[np.ndarray]] = []
-    started = time.perf_counter()
-    pool = CRFPool(crf_workers) if crf else None
-    if pool is not None:
-        pool.start()
-    # The CRF of earlier batches runs in the workers while the next batches go through the model.
-    in_flight = CRFQueue(2 * max(1, crf_workers))
-    try:
-        with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
-            for batch in batches:
-                images = normalise_pixels(batch["image"], torch_device)
-                labels = batch["label"].to(torch_device)
-                size = (int(labels.shape[-2]), int(labels.shape[-1]))
-                predicted = predict_batch(model, images, size, pool)
-                clusters.update(predicted.clusters, labels)
-                linear.update(predicted.linear, labels)
-                if fitted is not None:
-                    on_tokens, on_head = baseline_maps(fitted, predicted.tokens, predicted.features, size)
-                    kmeans_tokens.update(on_tokens, labels)
-                    kmeans_head.update(on_head, labels)
-                shown = _keep_samples(samples, images, labels, predicted.clusters)
-                if predicted.refining is not None:
-                    in_flight.put(predicted.refining, partial(_record_refined, refined, labels, shown))
-                advance(1)
-            in_flight.drain()
-    finally:
+    # The run folder is locked while this evaluation reads and writes it.
+    with run.writing("eval") if write else contextlib.nullcontext():
+        if crf is None:
+            crf = crf_available()
+        elif crf:
+            require_crf()
+        torch_device = resolve_device(device)
+        workers = loader_workers(workers, torch_device)
+        model = load_trained(run, torch_device, backbone)
+        config = model.config
+        dataset_name = dataset or config.dataset
+        root = data_dir or config.data_dir
+        data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
+        if not data.has_labels:
+            raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
+        fitted = fit_baselines(model, batch_size, workers, reporter, config.seed) if baselines else None
+        report = LoadReport()
+        batches = iterate_batches(data, batch_size, report, workers=workers, pin_memory=torch_device.type == "cuda")
+        steps = (len(data) + batch_size - 1) // batch_size
+        clusters = MetricAccumulator(model.num_classes)
+        linear = MetricAccumulator(model.num_classes)
+        refined = MetricAccumulator(model.num_classes)
+        kmeans_tokens = MetricAccumulator(model.num_classes)
+        kmeans_head = MetricAccumulator(model.num_classes)
+        samples: list[list[np.ndarray]] = []
+        started = time.perf_counter()
+        pool = CRFPool(crf_workers) if crf else None
         if pool is not None:
-            pool.close()
+            pool.start()
+        # The CRF of earlier batches runs in the workers while the next batches go through the model.
+        in_flight = CRFQueue(2 * max(1, crf_workers))
+        try:
+            with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
+                for batch in batches:
+                    images = normalise_pixels(batch["image"], torch_device)
+                    labels = batch["label"].to(torch_device)
+                    size = (int(labels.shape[-2]), int(labels.shape[-1]))
+                    predicted = predict_batch(model, images, size, pool)
+                    clusters.update(predicted.clusters, labels)
+                    linear.update(predicted.linear, labels)
+                    if fitted is not None:
+                        on_tokens, on_head = baseline_maps(fitted, predicted.tokens, predicted.features, size)
+                        kmeans_tokens.update(on_tokens, labels)
+                        kmeans_head.update(on_head, labels)
+                    shown = _keep_samples(samples, images, labels, predicted.clusters)
+                    if predicted.refining is not None:
+                        in_flight.put(predicted.refining, partial(_record_refined, refined, labels, shown))
+                    advance(1)
+                in_flight.drain()
+        finally:
+            if pool is not None:
+                pool.close()
 
-    for line in report.lines(dataset_name):
-        reporter.message(line)
-    if len(report.skipped) >= len(data):
-        kept = f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
-        raise CauseError(
-            f"None of the {len(data)} images of the {split} split of {root} could be read, so nothing was "
-            f"evaluated and {kept}."
-        )
-    names = list(model.class_names or data.class_names or [])[: model.num_classes]
-    # More clusters than named classes (--num-classes above the data's): the rest by number.
-    names += [str(index) for index in range(len(names), model.num_classes)]
-    cluster_scores = clusters.scores(match=True)
-    linear_scores = linear.scores(match=False)
-    result: dict[str, Any] = {
-        **cluster_scores.as_dict(names),
-        "crf": refined.scores(match=True).as_dict(names) if crf else None,
-        "linear_probe": _summary(linear_scores, names),
-        "baselines": None
-        if fitted is None
-        else {
-            "kmeans_tokens": _summary(kmeans_tokens.scores(match=True), names),
-            "kmeans_head": _summary(kmeans_head.scores(match=True), names),
-            "fitted_on": {"split": "train", "images": fitted.images, "tokens": fitted.points, "labels": False},
-        },
-        "class_names": names,
-        "images": len(data) - len(report.skipped),
-        "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())],
-        "split": split,
-        "dataset": dataset_name,
-        "data_dir": str(root),
-        "backbone": config.backbone,
-        "head": config.head,
-        "num_classes": model.num_classes,
-        "protocol": "no CRF: image only; CRF: image and flip averaged, then dense CRF (the reference's)",
-        "seconds": round(time.perf_counter() - started, 2),
-        "evaluated_at": _dt.datetime.now().isoformat(timespec="seconds"),
-    }
-    if write:
-        write_json(run.file(METRICS_FILE), result)
-        final = refined.scores(match=True) if crf else cluster_scores
-        save_png(
-            confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names), run.file("confusion.png")
-        )
-        if samples:
-            save_png(_samples_figure(samples, final.mapping, crf), run.file("samples.png"))
-    return result
+        for line in report.lines(dataset_name):
+            reporter.message(line)
+        if len(report.skipped) >= len(data):
+            kept = (
+                f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
+            )
+            raise CauseError(
+                f"None of the {len(data)} images of the {split} split of {root} could be read, so nothing was "
+                f"evaluated and {kept}."
+            )
+        names = list(model.class_names or data.class_names or [])[: model.num_classes]
+        # More clusters than named classes (--num-classes above the data's): the rest by number.
+        names += [str(index) for index in range(len(names), model.num_classes)]
+        cluster_scores = clusters.scores(match=True)
+        linear_scores = linear.scores(match=False)
+        result: dict[str, Any] = {
+            **cluster_scores.as_dict(names),
+            "crf": refined.scores(match=True).as_dict(names) if crf else None,
+            "linear_probe": _summary(linear_scores, names),
+            "baselines": None
+            if fitted is None
+            else {
+                "kmeans_tokens": _summary(kmeans_tokens.scores(match=True), names),
+                "kmeans_head": _summary(kmeans_head.scores(match=True), names),
+                "fitted_on": {"split": "train", "images": fitted.images, "tokens": fitted.points, "labels": False},
+            },
+            "class_names": names,
+            "images": len(data) - len(report.skipped),
+            "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())],
+            "split": split,
+            "dataset": dataset_name,
+            "data_dir": str(root),
+            "backbone": config.backbone,
+            "head": config.head,
+            "num_classes": model.num_classes,
+            "protocol": "no CRF: image only; CRF: image and flip averaged, then dense CRF (the reference's)",
+            "seconds": round(time.perf_counter() - started, 2),
+            "evaluated_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        if write:
+            write_json(run.file(METRICS_FILE), result)
+            final = refined.scores(match=True) if crf else cluster_scores
+            save_png(
+                confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names), run.file("confusion.png")
+            )
+            if samples:
+                save_png(_samples_figure(samples, final.mapping, crf), run.file("samples.png"))
+        return result
 
 
 def _summary(scores: SegmentationScores, names: list[str]) -> dict[str, Any]:

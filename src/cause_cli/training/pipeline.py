@@ -135,7 +135,7 @@ def train(
     reporter = (reporter or Reporter()) if group.is_main else Reporter()
     run = RunDirectory(Path(run_path), writes=group.is_main)
     try:
-        with use_precision(config.precision):
+        with run.writing("train"), use_precision(config.precision):
             return _train_steps(config, run, device, reporter, resume, group)
     finally:
         leave_processes(group)
