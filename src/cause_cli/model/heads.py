@@ -159,6 +159,9 @@ class FeatureWhitening(nn.Module):
     finds them (docs/quality.md).
     """
 
+    mean: torch.Tensor
+    matrix: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
