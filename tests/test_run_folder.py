@@ -230,3 +230,36 @@ def test_a_second_process_on_a_run_being_written_is_refused(scenes, tmp_path):
                               "--device", "cpu", "--quiet"], capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (run / "probe.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "expected"),
+    [
+        (200, np.uint8, r"Label value 200 in .*scene_0001\.png would make 201 classes, but only 7 different"),
+        (40000, np.uint16, r"Label value 40000 in .*scene_0001\.png is not a class id \(ids go from 0 to 254"),
+    ],
+    ids=["stray-pixel", "16-bit"],
+)
+def test_label_values_that_are_not_class_ids_are_refused(scenes, tmp_path, value, dtype, expected):
+    data = tmp_path / "data"
+    shutil.copytree(scenes / "images", data / "images")
+    shutil.copytree(scenes / "labels", data / "labels")
+    label_path = data / "labels" / "train" / "scene_0001.png"
+    label = np.asarray(Image.open(label_path)).astype(dtype)
+    label[0, 0] = value
+    Image.fromarray(label).save(label_path)
+    result = invoke(*train_command(data, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert re.search(expected, result.stderr), result.stderr
+    assert "--num-classes" in result.stderr
+
+
+def test_a_corrupt_label_is_skipped_when_counting_classes(scenes, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(scenes / "images", data / "images")
+    shutil.copytree(scenes / "labels", data / "labels")
+    (data / "labels" / "train" / "scene_0001.png").write_bytes(b"not a label")
+    result = invoke(*train_command(data, tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["num_classes"] == 6

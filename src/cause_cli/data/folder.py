@@ -26,6 +26,10 @@ from ..errors import CauseError
 from .base import Item, SegmentationDataset, no_label, read_image, read_label
 from .transforms import label_tensor, resize_and_crop
 
+IGNORED_VALUE = 255  # a label pixel of this value belongs to no class
+# Class ids counted from the labels must fit the 8-bit labels this layout stores (255 is
+# ignore), and must be nearly consecutive: 0-5 and one stray 200 are not 201 classes.
+MAX_INFERRED_CLASSES = 255
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "all")
 DEFAULT_VAL_FRACTION = 0.2
@@ -108,19 +112,26 @@ class ImageFolderDataset(SegmentationDataset):
         return Sample(image, label, relative.as_posix())
 
     def infer_num_classes(self) -> int | None:
-        """Number of classes: from classes.txt, else the largest label value + 1, else None."""
+        """Number of classes: from classes.txt, else the largest label value + 1 (refused when
+        the values are not plausible class ids), else None."""
         if self.class_names:
             return len(self.class_names)
         if not self.has_labels:
             return None
-        largest = -1
+        first_seen: dict[int, str] = {}  # each label value and the first file holding it
         for sample in self.samples:
             assert sample.label is not None
-            values = np.unique(np.asarray(Image.open(sample.label)))
-            values = values[values != 255]
-            if values.size:
-                largest = max(largest, int(values.max()))
-        return largest + 1 if largest >= 0 else None
+            try:
+                with Image.open(sample.label) as opened:
+                    values = np.unique(np.asarray(opened))
+            except (OSError, ValueError, SyntaxError):  # training skips it too, and lists it
+                continue
+            for value in values[values != IGNORED_VALUE].tolist():
+                first_seen.setdefault(int(value), str(sample.label))
+        if not first_seen:
+            return None
+        refuse_values_that_are_not_class_ids(first_seen)
+        return max(first_seen) + 1
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,3 +154,20 @@ class ImageFolderDataset(SegmentationDataset):
         else:
             label = no_label(self.resolution)
         return {"image": image_pixels, "label": label, "index": index, "path": sample.relative}, []
+
+
+def refuse_values_that_are_not_class_ids(first_seen: dict[int, str]) -> None:
+    """One sentence, naming a file and a value, when the label values present cannot be the
+    class ids 0..C-1 of one set of classes."""
+    largest = max(first_seen)
+    advice = "give --num-classes N (values at or above N are then ignored) or the class names in classes.txt"
+    if largest >= MAX_INFERRED_CLASSES:
+        raise CauseError(
+            f"Label value {largest} in {first_seen[largest]} is not a class id (ids go from 0 to "
+            f"{MAX_INFERRED_CLASSES - 1}, {IGNORED_VALUE} = ignore); {advice}."
+        )
+    if largest + 1 > 2 * len(first_seen) and largest >= 8:
+        raise CauseError(
+            f"Label value {largest} in {first_seen[largest]} would make {largest + 1} classes, but only "
+            f"{len(first_seen)} different values occur in the labels; {advice}."
+        )
