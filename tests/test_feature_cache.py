@@ -121,3 +121,32 @@ def test_a_write_flushes_only_the_rows_it_wrote(tmp_path):
     assert sum(size for _, size in recorder.ranges) < 64 * row_bytes / 4
     reopened = FeatureCache(tmp_path, images=64, tokens=16, dim=32)
     torch.testing.assert_close(reopened.get(torch.tensor([40, 3])), tokens.half().float())
+
+
+def test_a_cache_cut_short_is_made_again(tmp_path):
+    cache = FeatureCache(tmp_path, images=4, tokens=8, dim=6)
+    cache.put(torch.tensor([0, 1, 2, 3]), torch.randn(4, 8, 6))
+    del cache
+    (path,) = tmp_path.glob("*.f16")
+    with open(path, "r+b") as opened:
+        opened.truncate(path.stat().st_size // 2)
+    reopened = FeatureCache(tmp_path, images=4, tokens=8, dim=6)
+    assert reopened.damaged == 4 and not reopened.has(torch.arange(4)).any()
+    assert path.stat().st_size == 4 * 8 * 6 * 2
+    assert reopened.get(torch.tensor([0])) is None
+
+
+def test_changed_bytes_in_the_cache_are_found_and_only_their_image_computed_again(tmp_path):
+    values = torch.randn(4, 8, 6)
+    cache = FeatureCache(tmp_path, images=4, tokens=8, dim=6)
+    cache.put(torch.tensor([0, 1, 2, 3]), values)
+    del cache
+    (path,) = tmp_path.glob("*.f16")
+    with open(path, "r+b") as opened:
+        opened.seek(2 * 8 * 6 * 2 + 10)  # inside image 2's tokens
+        opened.write(b"\x00\x7c")
+    reopened = FeatureCache(tmp_path, images=4, tokens=8, dim=6)
+    assert reopened.damaged == 1
+    assert reopened.has(torch.arange(4)).tolist() == [True, True, False, True]
+    assert reopened.get(torch.tensor([2])) is None
+    torch.testing.assert_close(reopened.get(torch.tensor([3, 0])), values[[3, 0]].half().float())

@@ -114,6 +114,8 @@ class TrainingContext:
             folder = self.run.path / "feature-cache" / f"{resolution}-{fingerprint}"
             cache = FeatureCache(folder, len(data), tokens, self.backbone.dim)
             message = f"feature cache: {cache.size_bytes / 2**20:.0f} MiB in {cache.path}"
+            if cache.damaged:
+                message += f"; {cache.damaged} image(s) found damaged there, computed again"
             self.reporter.message(message)
             self.run.log(message)
             self.caches[resolution] = cache

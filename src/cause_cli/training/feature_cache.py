@@ -3,13 +3,16 @@
 The backbone is frozen and, without augmentation, sees the same training images in every
 epoch of every step, so its tokens can be computed once and read back. They are kept as
 float16 in a memory-mapped file ``[N, P, D]`` per input resolution, beside a flag per image
-saying whether its tokens are in; a run that stops halfway keeps what it had computed.
+saying whether its tokens are in and a CRC-32 of each image's tokens; a run that stops
+halfway keeps what it had computed, and tokens damaged on disk (a file cut short, changed
+bytes) are found when the cache is opened and computed again.
 """
 
 from __future__ import annotations
 
 import mmap
 import shutil
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +36,17 @@ class FeatureCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"tokens_{images}x{tokens}x{dim}.f16"
         flags_path = self.path.with_suffix(".filled")
+        sums_path = self.path.with_suffix(".crc32")
         needed = cache_bytes(images, tokens, dim)
+        self.damaged = 0  # rows found damaged on opening, to be computed again
+        expected_sizes = ((self.path, needed), (flags_path, images), (sums_path, 4 * images))
+        if any(path.exists() for path, _ in expected_sizes) and any(
+            not path.exists() or path.stat().st_size != size for path, size in expected_sizes
+        ):
+            # Cut short (a full disk, a copy stopped halfway) or from an older version: start over.
+            self.damaged = images
+            for path, _ in expected_sizes:
+                path.unlink(missing_ok=True)
         if not self.path.exists():
             free = shutil.disk_usage(folder).free
             if free < needed + DISK_MARGIN_BYTES:
@@ -49,7 +62,20 @@ class FeatureCache:
         self.row_bytes = tokens * dim * 2
         flags_mode: Literal["r+", "w+"] = "r+" if flags_path.exists() else "w+"
         self.filled = np.memmap(flags_path, dtype=np.uint8, mode=flags_mode, shape=(images,))
+        self.sums = np.memmap(sums_path, dtype=np.uint32, mode=flags_mode, shape=(images,))
         self.size_bytes = needed
+        self._forget_damaged_rows()
+
+    def _row_sum(self, row: int) -> int:
+        return zlib.crc32(self.tokens[row].tobytes())
+
+    def _forget_damaged_rows(self) -> None:
+        """Clear the flag of every filled row whose tokens no longer match their checksum."""
+        damaged = [row for row in np.flatnonzero(self.filled).tolist() if self._row_sum(row) != int(self.sums[row])]
+        if damaged:
+            self.filled[damaged] = 0
+            self.filled.flush()
+            self.damaged = max(self.damaged, len(damaged))
 
     def has(self, indices: torch.Tensor) -> np.ndarray:
         """Whether each of these items' tokens are in, ``bool [B]``."""
@@ -70,7 +96,10 @@ class FeatureCache:
         rows = indices.cpu().numpy()
         self.tokens[rows] = tokens.detach().to("cpu", torch.float16).numpy()
         self._flush_rows(rows)
-        # The flag goes last, so a stop between the two writes leaves the tokens recomputed.
+        for row in np.unique(rows).tolist():
+            self.sums[row] = self._row_sum(row)
+        self.sums.flush()
+        # The flag goes last, so a stop between the writes leaves the tokens recomputed.
         self.filled[rows] = 1
         self.filled.flush()
 
