@@ -330,3 +330,24 @@ def test_tr_head_fused_attention_equals_the_explicit_weights():
     fused = head.decode(tokens, attention_weights=False)
     assert explicit["self_attn_weights"] is not None and fused["self_attn_weights"] is None
     torch.testing.assert_close(fused["output"], explicit["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_banks_checkpoint_holds_its_entries_only_and_restores_it_exactly():
+    generator = torch.Generator().manual_seed(3)
+    bank = ConceptBank(num_codes=50, feature_dim=16, capacity=10)
+    for _ in range(4):
+        codes = torch.randint(0, 6, (40,), generator=generator)
+        bank.update(codes, torch.randn(40, 16, generator=generator), torch.rand(40, generator=generator))
+    state = bank.state_dict()
+    assert state["entries"].shape == (len(bank), 16) and "features" not in state  # not 50 x 10 x 16
+    restored = ConceptBank(num_codes=50, feature_dim=16, capacity=10)
+    restored.features.fill_(7.0)  # whatever a fresh bank held is overwritten
+    restored.load_state_dict(state)
+    assert torch.equal(restored.features, bank.features)
+    assert torch.equal(restored.filled, bank.filled) and torch.equal(restored.next_slot, bank.next_slot)
+    # And both go on alike.
+    codes = torch.randint(0, 6, (40,), generator=generator)
+    features, keys = torch.randn(40, 16, generator=generator), torch.rand(40, generator=generator)
+    bank.update(codes, features, keys)
+    restored.update(codes, features, keys)
+    assert torch.equal(restored.features, bank.features)

@@ -263,3 +263,14 @@ def test_a_corrupt_label_is_skipped_when_counting_classes(scenes, tmp_path):
     result = invoke(*train_command(data, tmp_path / "run"))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["num_classes"] == 6
+
+
+def test_temporary_files_left_by_a_killed_write_are_removed_on_the_next_start(scenes, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    leftovers = [run / ".resume.pt.abc123.tmp", run / ".head.safetensors.x9.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a file")
+    assert invoke(*train_command(scenes, run)).exit_code == 0
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert "removed 2 temporary file(s)" in (run / "train.log").read_text()

@@ -87,6 +87,13 @@ class RunDirectory:
             handle.truncate()
             handle.write(f"cause {command} (process {os.getpid()} on {socket.gethostname()})")
             handle.flush()
+            # Temporary files are only ever written under this lock: any there now were left by
+            # a process that was killed while writing.
+            stale = list(self.path.glob(".*.tmp"))
+            for leftover in stale:
+                leftover.unlink(missing_ok=True)
+            if stale:
+                self.log(f"removed {len(stale)} temporary file(s) left by an interrupted write")
             yield
         finally:
             handle.close()  # closing releases the lock
