@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -38,8 +39,21 @@ stderr = Console(stderr=True)
 DEBUG_ENV = "CAUSE_DEBUG"
 
 
+def require_at_least(minimum: int, **values: int | None) -> None:
+    """One sentence for a count option below ``minimum`` (``batch_size=0`` names --batch-size)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise CauseError(f"--{name.replace('_', '-')} must be at least {minimum}, not {value}.")
+
+
+# Errors of the machine, not of the toolkit, that a user can act on: a full disk, a folder
+# they may not write.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def user_errors(command: F) -> F:
-    """Turn a :class:`CauseError` into one sentence on stderr and exit code 1."""
+    """Turn a :class:`CauseError`, or a full or unwritable disk, into one sentence on stderr
+    and exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,6 +63,13 @@ def user_errors(command: F) -> F:
             if os.environ.get(DEBUG_ENV):
                 raise
             stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as error:
+            if os.environ.get(DEBUG_ENV) or error.errno not in _DISK_ERRORS:
+                raise
+            where = f" {error.filename}" if error.filename else ""
+            sentence = f"could not write{where}: {error.strerror or error}; files written before are complete."
+            stderr.print(f"[bold red]error:[/] {sentence}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; files already written are complete")
@@ -329,7 +350,6 @@ def train(
         typer.Option(
             "--workers",
             help="Processes loading images (0: in this process; default: none on the CPU, up to 8 per GPU).",
-            min=0,
         ),
     ] = None,
     gpus: Annotated[
@@ -352,6 +372,7 @@ def train(
 
     Example: cause train --data-dir ./my-images --num-classes 8 --run runs/mine
     """
+    require_at_least(0, workers=workers)
     from .config import TrainConfig
     from .paths import next_numbered_folder, runs_home
     from .training import train as train_run
@@ -523,7 +544,7 @@ def evaluate(
     loader_workers: Annotated[
         int | None,
         typer.Option(
-            "--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU).", min=0
+            "--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU)."
         ),
     ] = None,
     baselines: Annotated[
@@ -548,6 +569,8 @@ def evaluate(
 
     Example: cause eval --run runs/train
     """
+    require_at_least(1, batch_size=batch_size)
+    require_at_least(0, workers=workers, loader_workers=loader_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.evaluate import evaluate_run
@@ -635,6 +658,8 @@ def segment(
 
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
+    require_at_least(1, batch_size=batch_size)
+    require_at_least(0, workers=workers)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.segment import segment_images

@@ -112,6 +112,12 @@ class TrainConfig:
             raise CauseError(f"Unknown position-embedding rule '{self.pos_embed}'; choose reference or timm.")
         if self.batch_size < 1:
             raise CauseError("--batch-size must be at least 1.")
+        if self.resolution is not None and self.resolution < 1:
+            raise CauseError(f"--resolution must be a positive number of pixels, not {self.resolution}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CauseError(f"--dropout is a probability from 0 up to (not including) 1, not {self.dropout}.")
+        if self.reduced_dim < 1:
+            raise CauseError("--reduced-dim must be at least 1.")
         if self.clusterbook_size < 2:
             raise CauseError("The clusterbook needs at least 2 codes.")
         if self.num_classes is not None and self.num_classes < 2:

@@ -52,6 +52,26 @@ TRAINING_OUTPUTS = (
 )  # fmt: skip
 
 
+def _run_info_problem(info: Any) -> str | None:
+    """What makes ``info`` (a parsed run.json) unusable, in a few words; None if nothing."""
+    from .config import HEADS, RECIPES
+
+    if not isinstance(info, dict):
+        return f"it holds a {type(info).__name__}, not an object"
+    config = info.get("config")
+    if not isinstance(config, dict):
+        return "its 'config' is missing or not an object"
+    if "num_classes" in info and (not isinstance(info["num_classes"], int) or info["num_classes"] < 1):
+        return f"its class count {info['num_classes']!r} is not a positive whole number"
+    if config.get("head", "mlp") not in HEADS:
+        return f"it names an unknown head {config.get('head')!r} (this version offers {', '.join(HEADS)})"
+    if config.get("recipe", "default") not in RECIPES:
+        return f"it names an unknown recipe {config.get('recipe')!r}"
+    if not isinstance(config.get("data_dir"), str):
+        return "its 'config' has no data folder"
+    return None
+
+
 @dataclass
 class RunDirectory:
     path: Path
@@ -145,9 +165,13 @@ class RunDirectory:
         if not path.is_file():
             raise CauseError(f"{self.path} is not a run folder (it has no {RUN_FILE}).")
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise CauseError(f"{path} is damaged: {error.msg}.") from error
+            info = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CauseError(f"{path} is damaged: {getattr(error, 'msg', error)}.") from error
+        problem = _run_info_problem(info)
+        if problem:
+            raise CauseError(f"{path} is not a run description this toolkit wrote: {problem}.")
+        return info
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.read_run_info()["config"])

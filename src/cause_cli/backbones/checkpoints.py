@@ -54,10 +54,12 @@ def read_checkpoint(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors alike
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CauseError(
-            f"{path} is not a checkpoint the toolkit can read safely (weights only): {first_line[:160]}"
-        ) from error
+        if "Weights only load failed" in str(error):
+            raise CauseError(
+                f"{path} holds Python objects besides tensors, which the toolkit does not unpickle because "
+                "that can run code; save the weights alone (a state_dict, or a safetensors file) and give that."
+            ) from error
+        raise CauseError(f"{path} is not a checkpoint file torch can read ({type(error).__name__}).") from error
 
 
 def backbone_state_dict(contents: Any, family: str, path: Path) -> dict[str, torch.Tensor]:

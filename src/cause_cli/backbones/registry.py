@@ -229,7 +229,8 @@ def _timm_spec(name: str) -> BackboneSpec | None:
 def _hf_hub_spec(name: str) -> BackboneSpec:
     """An entry for a timm-form Hub repository, from its config.json."""
     repo = name[len(HF_HUB_PREFIX) :]
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+    part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
+    if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
         raise CauseError(f"'{name}' is not an hf-hub id; write hf-hub:ORGANISATION/NAME.")
     from . import hub
 

@@ -121,10 +121,24 @@ def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
     """The evaluated run's cluster-to-class matching and class names, if it has them."""
     if not run.has(METRICS_FILE):
         return None
-    metrics = json.loads(run.file(METRICS_FILE).read_text())
+    path = run.file(METRICS_FILE)
+    damaged = f"{path} is damaged; run cause eval on the run again (or delete the file to write cluster ids)"
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CauseError(f"{damaged}.") from error
+    if not isinstance(metrics, dict):
+        raise CauseError(f"{damaged}.")
     mapping, names = metrics.get("cluster_to_class"), metrics.get("class_names")
     if not mapping or not names:
         return None
+    clusters = int(run.read_run_info()["num_classes"])
+    if (
+        not isinstance(mapping, list)
+        or len(mapping) != clusters
+        or not all(isinstance(value, int) and 0 <= value < len(names) for value in mapping)
+    ):
+        raise CauseError(f"{damaged}: its cluster_to_class does not map the run's {clusters} clusters to its classes.")
     return np.asarray(mapping, dtype=np.int64), list(names)
 
 

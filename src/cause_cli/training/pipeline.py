@@ -131,6 +131,7 @@ def train(
     Started by torchrun, the process trains together with the others (see
     :mod:`cause_cli.training.distributed`); rank 0 reports and writes.
     """
+    config.validate()  # before anything is written
     group = from_environment()
     reporter = (reporter or Reporter()) if group.is_main else Reporter()
     run = RunDirectory(Path(run_path), writes=group.is_main)
