@@ -274,3 +274,36 @@ def test_temporary_files_left_by_a_killed_write_are_removed_on_the_next_start(sc
     assert invoke(*train_command(scenes, run)).exit_code == 0
     assert not any(leftover.exists() for leftover in leftovers)
     assert "removed 2 temporary file(s)" in (run / "train.log").read_text()
+
+
+def test_outputs_get_the_permissions_of_any_new_file(scenes, tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    os.umask(previous)
+    run = tmp_path / "run"
+    assert invoke(*train_command(scenes, run)).exit_code == 0
+    for name in ("run.json", "probe.safetensors", "head.safetensors"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~previous, name
+
+
+def test_an_output_folder_inside_the_source_is_not_read_as_input(scenes, tmp_path):
+    run = tmp_path / "run"
+    assert invoke(*train_command(scenes, run)).exit_code == 0
+    source = tmp_path / "photos"
+    shutil.copytree(scenes / "images" / "val", source)
+    for _ in range(2):  # the rerun finds the first run's outputs inside SOURCE
+        result = invoke("segment", source, "--run", run, "--out", source / "segments", "--quiet")
+        assert result.exit_code == 0, result.output
+    summary = json.loads((source / "segments" / "summary.json").read_text())
+    assert summary["inputs"] == 2 and not summary["skipped"]
+    assert sorted(path.name for path in (source / "segments" / "labels").rglob("*.png")) == [
+        "scene_0000.png",
+        "scene_0001.png",
+    ]
+
+
+def test_sizes_below_a_gibibyte_are_given_in_mebibytes():
+    from cause_cli.paths import readable_size
+
+    assert readable_size(3 * 2**20) == "3.0 MiB" and readable_size(5 * 2**30) == "5.0 GiB"

@@ -543,9 +543,7 @@ def evaluate(
     ] = None,
     loader_workers: Annotated[
         int | None,
-        typer.Option(
-            "--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU)."
-        ),
+        typer.Option("--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU)."),
     ] = None,
     baselines: Annotated[
         bool,

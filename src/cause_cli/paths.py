@@ -34,10 +34,22 @@ def next_numbered_folder(parent: Path, stem: str) -> Path:
     return candidate
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import, while nothing else runs: os.umask can only be read by setting it.
+UMASK = _process_umask()
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(temporary_path)`` then rename the result onto ``path``.
 
     A crash or interruption leaves either the old file or the new one, never a partial one.
+    The file gets the permissions any new file gets (``0644`` under the usual umask), not
+    the temporary file's ``0600``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,6 +57,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     temporary_path = Path(temporary)
     try:
         write(temporary_path)
+        os.chmod(temporary_path, 0o666 & ~UMASK)
         os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)
@@ -69,3 +82,8 @@ def json_text(data: Any, indent: int | None = None) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomically(path, lambda target: target.write_text(json_text(data, indent=2) + "\n"))
+
+
+def readable_size(size: int) -> str:
+    """``size`` bytes in GiB, or MiB below one GiB (never "0.0 GiB")."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

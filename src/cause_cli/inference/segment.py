@@ -258,7 +258,9 @@ def segment_images(
     reporter = reporter or Reporter()
     run = open_run(run_path)
     out = Path(out)
-    files = collect_inputs(source)
+    inside = out.resolve()
+    # An OUT inside SOURCE: a rerun must not take the earlier outputs for inputs.
+    files = [(path, relative) for path, relative in collect_inputs(source) if inside not in path.resolve().parents]
     outputs = output_names([relative for _, relative in files])
     if crf:
         require_crf()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import CauseError
+from ..paths import readable_size
 
 # Room to leave free on the disk besides the cache itself.
 DISK_MARGIN_BYTES = 1 << 30
@@ -51,8 +52,9 @@ class FeatureCache:
             free = shutil.disk_usage(folder).free
             if free < needed + DISK_MARGIN_BYTES:
                 raise CauseError(
-                    f"The feature cache needs {needed / 2**30:.1f} GiB in {folder} but only "
-                    f"{free / 2**30:.1f} GiB is free; free some space or train without --cache-features."
+                    f"The feature cache needs {readable_size(needed)} in {folder} (and "
+                    f"{readable_size(DISK_MARGIN_BYTES)} to spare) but only {readable_size(free)} is free; "
+                    "free some space or train without --cache-features."
                 )
             with open(self.path, "wb") as created:
                 created.truncate(needed)
