@@ -31,7 +31,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from .config import TrainConfig
+from .config import HEADS, RECIPES, TrainConfig
 from .errors import CauseError
 from .paths import write_atomically, write_json
 
@@ -54,8 +54,6 @@ TRAINING_OUTPUTS = (
 
 def _run_info_problem(info: Any) -> str | None:
     """What makes ``info`` (a parsed run.json) unusable, in a few words; None if nothing."""
-    from .config import HEADS, RECIPES
-
     if not isinstance(info, dict):
         return f"it holds a {type(info).__name__}, not an object"
     config = info.get("config")

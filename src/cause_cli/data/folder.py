@@ -24,9 +24,9 @@ from PIL import Image
 
 from ..errors import CauseError
 from .base import Item, SegmentationDataset, no_label, read_image, read_label
+from .labels import IGNORE_ID
 from .transforms import label_tensor, resize_and_crop
 
-IGNORED_VALUE = 255  # a label pixel of this value belongs to no class
 # Class ids counted from the labels must fit the 8-bit labels this layout stores (255 is
 # ignore), and must be nearly consecutive: 0-5 and one stray 200 are not 201 classes.
 MAX_INFERRED_CLASSES = 255
@@ -126,7 +126,7 @@ class ImageFolderDataset(SegmentationDataset):
                     values = np.unique(np.asarray(opened))
             except (OSError, ValueError, SyntaxError):  # training skips it too, and lists it
                 continue
-            for value in values[values != IGNORED_VALUE].tolist():
+            for value in values[values != IGNORE_ID].tolist():
                 first_seen.setdefault(int(value), str(sample.label))
         if not first_seen:
             return None
@@ -164,7 +164,7 @@ def refuse_values_that_are_not_class_ids(first_seen: dict[int, str]) -> None:
     if largest >= MAX_INFERRED_CLASSES:
         raise CauseError(
             f"Label value {largest} in {first_seen[largest]} is not a class id (ids go from 0 to "
-            f"{MAX_INFERRED_CLASSES - 1}, {IGNORED_VALUE} = ignore); {advice}."
+            f"{MAX_INFERRED_CLASSES - 1}, {IGNORE_ID} = ignore); {advice}."
         )
     if largest + 1 > 2 * len(first_seen) and largest >= 8:
         raise CauseError(

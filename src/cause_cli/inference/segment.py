@@ -40,6 +40,7 @@ from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_fea
 MAX_PREDICTION_SIDE = 1024
 OVERLAY_OPACITY = 0.5
 LIST_SUFFIXES = {".txt", ".lst"}
+PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greyscale label maps
 
 
 @dataclass
@@ -206,7 +207,7 @@ class _Segmenter:
             self.write(item, image, values)
 
     def write(self, item: _Input, image: Image.Image, values: np.ndarray) -> None:
-        if self.model.num_classes <= 256:
+        if self.model.num_classes <= PALETTE_IDS:
             label = Image.fromarray(values.astype(np.uint8), "P")
             label.putpalette(self.flat_palette)
         else:  # ids past 255 do not fit a palette PNG: 16-bit greyscale, the colours only on the overlay
@@ -300,6 +301,6 @@ def segment_images(
         for (_, relative), output in zip(files, outputs, strict=True)
         if output != relative.with_suffix(".png")
     ]
-    result["label_format"] = "8-bit palette PNG" if model.num_classes <= 256 else "16-bit greyscale PNG"
+    result["label_format"] = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
     write_json(out / "summary.json", result)
     return result

@@ -77,7 +77,7 @@ class ConceptBank:
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored features ``[N, E]`` and their codes ``[N]`` (order carries no meaning)."""
-        valid = self._valid(self.filled)
+        valid = self._valid()
         codes = torch.arange(self.num_codes, device=self.filled.device).unsqueeze(1).expand_as(valid)
         return self.features[valid], codes[valid]
 
@@ -93,18 +93,18 @@ class ConceptBank:
         if compact is None:
             compact = self.features.device.type == "cpu" and 2 * len(self) < self.features.shape[0] * self.capacity
         if not compact:
-            return BankByCode(self.features, self._valid(self.filled), code_vectors)
+            return BankByCode(self.features, self._valid(), code_vectors)
         entries, codes = self.entries()
         return BankByCode.of_entries(entries, code_vectors, codes)
 
-    def _valid(self, filled: torch.Tensor) -> torch.Tensor:
+    def _valid(self) -> torch.Tensor:
         """``bool [K, capacity]``: the slots in use (a code's ring fills its slots in order)."""
-        return torch.arange(self.capacity, device=filled.device) < filled.unsqueeze(1)
+        return torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The slots in use only: a checkpoint's size follows what the bank holds, not the
         ``K x capacity x E`` it could (1.7 GB at the paper's sizes)."""
-        return {"entries": self.features[self._valid(self.filled)], "filled": self.filled, "next_slot": self.next_slot}
+        return {"entries": self.features[self._valid()], "filled": self.filled, "next_slot": self.next_slot}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.filled = state["filled"].to(self.filled.device)
@@ -113,4 +113,4 @@ class ConceptBank:
             self.features.copy_(state["features"])
             return
         self.features.zero_()
-        self.features[self._valid(self.filled)] = state["entries"].to(self.features.device, self.features.dtype)
+        self.features[self._valid()] = state["entries"].to(self.features.device, self.features.dtype)
