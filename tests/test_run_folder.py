@@ -5,6 +5,7 @@ it over on purpose."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from cause_cli.cli import app
 from cause_cli.data.synthetic import write_scenes
+from cause_cli.paths import list_files
 
 runner = CliRunner()
 
@@ -267,6 +269,29 @@ def test_a_corrupt_label_is_skipped_when_counting_classes(scenes, tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["num_classes"] == 6
 
 
+def test_labelled_pixels_above_the_declared_classes_are_counted_not_dropped_in_silence(scenes, tmp_path):
+    # classes.txt names 6 classes; one training label and one validation label say 7 throughout.
+    data = tmp_path / "data"
+    shutil.copytree(scenes, data)
+    for split in ("train", "val"):
+        label_path = data / "labels" / split / "scene_0001.png"
+        Image.fromarray(np.full_like(np.asarray(Image.open(label_path)), 7)).save(label_path)
+    run = tmp_path / "run"
+    trained = invoke(*train_command(data, run))
+    assert trained.exit_code == 0, trained.output
+    assert "ignored 4,096 labelled pixel(s) with class ids at or above 6" in trained.stderr  # 64 x 64, --quiet
+    log = (run / "train.log").read_text()
+    assert "4,096 labelled pixel(s) in 1 image(s) hold class id(s) 7, at or above the 6 classes" in log
+    assert "train/scene_0001.png" in log and "--num-classes 8" in log
+
+    evaluated = invoke("eval", "--run", run, "--device", "cpu", "--no-crf", "--no-baselines", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    expected = {"pixels": 64 * 64, "images": 1, "class_ids": [7]}
+    assert strict_json(evaluated.stdout)["ignored_above_classes"] == expected
+    assert json.loads((run / "metrics.json").read_text())["ignored_above_classes"] == expected
+    assert "ignored 4,096 labelled pixel(s) with class ids at or above 6" in evaluated.stderr
+
+
 def test_temporary_files_left_by_a_killed_write_are_removed_on_the_next_start(scenes, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -303,6 +328,50 @@ def test_an_output_folder_inside_the_source_is_not_read_as_input(scenes, tmp_pat
         "scene_0000.png",
         "scene_0001.png",
     ]
+
+
+def refuse_to_read(monkeypatch, refused: Path) -> None:
+    """Make one folder unreadable the way a permission would (chmod 000 means nothing to root)."""
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args, **kwargs):
+        if Path(path) == refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_dangling_links_and_unreadable_folders_are_listed_not_passed_over(scenes, tmp_path, monkeypatch):
+    listing = list_files(scenes / "images")
+    assert listing.files and not listing.unreachable
+
+    data = tmp_path / "data"
+    shutil.copytree(scenes, data)
+    ghost = data / "images" / "train" / "ghost.png"
+    ghost.symlink_to(tmp_path / "gone.png")
+    locked = data / "images" / "train" / "locked"
+    locked.mkdir()
+    refuse_to_read(monkeypatch, locked)
+    listing = list_files(data / "images")
+    assert listing.unreachable == [
+        (ghost, f"a symbolic link to {tmp_path / 'gone.png'}, which does not exist"),
+        (locked, "the folder could not be read (Permission denied)"),
+    ]
+    assert ghost not in listing.files
+
+    run = tmp_path / "run"
+    trained = invoke(*train_command(data, run))
+    assert trained.exit_code == 0, trained.output
+    assert "skipped 2 folder(s) or link(s) that could not be read" in trained.stderr
+    log = (run / "train.log").read_text()
+    assert f"skipped {ghost}: a symbolic link to" in log and f"skipped {locked}: the folder could not be read" in log
+
+    out = tmp_path / "segments"
+    segmented = invoke("segment", data / "images" / "train", "--run", run, "--out", out, "--quiet")
+    assert segmented.exit_code == 0, segmented.output
+    skipped = json.loads((out / "summary.json").read_text())["skipped"]
+    assert [entry["input"] for entry in skipped] == ["ghost.png", "locked"]
 
 
 def test_sizes_below_a_gibibyte_are_given_in_mebibytes():

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,38 @@ def cache_home() -> Path:
     """The toolkit's cache folder: ``$CAUSE_HOME``, else ``~/.cache/cause``."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "cause"
+
+
+@dataclass
+class FolderListing:
+    """The files below a folder, and what could not be looked at, each with the reason."""
+
+    files: list[Path] = field(default_factory=list)
+    unreachable: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def list_files(root: Path, skip_hidden: bool = False) -> FolderListing:
+    """Every file below ``root`` in sorted order, symbolic links to files included (links to
+    folders are not followed). Folders that cannot be read and links whose target does not
+    exist are returned as unreachable rather than passed over in silence."""
+    listing = FolderListing()
+
+    def could_not_read(error: OSError) -> None:
+        listing.unreachable.append((Path(error.filename), f"the folder could not be read ({error.strerror})"))
+
+    for folder, subfolders, names in os.walk(root, onerror=could_not_read):
+        if skip_hidden:
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            names = [name for name in names if not name.startswith(".")]
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                listing.files.append(path)
+            elif path.is_symlink() and not path.exists():
+                listing.unreachable.append((path, f"a symbolic link to {os.readlink(path)}, which does not exist"))
+    listing.files.sort()
+    listing.unreachable.sort()
+    return listing
 
 
 def runs_home() -> Path:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CauseError
+from ..paths import list_files
 from .base import Item, SegmentationDataset, no_label, read_image, read_label
 from .labels import IGNORE_ID
 from .transforms import label_tensor, resize_and_crop
@@ -84,18 +85,25 @@ class ImageFolderDataset(SegmentationDataset):
         labels_dir = self.root / "labels"
         self.has_labels = labels_dir.is_dir()
 
-        all_images = sorted(p for p in images_dir.rglob("*") if is_image_file(p))
+        listing = list_files(images_dir)
         has_split_folders = (images_dir / "train").is_dir() and (images_dir / "val").is_dir()
-        chosen: list[Path] = []
-        for path in all_images:
+
+        def in_split(path: Path) -> bool:
             relative = path.relative_to(images_dir).as_posix()
             if split == "all":
-                chosen.append(path)
-            elif has_split_folders:
-                if relative.startswith(f"{split}/"):
-                    chosen.append(path)
-            elif hashed_split(relative, val_fraction) == split:
-                chosen.append(path)
+                return True
+            if has_split_folders:
+                return relative.startswith(f"{split}/")
+            return hashed_split(relative, val_fraction) == split
+
+        chosen = [path for path in listing.files if is_image_file(path) and in_split(path)]
+        # A folder that cannot be read may hold images of any split; a dangling link is an
+        # image only by its name.
+        self.unreachable = [
+            (path, reason)
+            for path, reason in listing.unreachable
+            if not path.is_symlink() or (path.suffix.lower() in IMAGE_SUFFIXES and in_split(path))
+        ]
         if not chosen:
             raise CauseError(f"No images for split '{split}' under {images_dir}.")
 

@@ -3,7 +3,9 @@
 :func:`iterate_batches` wraps a dataset in a ``DataLoader`` (worker processes, pinned
 memory) whose items never raise for an unreadable file: such an item is dropped from its
 batch and recorded in a :class:`LoadReport`, as are label ids outside the dataset's label
-map. The report lists them once, at the end, however many epochs met them.
+map and labelled pixels whose class id is at or above the classes the run has (ignored by every
+loss and score, so a user must hear of them). The report lists them once, at the end, however
+many epochs met them.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ _EXAMPLES = 3
 
 
 class _Guarded(Dataset):
-    def __init__(self, dataset: SegmentationDataset) -> None:
+    def __init__(self, dataset: SegmentationDataset, num_classes: int | None = None) -> None:
         self.dataset = dataset
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -32,7 +35,17 @@ class _Guarded(Dataset):
             item, unknown = self.dataset.load(index)
         except UnreadableFile as error:
             return {"skipped": error.path, "reason": error.reason}
-        return {"item": item, "unknown": unknown}
+        return {"item": item, "unknown": unknown, "above": self._above_classes(item["label"])}
+
+    def _above_classes(self, label: torch.Tensor) -> dict[int, int]:
+        """Pixels per class id at or above ``num_classes`` in an item's class-index label."""
+        if self.num_classes is None:
+            return {}
+        above = label[label >= self.num_classes]
+        if not above.numel():
+            return {}
+        ids, counts = above.unique(return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist(), strict=True))
 
 
 def _collate(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -41,15 +54,18 @@ def _collate(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "batch": default_collate(items) if items else None,
         "skipped": [(entry["skipped"], entry["reason"]) for entry in entries if "skipped" in entry],
         "unknown": [(entry["item"]["path"], entry["unknown"]) for entry in entries if entry.get("unknown")],
+        "above": [(entry["item"]["path"], entry["above"]) for entry in entries if entry.get("above")],
     }
 
 
 @dataclass
 class LoadReport:
-    """Files skipped as unreadable and label ids outside the map, each recorded once."""
+    """Files skipped as unreadable, label ids outside the map and labelled pixels above the
+    classes, each file recorded once."""
 
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     unknown_ids: dict[int, list[str]] = field(default_factory=dict)  # id -> items holding it
+    above_classes: dict[str, dict[int, int]] = field(default_factory=dict)  # item -> {class id: pixels}
 
     def record(self, packed: dict[str, Any]) -> None:
         for path, reason in packed["skipped"]:
@@ -59,6 +75,8 @@ class LoadReport:
                 holders = self.unknown_ids.setdefault(int(value), [])
                 if path not in holders:
                     holders.append(path)
+        for path, pixels in packed.get("above", []):
+            self.above_classes.setdefault(path, pixels)
 
     def merge(self, other: LoadReport) -> None:
         for path, reason in other.skipped.items():
@@ -66,12 +84,26 @@ class LoadReport:
         for value, holders in other.unknown_ids.items():
             mine = self.unknown_ids.setdefault(value, [])
             mine += [path for path in holders if path not in mine]
+        for path, pixels in other.above_classes.items():
+            self.above_classes.setdefault(path, pixels)
 
     def __bool__(self) -> bool:
-        return bool(self.skipped or self.unknown_ids)
+        return bool(self.skipped or self.unknown_ids or self.above_classes)
 
-    def lines(self, dataset: str = "dataset") -> list[str]:
-        """One line for the count, one per skipped file, one per unknown label id."""
+    def ignored_above(self) -> dict[str, Any] | None:
+        """How many labelled pixels, in how many items, had class ids at or above the classes."""
+        if not self.above_classes:
+            return None
+        ids = sorted({value for pixels in self.above_classes.values() for value in pixels})
+        return {
+            "pixels": sum(sum(pixels.values()) for pixels in self.above_classes.values()),
+            "images": len(self.above_classes),
+            "class_ids": ids,
+        }
+
+    def lines(self, dataset: str = "dataset", num_classes: int | None = None) -> list[str]:
+        """One line for the count, one per skipped file, one per unknown label id, one for the
+        pixels above the ``num_classes`` classes."""
         lines: list[str] = []
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s):")
@@ -80,6 +112,17 @@ class LoadReport:
             examples = ", ".join(holders[:_EXAMPLES]) + (", ..." if len(holders) > _EXAMPLES else "")
             lines.append(
                 f"label id {value} is outside the {dataset} label map (ignored) in {len(holders)} image(s): {examples}"
+            )
+        ignored = self.ignored_above()
+        if ignored is not None:
+            holders = sorted(self.above_classes)
+            examples = ", ".join(holders[:_EXAMPLES]) + (", ..." if len(holders) > _EXAMPLES else "")
+            classes = f"the {num_classes} classes" if num_classes is not None else "the classes"
+            ids = ", ".join(str(value) for value in ignored["class_ids"])
+            lines.append(
+                f"{ignored['pixels']:,} labelled pixel(s) in {ignored['images']} image(s) hold class id(s) {ids}, at "
+                f"or above {classes}, and were ignored; give --num-classes {ignored['class_ids'][-1] + 1} (or name "
+                f"every class in classes.txt) to count them: {examples}"
             )
         return lines
 
@@ -131,13 +174,15 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     batches: Sampler[list[int]] | None = None,
     keep_empty: bool = False,
+    num_classes: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches ``{"image", "label", "index", "path"}`` of the readable items of ``dataset``,
     in the order ``batches`` gives (else ``batch_size`` at a time, shuffled or not).
 
     A batch may hold fewer items than asked for where files were skipped; a batch of nothing
     but unreadable files is left out, or comes as an empty dict with ``keep_empty`` (so that
-    processes training together stay in step).
+    processes training together stay in step). With ``num_classes``, labelled pixels of class
+    ids at or above it are counted in ``report``.
     """
     sizing: dict[str, Any] = (
         {"batch_sampler": batches}
@@ -145,7 +190,7 @@ def iterate_batches(
         else {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
     )
     loader = DataLoader(
-        _Guarded(dataset),
+        _Guarded(dataset, num_classes),
         # With a generator of its own the loader never draws from the global one, which
         # dropout uses and a resumed run restores.
         generator=generator or torch.Generator().manual_seed(0),

@@ -76,7 +76,14 @@ def evaluate_run(
             raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
         fitted = fit_baselines(model, batch_size, workers, reporter, config.seed) if baselines else None
         report = LoadReport()
-        batches = iterate_batches(data, batch_size, report, workers=workers, pin_memory=torch_device.type == "cuda")
+        batches = iterate_batches(
+            data,
+            batch_size,
+            report,
+            workers=workers,
+            pin_memory=torch_device.type == "cuda",
+            num_classes=model.num_classes,
+        )
         steps = (len(data) + batch_size - 1) // batch_size
         clusters = MetricAccumulator(model.num_classes)
         linear = MetricAccumulator(model.num_classes)
@@ -112,8 +119,15 @@ def evaluate_run(
             if pool is not None:
                 pool.close()
 
-        for line in report.lines(dataset_name):
+        for path, reason in data.unreachable:
+            reporter.message(f"skipped {path}: {reason}")
+        for line in report.lines(dataset_name, model.num_classes):
             reporter.message(line)
+        ignored = report.ignored_above()
+        if ignored is not None:
+            reporter.quiet_summary(
+                f"ignored {ignored['pixels']:,} labelled pixel(s) with class ids at or above {model.num_classes}"
+            )
         if len(report.skipped) >= len(data):
             kept = (
                 f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
@@ -140,7 +154,9 @@ def evaluate_run(
             },
             "class_names": names,
             "images": len(data) - len(report.skipped),
-            "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())],
+            "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())]
+            + [{"input": str(path), "reason": reason} for path, reason in data.unreachable],
+            "ignored_above_classes": report.ignored_above(),
             "split": split,
             "dataset": dataset_name,
             "data_dir": str(root),

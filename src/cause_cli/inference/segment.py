@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import glob
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,7 +29,7 @@ from ..data.base import UnreadableFile, read_image
 from ..data.transforms import normalise, resize_and_crop
 from ..devices import resolve_device
 from ..errors import CauseError
-from ..paths import write_json
+from ..paths import list_files, write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from .crf import CRFPool, CRFQueue, require_crf
@@ -80,8 +81,9 @@ def _relative_to_parent(paths: list[Path]) -> list[tuple[Path, Path]]:
     return [(path, path.resolve().relative_to(parent)) for path in paths]
 
 
-def collect_inputs(source: Path | str) -> list[tuple[Path, Path]]:
-    """``(file, path for the outputs)`` for every input named by ``source``.
+def collect_inputs(source: Path | str) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """``(file, path for the outputs)`` for every input named by ``source``, and what could
+    not be looked at (folders that cannot be read, dangling links) with the reason.
 
     A folder gives every non-hidden file below it; a glob pattern its matches; a ``.txt``
     file the paths it lists (relative ones from the list's folder); otherwise one image file.
@@ -89,12 +91,9 @@ def collect_inputs(source: Path | str) -> list[tuple[Path, Path]]:
     text = str(source)
     path = Path(source)
     if path.is_dir():
-        files = []
-        for candidate in sorted(path.rglob("*")):
-            relative = candidate.relative_to(path)
-            if candidate.is_file() and not any(part.startswith(".") for part in relative.parts):
-                files.append((candidate, relative))
-        return files
+        listing = list_files(path, skip_hidden=True)
+        unreachable = [(where.relative_to(path), reason) for where, reason in listing.unreachable]
+        return [(file, file.relative_to(path)) for file in listing.files], unreachable
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         listed = []
         for line in path.read_text().splitlines():
@@ -102,14 +101,18 @@ def collect_inputs(source: Path | str) -> list[tuple[Path, Path]]:
             if entry and not entry.startswith("#"):
                 item = Path(entry).expanduser()
                 listed.append(item if item.is_absolute() else path.parent / item)
-        return _relative_to_parent(listed)
+        return _relative_to_parent(listed), []
     if path.is_file():
-        return [(path, Path(path.name))]
+        return [(path, Path(path.name))], []
     if glob.has_magic(text):
-        matches = [Path(match) for match in sorted(glob.glob(text, recursive=True)) if Path(match).is_file()]
-        if not matches:
+        matches = [Path(match) for match in sorted(glob.glob(text, recursive=True))]
+        files = [match for match in matches if match.is_file()]
+        dangling = [match for match in matches if match.is_symlink() and not match.exists()]
+        if not files and not dangling:
             raise CauseError(f"No files match {text}.")
-        return _relative_to_parent(matches)
+        return _relative_to_parent(files), [
+            (link, f"a symbolic link to {os.readlink(link)}, which does not exist") for link in dangling
+        ]
     raise CauseError(f"{source} does not exist.")
 
 
@@ -261,7 +264,8 @@ def segment_images(
     out = Path(out)
     inside = out.resolve()
     # An OUT inside SOURCE: a rerun must not take the earlier outputs for inputs.
-    files = [(path, relative) for path, relative in collect_inputs(source) if inside not in path.resolve().parents]
+    found, unreachable = collect_inputs(source)
+    files = [(path, relative) for path, relative in found if inside not in path.resolve().parents]
     outputs = output_names([relative for _, relative in files])
     if crf:
         require_crf()
@@ -269,6 +273,7 @@ def segment_images(
     matched = class_mapping(run)
     mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
     summary = SegmentSummary(inputs=len(files))
+    summary.skipped += [{"input": where.as_posix(), "reason": reason} for where, reason in unreachable]
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
     if pool is not None:

@@ -97,6 +97,7 @@ class TrainingContext:
             batches=order,
             generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
             keep_empty=self.group.distributed,
+            num_classes=self.num_classes,
             workers=loader_workers(self.config.workers, self.device, self.group.local_world_size),
             pin_memory=self.device.type == "cuda",
         )
@@ -194,7 +195,7 @@ class TrainingContext:
                 if end_of_epoch is not None:
                     end_of_epoch()
         if total and not trained and not already_done and self.load_report.skipped:
-            for line in self.load_report.lines(self.config.dataset):
+            for line in self.load_report.lines(self.config.dataset, self.num_classes):
                 self.run.log(line)
             raise CauseError(
                 f"No training image could be read (all {len(self.load_report.skipped)} tried of "

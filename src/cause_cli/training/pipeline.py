@@ -65,6 +65,14 @@ def prepare(
     if train_set.note:
         reporter.message(train_set.note)
         run.log(train_set.note)
+    for path, reason in train_set.unreachable:
+        reporter.message(f"skipped {path}: {reason}")
+        run.log(f"skipped {path}: {reason}")
+    if train_set.unreachable:
+        reporter.quiet_summary(
+            f"skipped {len(train_set.unreachable)} folder(s) or link(s) that could not be read, listed in "
+            f"{run.file(LOG_FILE)}"
+        )
     num_classes = config.num_classes or train_set.infer_num_classes()
     if num_classes is None:
         raise CauseError(
@@ -175,10 +183,16 @@ def _train_steps(
     for report in group.gather_objects(context.load_report)[1:]:  # what the other processes met
         assert isinstance(report, LoadReport)
         context.load_report.merge(report)
-    for line in context.load_report.lines(config.dataset):
+    for line in context.load_report.lines(config.dataset, context.num_classes):
         reporter.message(line)
         run.log(line)
     if context.load_report.skipped:
         skipped = len(context.load_report.skipped)
         reporter.quiet_summary(f"skipped {skipped} unreadable file(s), listed in {run.file(LOG_FILE)}")
+    ignored = context.load_report.ignored_above()
+    if ignored is not None:
+        reporter.quiet_summary(
+            f"ignored {ignored['pixels']:,} labelled pixel(s) with class ids at or above {context.num_classes}, "
+            f"listed in {run.file(LOG_FILE)}"
+        )
     return run
