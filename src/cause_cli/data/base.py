@@ -98,7 +98,7 @@ class SegmentationDataset(Dataset):
     # One line about where the data comes from (e.g. prepared crops), for the training log.
     note: str | None = None
     # Dangling links to images and folders that could not be read, each with the reason.
-    unreachable: list[tuple[Path, str]] = []
+    unreachable: tuple[tuple[Path, str], ...] = ()
 
     # Items whose pixels the reader has another way (rows of the feature cache), per index:
     # their images are not decoded and come as zeros. The training context sets it each epoch.

@@ -99,11 +99,11 @@ class ImageFolderDataset(SegmentationDataset):
         chosen = [path for path in listing.files if is_image_file(path) and in_split(path)]
         # A folder that cannot be read may hold images of any split; a dangling link is an
         # image only by its name.
-        self.unreachable = [
+        self.unreachable = tuple(
             (path, reason)
             for path, reason in listing.unreachable
             if not path.is_symlink() or (path.suffix.lower() in IMAGE_SUFFIXES and in_split(path))
-        ]
+        )
         if not chosen:
             raise CauseError(f"No images for split '{split}' under {images_dir}.")
 
