@@ -374,6 +374,24 @@ def test_dangling_links_and_unreadable_folders_are_listed_not_passed_over(scenes
     assert [entry["input"] for entry in skipped] == ["ghost.png", "locked"]
 
 
+def test_library_warnings_reach_the_user_as_one_line_notes_once(scenes, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert invoke(*train_command(scenes, run)).exit_code == 0
+    source = tmp_path / "photos"
+    source.mkdir()
+    for index in range(3):  # three images of one size: PIL warns three times, the user reads it once
+        Image.fromarray(np.full((40, 50, 3), 60 * index, np.uint8)).save(source / f"photo{index}.png")
+    # PIL warns of a possible decompression bomb between its limit and twice its limit.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    result = invoke("segment", source, "--run", run, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note (PIL): ")]
+    assert notes == [
+        "note (PIL): Image size (2000 pixels) exceeds limit of 1500 pixels, could be decompression bomb DOS attack."
+    ]
+    assert "Warning" not in result.stderr and ".py:" not in result.stderr
+
+
 def test_sizes_below_a_gibibyte_are_given_in_mebibytes():
     from cause_cli.paths import readable_size
 

@@ -95,6 +95,10 @@ def main(
 ) -> None:
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    if not os.environ.get(DEBUG_ENV):
+        from .progress import show_warnings_as_notes
+
+        show_warnings_as_notes(stderr)
 
 
 def _reporter(quiet: bool) -> Any:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import PurePath
 
 from rich.console import Console
 from rich.progress import (
@@ -89,3 +91,42 @@ class RichReporter(Reporter):
     def quiet_summary(self, text: str) -> None:
         if self.quiet:
             self.console.print(text)
+
+
+def warning_source(category: type[Warning], filename: str) -> str:
+    """The library a warning comes from: its category's package (``PIL`` for PIL's own
+    warnings), else the package of the file that issued it."""
+    module = getattr(category, "__module__", "builtins")
+    if module != "builtins":
+        return module.split(".")[0]
+    parts = PurePath(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return PurePath(parts[parts.index(marker) + 1]).stem
+    if "cause_cli" in parts:
+        return "cause"
+    return PurePath(filename).stem or "python"
+
+
+def show_warnings_as_notes(console: Console) -> None:
+    """Warnings of the libraries underneath (PIL, torch, timm) reach the user as one-line
+    notes in the toolkit's voice, each once, instead of Python's two-line form with a file
+    path and source line."""
+    shown: set[tuple[str, str]] = set()
+
+    def note(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: object = None,
+        line: str | None = None,
+    ) -> None:
+        lines = str(message).strip().splitlines()
+        text = lines[0] if lines else category.__name__
+        key = (warning_source(category, filename), text)
+        if key not in shown:
+            shown.add(key)
+            console.print(f"note ({key[0]}): {text}", markup=False, highlight=False, soft_wrap=True)
+
+    warnings.showwarning = note
