@@ -260,14 +260,14 @@ crf_only = pytest.mark.usefixtures("pydensecrf")
 
 @crf_only
 def test_eval_with_crf_writes_both_results_and_pictures(trained_run):
-    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--json")
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--crf-workers", "0", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert 0 <= metrics["crf"]["miou"] <= 100 and set(metrics["crf"]["iou_per_class"]) == set(metrics["iou_per_class"])
     assert metrics["class_names"][:2] == ["brick", "water"]
     for picture in ("confusion.png", "samples.png"):
         assert Image.open(trained_run / picture).size[0] > 50
-    table = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--quiet")
+    table = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--crf-workers", "0", "--quiet")
     assert "with CRF" in table.stdout
 
 
@@ -278,7 +278,7 @@ def test_eval_survives_a_killed_crf_worker(trained_run, tmp_path, monkeypatch):
 
     monkeypatch.setenv("CAUSE_TEST_CRF_MARKER", str(tmp_path / "marker"))
     monkeypatch.setattr(crf, "crf_labels", die_once_labels_job)
-    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "2", "--json")
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--crf-workers", "2", "--json")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "marker").exists()  # a worker really died
     assert json.loads(result.stdout)["crf"]["miou"] >= 0
@@ -310,7 +310,7 @@ def test_segment_with_crf(trained_run, scenes, tmp_path):
     for workers, batch_size in (("0", "1"), ("2", "3")):
         out = tmp_path / f"crf{workers}"
         result = invoke(
-            "segment", scenes / "images" / "val", "--run", trained_run, "--out", out, "--crf", "--workers", workers,
+            "segment", scenes / "images" / "val", "--run", trained_run, "--out", out, "--crf", "--crf-workers", workers,
             "--batch-size", batch_size, "--quiet",
         )  # fmt: skip
         assert result.exit_code == 0, result.output
@@ -346,7 +346,7 @@ def test_eval_crf_result_is_the_dense_crf_of_the_flip_average(trained_run):
         load_trained,
     )
 
-    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--workers", "0", "--json")
+    result = invoke("eval", "--run", trained_run, "--device", "cpu", "--crf", "--crf-workers", "0", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
 
@@ -388,7 +388,7 @@ def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, s
 
     run = _run_without_metrics(trained_run, tmp_path)
     out = tmp_path / "segments"
-    result = invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--crf", "--workers", "0",
+    result = invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--crf", "--crf-workers", "0",
                     "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     model = load_trained(RunDirectory(run), torch.device("cpu"))
@@ -420,7 +420,7 @@ def test_eval_scores_labels_made_from_the_runs_own_segments_at_100(trained_run, 
     data = write_scenes(tmp_path / "squares", num_train=4, num_val=6, seed=9, size_range=(64, 64))
     run = _run_without_metrics(trained_run, tmp_path)
     segments = tmp_path / "segments"
-    crf_flags = ["--crf", "--workers", "0"] if crf else []
+    crf_flags = ["--crf", "--crf-workers", "0"] if crf else []
     result = invoke("segment", data / "images" / "val", "--run", run, "--out", segments, *crf_flags, "--quiet")
     assert result.exit_code == 0, result.output
     classes = 6

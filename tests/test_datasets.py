@@ -529,7 +529,7 @@ def test_prepare_skips_unreadable_images_and_renumbers(tmp_path):
     broken.write_bytes(b"\xff\xd8 broken")
     label = sorted((root / "annotations" / "train2017").glob("*.png"))[2]
     Image.fromarray(coco_label(bands=(0, 91, 250, 255))).save(label)
-    result = invoke("prepare", "--dataset", "cocostuff27", "--data-dir", tmp_path, "--workers", "2", "--quiet")
+    result = invoke("prepare", "--dataset", "cocostuff27", "--data-dir", tmp_path, "--threads", "2", "--quiet")
     assert result.exit_code == 0, result.output
     assert f"skipped {broken}: cannot identify image file" in result.stderr.replace("\n", "")
     assert "label id 250 is outside the cocostuff27 map (ignored) in 1 file(s)" in result.stderr

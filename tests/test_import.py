@@ -110,3 +110,15 @@ def test_missing_modular_is_named(cache_env, tmp_path):
     shutil.copy(shared_path("parity", "ckpt", "cluster_mlp.pth"), tmp_path / "cluster_mlp.pth")
     result = invoke("import", tmp_path, "--backbone", "dino-vits8", "--run", tmp_path / "r")
     assert result.exit_code == 1 and "modular.npy" in result.stderr
+
+
+def test_import_json_describes_the_new_run(cache_env, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(
+        "import", shared_path("parity", "ckpt"), "--backbone", "dino-vits8", "--head", "mlp", "--run", run, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.stdout)
+    assert described["run"] == str(run) and described["head"] == "mlp"
+    stored = json.loads((run / "run.json").read_text())
+    assert described["config"] == stored["config"] and described["backbone"] == stored["backbone"]

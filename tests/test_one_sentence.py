@@ -54,7 +54,7 @@ def run(scenes, tmp_path_factory):
         (["--resolution", "0"], "--resolution must be a positive number of pixels, not 0."),
         (["--resolution", "-8"], "--resolution must be a positive number of pixels, not -8."),
         (["--dropout", "2"], "--dropout is a probability from 0 up to (not including) 1, not 2.0."),
-        (["--workers", "-1"], "--workers must be at least 0, not -1."),
+        (["--loader-workers", "-1"], "--loader-workers must be at least 0, not -1."),
         (["--backbone", "hf-hub:../.."], "'hf-hub:../..' is not an hf-hub id"),
     ],
 )
@@ -68,7 +68,7 @@ def test_bad_training_options(scenes, tmp_path, extra, pattern):
     ("command", "pattern"),
     [
         (["eval", "--batch-size", "0", "--no-crf"], "--batch-size must be at least 1, not 0."),
-        (["eval", "--workers", "-1", "--no-crf"], "--workers must be at least 0, not -1."),
+        (["eval", "--crf-workers", "-1", "--no-crf"], "--crf-workers must be at least 0, not -1."),
         (["segment", "{val}", "--batch-size", "0", "--out", "{tmp}/out"], "--batch-size must be at least 1, not 0."),
     ],
 )

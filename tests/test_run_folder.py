@@ -46,7 +46,7 @@ def test_other_settings_are_refused_and_overwrite_trains_over(scenes, tmp_path):
     assert invoke(*train_command(scenes, run)).exit_code == 0
     weights = (run / "probe.safetensors").read_bytes()
 
-    again = invoke(*train_command(scenes, run, "--workers", "0", "--checkpoint-every", "5"))
+    again = invoke(*train_command(scenes, run, "--loader-workers", "0", "--checkpoint-every", "5"))
     assert again.exit_code == 0, again.output  # the same training: every step is already there
     assert "skipped" in (run / "train.log").read_text()
     assert (run / "probe.safetensors").read_bytes() == weights
@@ -234,6 +234,32 @@ def test_a_second_process_on_a_run_being_written_is_refused(scenes, tmp_path):
     over = invoke(*train_command(scenes, run, "--overwrite"))
     assert over.exit_code == 0, over.output
     assert (run / "probe.safetensors").exists()
+
+
+def test_ctrl_c_says_and_logs_the_command_that_continues_the_training(scenes, tmp_path):
+    run = tmp_path / "run with space"
+    command = [sys.executable, "-m", "cause_cli", *(str(a) for a in train_command(scenes, run))]
+    command[command.index("--epochs-front-door") + 1] = "100000"  # still training when interrupted
+    training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and training.poll() is None:
+            log = run / "train.log"
+            if log.exists() and "front door" in log.read_text():
+                break
+            time.sleep(0.05)
+        assert training.poll() is None, "the training ended before it could be interrupted"
+        training.send_signal(signal.SIGINT)
+        _, errors = training.communicate(timeout=120)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 130
+    resume = f"cause train --run '{run}' --resume"
+    assert errors.strip().splitlines()[-1] == (
+        f"interrupted; files already written are complete; continue with: {resume}"
+    ), errors
+    assert f"interrupted; continue with: {resume}" in (run / "train.log").read_text()
 
 
 @pytest.mark.parametrize(

@@ -13,16 +13,47 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .config import DEFAULT_MIN_UPDATES
-from .errors import CauseError
+from .errors import CauseError, Interrupted
 from .paths import json_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _plain_help(params: list[Any]) -> list[Any]:
+    """Flags take no value, so --help shows no value placeholder for them."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class CauseCommand(TyperCommand):
+    """A command whose usage line names its arguments as the help does (``SOURCE``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_help(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class CauseGroup(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_help(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="cause",
+    cls=CauseGroup,
     help=(
         "Unsupervised semantic segmentation with CAUSE (Causal Unsupervised Semantic Segmentation).\n\n"
         "Fetch a self-supervised backbone, train the three CAUSE steps on your images without labels, "
@@ -30,7 +61,6 @@ app = typer.Typer(
         "Try it in three minutes on a CPU: cause demo"
     ),
     no_args_is_help=True,
-    add_completion=False,
     rich_markup_mode="rich",
 )
 
@@ -71,8 +101,9 @@ def user_errors(command: F) -> F:
             sentence = f"could not write{where}: {error.strerror or error}; files written before are complete."
             stderr.print(f"[bold red]error:[/] {sentence}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            stderr.print("interrupted; files already written are complete")
+        except KeyboardInterrupt as error:
+            advice = f"; {error}" if isinstance(error, Interrupted) else ""
+            stderr.print(f"interrupted; files already written are complete{advice}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -87,7 +118,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks instead of one-sentence errors.")
@@ -116,16 +148,31 @@ PrecisionOption = Annotated[
         help="auto (float32 on the CPU, bfloat16 on GPUs that have it, else float16), float32, bfloat16 or float16.",
     ),
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+QuietOption = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress bars or messages; the result (table or JSON) and errors still print.",
+        metavar="",
+    ),
+]
+CRFWorkersOption = Annotated[
+    int | None,
+    typer.Option("--crf-workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
+]
 RunOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 BackboneCheckOption = Annotated[
     str | None, typer.Option("--backbone", help="Default: the run's; another name is refused.")
 ]
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
-def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+def info(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
     """Show versions, devices, whether the dense CRF is available, and where files go.
 
     Example: cause info
@@ -159,7 +206,7 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print one JSO
     stdout.print(table)
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
 def fetch(
     names: Annotated[
@@ -182,6 +229,7 @@ def fetch(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch again even when cached.")] = False,
+    json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Download self-supervised backbones into the toolkit's cache, verified, as safetensors.
@@ -199,6 +247,9 @@ def fetch(
     from .backbones import list_backbones as backbone_rows
 
     if list_backbones or not names:
+        if json_output:
+            print(json_text(backbone_rows(cache_dir)))
+            return
         from rich import box
 
         table = Table(
@@ -222,20 +273,29 @@ def fetch(
             table.add_row(*(str(row[column]) for column in columns))
         stdout.print(table)
         return
-    for spec, path in fetch_backbones(
-        names, revision, cache_dir=cache_dir, from_file=from_file, force=force, reporter=_reporter(quiet)
-    ):
+    fetched = fetch_backbones(
+        names, revision, cache_dir=cache_dir, from_file=from_file, force=force, reporter=_reporter(quiet or json_output)
+    )
+    if json_output:
+        print(json_text([{"name": spec.name, "path": str(path)} for spec, path in fetched]))
+        return
+    for spec, path in fetched:
         stdout.print(f"{spec.name}: {path}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
 def train(
     ctx: typer.Context,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="The dataset folder.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="The dataset folder (needed unless --resume).")
+    ] = None,
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
     backbone: Annotated[str, typer.Option("--backbone", help="Backbone name (see cause fetch --list).")] = "toy",
-    run: Annotated[Path | None, typer.Option("--run", help="Run folder (default: a new runs/trainN).")] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="Run folder (default: runs/train, or runs/train2, runs/train3... when taken)."),
+    ] = None,
     head: Annotated[
         str, typer.Option("--head", help="Segmentation head: mlp, or tr (CAUSE-TR, the paper's best).")
     ] = "mlp",
@@ -299,6 +359,7 @@ def train(
         typer.Option(
             "--probe-refine/--no-probe-refine",
             help="Refine the k-means centroids by the paper's modularity objective (a random start always is).",
+            metavar="",
         ),
     ] = False,
     probe_space: Annotated[
@@ -322,10 +383,12 @@ def train(
         typer.Option(
             "--cache-features",
             help="Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps.",
+            metavar="",
         ),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run).")
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run)."),
     ] = False,
     overwrite: Annotated[
         bool,
@@ -333,6 +396,7 @@ def train(
             "--overwrite",
             help="Train the --run folder over from the start: the files an earlier training and evaluation "
             "wrote there are removed first (without it, a run trained with other settings is refused).",
+            metavar="",
         ),
     ] = False,
     checkpoint_every: Annotated[
@@ -349,10 +413,10 @@ def train(
     ] = "default",
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout of the heads (the paper's 0.1).")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    workers: Annotated[
+    loader_workers: Annotated[
         int | None,
         typer.Option(
-            "--workers",
+            "--loader-workers",
             help="Processes loading images (0: in this process; default: none on the CPU, up to 8 per GPU).",
         ),
     ] = None,
@@ -367,6 +431,7 @@ def train(
     ] = 1,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the three CAUSE steps: clusterbook, head (front door), cluster probe.
@@ -376,7 +441,7 @@ def train(
 
     Example: cause train --data-dir ./my-images --num-classes 8 --run runs/mine
     """
-    require_at_least(0, workers=workers)
+    require_at_least(0, loader_workers=loader_workers)
     from .config import TrainConfig
     from .paths import next_numbered_folder, runs_home
     from .training import train as train_run
@@ -404,9 +469,7 @@ def train(
         config = open_run(run).config()
         config.checkpoint_seconds = checkpoint_every
         config.precision = precision
-        train_run(config, run, device, _reporter(quiet), resume=True)
-        if process.is_main:
-            stderr.print(f"run written to {run}")
+        _print_training(train_run(config, run, device, _reporter(quiet or json_output), resume=True), json_output)
         return
     if data_dir is None:
         raise CauseError("Say where the images are with --data-dir.")
@@ -428,7 +491,7 @@ def train(
         negative_threshold=negative_threshold,
         dropout=dropout,
         seed=seed,
-        workers=workers,
+        workers=loader_workers,
         recipe=recipe,
         probe_init=probe_init,
         probe_refine=probe_refine,
@@ -439,9 +502,25 @@ def train(
         precision=precision,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
-    train_run(config, run_path, device, _reporter(quiet))
-    if process.is_main:
-        stderr.print(f"run written to {run_path}")
+    _print_training(train_run(config, run_path, device, _reporter(quiet or json_output)), json_output)
+
+
+def _print_training(run: Any, json_output: bool) -> None:
+    """The trained run's summary, from the main process only."""
+    from .training.distributed import from_environment
+
+    if not from_environment().is_main:
+        return
+    if json_output:
+        info = run.read_run_info()
+        summary: dict[str, Any] = {
+            "run": str(run.path),
+            "files": sorted(p.name for p in run.path.iterdir() if p.is_file() and not p.name.startswith(".")),
+        }
+        summary.update({key: info.get(key) for key in ("num_classes", "schedule", "backbone", "config")})
+        print(json_text(summary))
+        return
+    stderr.print(f"run written to {run.path}")
 
 
 def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str) -> None:
@@ -478,13 +557,13 @@ def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str)
         raise CauseError(f"Training in {processes} processes failed (exit status {status}); their messages are above.")
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
 def prepare(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="The dataset folder.")],
     dataset: Annotated[str, typer.Option("--dataset", help=DATASET_HELP)] = "folder",
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="Threads writing crops (default: one per CPU).", min=1)
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads cropping and writing (default: one per CPU).", min=1)
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -498,7 +577,7 @@ def prepare(
     """
     from .data.preparing import prepare_crops
 
-    summary = prepare_crops(dataset, data_dir, workers, _reporter(quiet))
+    summary = prepare_crops(dataset, data_dir, threads, _reporter(quiet))
     if summary.made_elsewhere:
         stdout.print(
             f"{summary.folder} already holds {summary.crops:,} crops (not made by cause prepare); kept",
@@ -529,7 +608,7 @@ def prepare(
         stderr.print(line, highlight=False, soft_wrap=True)
 
 
-@app.command(name="eval")
+@app.command(name="eval", cls=CauseCommand)
 @user_errors
 def evaluate(
     run: RunOption,
@@ -541,10 +620,7 @@ def evaluate(
         bool | None,
         typer.Option("--crf/--no-crf", help="Also report results after the dense CRF (default: when installed)."),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
-    ] = None,
+    crf_workers: CRFWorkersOption = None,
     loader_workers: Annotated[
         int | None,
         typer.Option("--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU)."),
@@ -555,6 +631,7 @@ def evaluate(
             "--baselines/--no-baselines",
             help="Also score k-means on the backbone's tokens and on the head's features (fitted on the training "
             "split without labels), so you see what training added.",
+            metavar="",
         ),
     ] = True,
     backbone: BackboneCheckOption = None,
@@ -572,7 +649,7 @@ def evaluate(
     Example: cause eval --run runs/train
     """
     require_at_least(1, batch_size=batch_size)
-    require_at_least(0, workers=workers, loader_workers=loader_workers)
+    require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.evaluate import evaluate_run
@@ -588,7 +665,7 @@ def evaluate(
             loader_workers,
             _reporter(quiet or json_output),
             crf=crf,
-            crf_workers=default_workers() if workers is None else workers,
+            crf_workers=default_workers() if crf_workers is None else crf_workers,
             backbone=backbone,
             baselines=baselines,
         )
@@ -630,27 +707,32 @@ def print_metrics(result: dict[str, Any]) -> None:
     stdout.print(per_class)
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
 def segment(
     source: Annotated[
         str,
-        typer.Argument(help="An image file, a folder (searched recursively), a glob pattern, or a .txt list of paths."),
+        typer.Argument(
+            metavar="SOURCE",
+            help="An image file, a folder (searched recursively), a glob pattern, or a .txt list of paths.",
+        ),
     ],
     run: RunOption,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: a new runs/segmentN).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: runs/segment, or runs/segment2... when taken)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     crf: Annotated[
-        bool, typer.Option("--crf", help="Refine with the dense CRF (flip averaged, as in evaluation).")
+        bool,
+        typer.Option("--crf/--no-crf", help="Refine with the dense CRF (flip averaged, as in evaluation)."),
     ] = False,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
-    ] = None,
+    crf_workers: CRFWorkersOption = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
+    json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Write a label map and a colour overlay for every image named by SOURCE.
@@ -661,7 +743,7 @@ def segment(
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
     require_at_least(1, batch_size=batch_size)
-    require_at_least(0, workers=workers)
+    require_at_least(0, crf_workers=crf_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.segment import segment_images
@@ -675,12 +757,15 @@ def segment(
             out_path,
             device,
             batch_size,
-            _reporter(quiet),
+            _reporter(quiet or json_output),
             crf=crf,
-            crf_workers=default_workers() if workers is None else workers,
+            crf_workers=default_workers() if crf_workers is None else crf_workers,
             legend=legend,
             backbone=backbone,
         )
+    if json_output:
+        print(json_text(result))
+        return
     table = Table(title="cause segment")
     table.add_column("images", justify="right")
     table.add_column("skipped", justify="right")
@@ -698,16 +783,21 @@ def segment(
         stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False, soft_wrap=True)
 
 
-@app.command(name="import")
+@app.command(name="import", cls=CauseCommand)
 @user_errors
 def import_reference(
     backbone: Annotated[
         str, typer.Option("--backbone", help="The backbone the reference trained on (ViT-S: its 12-head variant).")
     ],
     folder: Annotated[
-        Path | None, typer.Argument(help="The reference's CAUSE/ folder, or a folder holding its files side by side.")
+        Path | None,
+        typer.Argument(
+            metavar="FOLDER", help="The reference's CAUSE/ folder, or a folder holding its files side by side."
+        ),
     ] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="New run folder (default: a new runs/importN).")] = None,
+    run: Annotated[
+        Path | None, typer.Option("--run", help="New run folder (default: runs/import, or runs/import2... when taken).")
+    ] = None,
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="The dataset it was trained on (names the classes).")
     ] = None,
@@ -715,6 +805,7 @@ def import_reference(
     segment_file: Annotated[Path | None, typer.Option("--segment", help="segment_mlp.pth or segment_tr.pth.")] = None,
     cluster_file: Annotated[Path | None, typer.Option("--cluster", help="cluster_mlp.pth or cluster_tr.pth.")] = None,
     modular_file: Annotated[Path | None, typer.Option("--modular", help="modular.npy (the clusterbook).")] = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Import heads trained by the reference CAUSE code as a run of this toolkit.
 
@@ -731,6 +822,10 @@ def import_reference(
     files = find_reference_files(folder, head, segment_file, cluster_file, modular_file)
     run_path = run or next_numbered_folder(runs_home(), "import")
     imported = convert(files, backbone, run_path, dataset=dataset, class_names=_dataset_class_names(dataset))
+    if json_output:
+        info = imported.read_run_info()
+        print(json_text({"run": str(run_path), "head": files.head, **info}))
+        return
     stderr.print(f"imported the {files.head.upper()} head into {run_path} (backbone {imported.config().backbone})")
 
 
@@ -740,12 +835,15 @@ def _dataset_class_names(dataset: str | None) -> list[str] | None:
     return dataset_class_names(dataset)
 
 
-@app.command()
+@app.command(cls=CauseCommand)
 @user_errors
 def demo(
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for the demo's data, run and segments (default: a new runs/demoN)."),
+        typer.Option(
+            "--out",
+            help="Folder for the demo's data, run and segments (default: runs/demo, or runs/demo2... when taken).",
+        ),
     ] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,3 +98,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def gradient_scaler(device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for float16 (whose small gradients would underflow); a no-op otherwise."""
     return torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
+
+
+def load_tensors_only(path: Path, allowed: tuple[type, ...] = ()) -> Any:
+    """``torch.load`` that unpickles tensors (and the ``allowed`` types) only, nothing that
+    could run code. Files written by other code with a newer pickle protocol are read the
+    same way, so torch's note that it expected protocol 2 is not passed on."""
+    with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class CauseError(Exception):
     """A problem with the user's input, files or environment, not a bug in the toolkit."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command that can be continued; the message says how."""

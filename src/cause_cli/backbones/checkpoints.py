@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..devices import load_tensors_only
 from ..errors import CauseError
 
 # Where each family's state dict sits in the authors' files, most specific first.
@@ -51,8 +52,7 @@ def read_checkpoint(path: Path) -> Any:
             raise CauseError(f"{path} is not a readable safetensors file.") from error
     try:
         # argparse.Namespace is allowed because iBOT's full checkpoints store their arguments in one.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors_only(path, allowed=(argparse.Namespace,))
     except Exception as error:  # pickle, zip and torch errors alike
         if "Weights only load failed" in str(error):
             raise CauseError(

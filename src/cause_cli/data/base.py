@@ -97,6 +97,8 @@ class SegmentationDataset(Dataset):
     class_names: list[str] | None = None
     # One line about where the data comes from (e.g. prepared crops), for the training log.
     note: str | None = None
+    # How the split was chosen, said to the user where it is not the dataset's standard one.
+    split_rule: str | None = None
     # Dangling links to images and folders that could not be read, each with the reason.
     unreachable: tuple[tuple[Path, str], ...] = ()
 

@@ -81,7 +81,15 @@ class ImageFolderDataset(SegmentationDataset):
         if not self.root.is_dir():
             raise CauseError(f"Data folder {self.root} does not exist.")
         if not images_dir.is_dir():
-            raise CauseError(f"Data folder {self.root} has no images/ folder; put the images in {images_dir}.")
+            if self.root.name == "images":
+                raise CauseError(
+                    f"Data folder {self.root} has no images/ folder, and looks like the images folder itself: "
+                    f"give its parent, --data-dir {self.root.parent}."
+                )
+            raise CauseError(
+                f"Data folder {self.root} has no images/ folder; put the images in {images_dir} "
+                f"(and labels, if you have them, in {self.root / 'labels'})."
+            )
         labels_dir = self.root / "labels"
         self.has_labels = labels_dir.is_dir()
 
@@ -97,6 +105,16 @@ class ImageFolderDataset(SegmentationDataset):
             return hashed_split(relative, val_fraction) == split
 
         chosen = [path for path in listing.files if is_image_file(path) and in_split(path)]
+        if split == "all":
+            self.split_rule = "every image, train and val"
+        elif has_split_folders:
+            self.split_rule = f"the {split} split: the images under {images_dir / split}"
+        else:
+            share = val_fraction if split == "val" else 1 - val_fraction
+            self.split_rule = (
+                f"the {split} split: {share:.0%} of the images, chosen by a stable hash of their paths "
+                f"(no images/train and images/val folders)"
+            )
         # A folder that cannot be read may hold images of any split; a dangling link is an
         # image only by its name.
         self.unreachable = tuple(

@@ -155,7 +155,7 @@ class CRFPool:
             except futures.process.BrokenProcessPool as error:
                 self.close()
                 raise CauseError(
-                    "A dense CRF worker died twice on the same images; rerun with --workers 0 to find the cause."
+                    "A dense CRF worker died twice on the same images; rerun with --crf-workers 0 to find the cause."
                 ) from error
 
     def _wait(self, submitted: list[futures.Future]) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import load_tensors_only
 from ..errors import CauseError
 
 # Inside one head: the reference's names -> this toolkit's, per head kind.
@@ -46,7 +47,7 @@ _MODULES = {
 
 def load_reference_file(path: Path | str) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        state = load_tensors_only(Path(path))
     except FileNotFoundError as error:
         raise CauseError(f"{path} does not exist.") from error
     except Exception as error:  # torch raises several types for files it cannot unpickle safely

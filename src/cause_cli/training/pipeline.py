@@ -11,6 +11,7 @@ Labels train nothing but the linear probe, and only on detached features.
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..config import TrainConfig, apply_reference_recipe
 from ..data import canonical_name, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
-from ..errors import CauseError
+from ..errors import CauseError, Interrupted
 from ..progress import Reporter
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
@@ -65,6 +66,9 @@ def prepare(
     if train_set.note:
         reporter.message(train_set.note)
         run.log(train_set.note)
+    found = f"data: {len(train_set):,} training images" + (f" ({train_set.split_rule})" if train_set.split_rule else "")
+    reporter.message(found)
+    run.log(found)
     for path, reason in train_set.unreachable:
         reporter.message(f"skipped {path}: {reason}")
         run.log(f"skipped {path}: {reason}")
@@ -145,9 +149,20 @@ def train(
     run = RunDirectory(Path(run_path), writes=group.is_main)
     try:
         with run.writing("train"), use_precision(config.precision):
-            return _train_steps(config, run, device, reporter, resume, group)
+            try:
+                return _train_steps(config, run, device, reporter, resume, group)
+            except KeyboardInterrupt:
+                advice = f"continue with: {resume_command(run.path)}"
+                if run.path.is_dir():
+                    run.log(f"interrupted; {advice}")
+                raise Interrupted(advice) from None
     finally:
         leave_processes(group)
+
+
+def resume_command(run_path: Path) -> str:
+    """The command line that continues an interrupted training of ``run_path``."""
+    return f"cause train --run {shlex.quote(str(run_path))} --resume"
 
 
 def _train_steps(
