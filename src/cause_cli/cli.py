@@ -177,6 +177,7 @@ def info(
 
     Example: cause info
     """
+    import importlib.metadata
     import importlib.util
 
     import torch
@@ -195,8 +196,10 @@ def info(
         "runs_dir": str(runs_home().resolve()),
     }
     for package in ("timm", "huggingface_hub", "safetensors", "numpy"):
-        module = __import__(package)
-        details[package] = getattr(module, "__version__", "?")
+        try:  # the installed version, without the seconds an import of timm takes
+            details[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            details[package] = "not installed"
     if json_output:
         print(json_text(details))
         return

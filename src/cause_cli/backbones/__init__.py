@@ -5,7 +5,10 @@ them there (from the Hub or a converted checkpoint), ``building`` makes the timm
 ``loading`` gives the frozen backbone that turns images into patch tokens.
 """
 
-from .building import build_model
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .cache import (
     METADATA_FILE,
     WEIGHTS_FILE,
@@ -18,7 +21,6 @@ from .cache import (
     weights_path,
 )
 from .fetching import HUB_WEIGHT_FILES, fetch, fetch_backbones, list_backbones
-from .loading import FrozenBackbone, load_backbone, refuse_other_backbone
 from .registry import (
     HF_HUB_PREFIX,
     PAPER_RESOLUTION,
@@ -33,6 +35,28 @@ from .registry import (
     spec_from_record,
     weights_spec,
 )
+
+if TYPE_CHECKING:
+    from .building import build_model
+    from .loading import FrozenBackbone, load_backbone, refuse_other_backbone
+
+# timm and torchvision take seconds to import: the model parts load on first use, so that
+# `cause fetch --list` and the other commands that never build a model start at once.
+_MODEL_PARTS = {
+    "build_model": "building",
+    "FrozenBackbone": "loading",
+    "load_backbone": "loading",
+    "refuse_other_backbone": "loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODEL_PARTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MODEL_PARTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HF_HUB_PREFIX",

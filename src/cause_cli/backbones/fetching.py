@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CauseError
 from ..paths import write_json
 from ..progress import Reporter
-from .building import build_model, save_state_dict
 from .cache import (
     METADATA_FILE,
     file_sha256,
@@ -27,6 +24,9 @@ from .cache import (
 from .registry import REGISTRY, TOY_SEED, BackboneSpec, resolve_spec, spec_from_record, weights_spec
 
 # What fetch asks a Hub repository for, in this order (as timm does).
+if TYPE_CHECKING:
+    import torch
+
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -61,6 +61,10 @@ def fetch(
     meta = read_metadata(target, cache_dir)
     if path.is_file() and not force and from_file is None and _revision_matches(meta, revision):
         return path
+    import torch
+
+    from .building import build_model, save_state_dict  # timm: only when something is fetched
+
     reporter = reporter or Reporter()
     provenance: dict[str, Any]
     if target.local:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CauseError
 from .cache import METADATA_FILE, folder_name, named_folder, read_json
 
@@ -247,6 +245,7 @@ def _hf_hub_spec(name: str) -> BackboneSpec:
 def _derived_spec(name: str, timm_name: str, hub_repo: str, licence: str, model_args: dict[str, Any]) -> BackboneSpec:
     """An entry whose architecture facts are read off the timm model (built without memory)."""
     import timm
+    import torch
 
     model: Any
     with torch.device("meta"):
