@@ -106,3 +106,18 @@ def test_loader_workers_follow_the_device_and_the_cpus_this_process_may_use(monk
     assert devices.loader_workers(None, gpu) == 8
     assert devices.loader_workers(None, gpu, processes_here=4) == 3
     assert devices.loader_workers(2, gpu) == 2 and devices.loader_workers(5, CPU) == 5
+
+
+def test_torch_threads_are_capped_at_the_cpus_this_process_may_use(monkeypatch):
+    from cause_cli import devices
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)  # what torch would take on an 8-core machine
+        monkeypatch.setattr(devices, "available_cpus", lambda: 2)  # a container allowed 2 of them
+        devices.resolve_device("cpu")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(devices, "available_cpus", lambda: 16)  # never raised above torch's own count
+        assert devices.use_only_available_cpus() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -38,8 +38,20 @@ def loader_workers(requested: int | None, device: torch.device, processes_here: 
     return max(0, min(8, available_cpus() // max(1, processes_here) - 1))
 
 
+def use_only_available_cpus() -> int:
+    """Cap torch's threads at the CPUs this process may use: torch counts the machine's cores,
+    so in a container limited to 2 of 64 CPUs it would run 64 threads on 2 and slow to a crawl.
+    Returns the thread count."""
+    threads = min(torch.get_num_threads(), available_cpus())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto`` is the first CUDA device when there is one, else the CPU. Every command that
+    computes resolves its device first, so torch's threads are capped here too."""
+    use_only_available_cpus()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
