@@ -174,7 +174,7 @@ def evaluate_run(
                 confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names), run.file("confusion.png")
             )
             if samples:
-                save_png(_samples_figure(samples, final.mapping, crf), run.file("samples.png"))
+                save_png(_samples_figure(samples, final.mapping, crf, names), run.file("samples.png"))
         return result
 
 
@@ -207,12 +207,16 @@ def _record_refined(
         entry.append(refined)
 
 
-def _samples_figure(samples: list[list[np.ndarray]], mapping: np.ndarray, crf: bool) -> Any:
+def _samples_figure(samples: list[list[np.ndarray]], mapping: np.ndarray, crf: bool, class_names: list[str]) -> Any:
     colours = palette()
     rows = []
+    shown: set[int] = set()
     for image, label, *predicted in samples:
         tiles = [image, colourise(label, colours)]
         tiles.extend(colourise(mapping[prediction], colours) for prediction in predicted)
         rows.append(tiles)
+        shown.update(int(value) for value in np.unique(label) if value >= 0)
+        shown.update(int(value) for prediction in predicted for value in np.unique(mapping[prediction]))
     titles = ["image", "ground truth", "prediction"] + (["with CRF"] if crf else [])
-    return samples_picture(rows, titles)
+    legend = [(class_names[index], colours[index % len(colours)]) for index in sorted(shown)]
+    return samples_picture(rows, titles, legend)
