@@ -679,7 +679,13 @@ def evaluate(
 
 
 def print_metrics(result: dict[str, Any]) -> None:
-    table = Table(title=f"{result['images']} images, {result['split']} split")
+    ignored = result.get("ignored_above_classes")
+    caption = (
+        f"{ignored['pixels']:,} labelled pixels with class ids at or above {result['num_classes']} were ignored"
+        if ignored
+        else None
+    )
+    table = Table(title=f"{result['images']} images, {result['split']} split", caption=caption)
     table.add_column("")
     table.add_column("mIoU %", justify="right")
     table.add_column("pixel accuracy %", justify="right")

@@ -218,5 +218,7 @@ def _samples_figure(samples: list[list[np.ndarray]], mapping: np.ndarray, crf: b
         shown.update(int(value) for value in np.unique(label) if value >= 0)
         shown.update(int(value) for prediction in predicted for value in np.unique(mapping[prediction]))
     titles = ["image", "ground truth", "prediction"] + (["with CRF"] if crf else [])
-    legend = [(class_names[index], colours[index % len(colours)]) for index in sorted(shown)]
+    # Ground truth may hold ids above the classes (ignored by the scores, still drawn).
+    names = [class_names[index] if index < len(class_names) else f"{index} (not a class)" for index in sorted(shown)]
+    legend = [(name, colours[index % len(colours)]) for name, index in zip(names, sorted(shown), strict=True)]
     return samples_picture(rows, titles, legend)
