@@ -194,9 +194,11 @@ def test_segment_keeps_both_of_two_inputs_with_one_stem(scenes, tmp_path):
 def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
     from types import SimpleNamespace
 
+    from cause_cli.inference.manifest import OutputFolder
     from cause_cli.inference.segment import SegmentSummary, _Input, _Segmenter
 
-    segmenter = _Segmenter(SimpleNamespace(num_classes=clusters), tmp_path, None, None, SegmentSummary())  # type: ignore[arg-type]
+    model = SimpleNamespace(num_classes=clusters)
+    segmenter = _Segmenter(model, tmp_path, None, None, SegmentSummary(), OutputFolder(tmp_path))  # type: ignore[arg-type]
     values = np.arange(12).reshape(3, 4) * (clusters - 1) // 11  # 0 to clusters - 1
     segmenter.write(_Input(Path("x.jpg"), Path("x.png")), Image.new("RGB", (4, 3)), values)
     written = Image.open(tmp_path / "labels" / "x.png")

@@ -738,6 +738,14 @@ def segment(
     ] = False,
     crf_workers: CRFWorkersOption = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Redo every input, replacing OUT's earlier outputs (without it, a rerun skips the inputs "
+            "finished before, and OUT with another run's or other settings' outputs is refused).",
+        ),
+    ] = False,
     backbone: BackboneCheckOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
@@ -771,6 +779,7 @@ def segment(
             crf_workers=default_workers() if crf_workers is None else crf_workers,
             legend=legend,
             backbone=backbone,
+            overwrite=overwrite,
         )
     if json_output:
         print(json_text(result))

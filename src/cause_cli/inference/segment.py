@@ -16,7 +16,7 @@ import glob
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from .crf import CRFPool, CRFQueue, require_crf
 from .figures import palette, save_png
+from .manifest import SUMMARY_FILE, OutputFolder, run_fingerprint
 from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
 
 # Cosines are computed at most at this size (longest side), then label maps are resized to
@@ -46,22 +47,28 @@ PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greys
 
 @dataclass
 class SegmentSummary:
+    """What this process did; the summary of the folder comes from its manifest."""
+
     inputs: int = 0
-    written: list[dict[str, str]] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    written: int = 0
+    done_before: int = 0
     seconds: float = 0.0
 
-    def as_dict(self, run: Path, backbone: str, labels_are: str) -> dict[str, Any]:
-        per_image = self.seconds / len(self.written) if self.written else None
+    def as_dict(self, out: Path, finished: list[dict[str, Any]], unreachable: list[dict[str, str]]) -> dict[str, Any]:
+        per_image = self.seconds / self.written if self.written else None
         return {
             "inputs": self.inputs,
-            "outputs": self.written,
-            "skipped": self.skipped,
+            "outputs": [
+                {"input": entry["input"], "label": str(out / entry["label"]), "overlay": str(out / entry["overlay"])}
+                for entry in finished
+                if "label" in entry
+            ],
+            "skipped": unreachable
+            + [{"input": entry["input"], "reason": entry["skipped"]} for entry in finished if "skipped" in entry],
+            "done_before": self.done_before,
+            "written_now": self.written,
             "seconds": round(self.seconds, 3),
             "seconds_per_image": round(per_image, 4) if per_image is not None else None,
-            "labels_are": labels_are,
-            "run": str(run),
-            "backbone": backbone,
         }
 
 
@@ -170,6 +177,7 @@ class _Segmenter:
     mapping: np.ndarray | None
     pool: CRFPool | None
     summary: SegmentSummary
+    folder: OutputFolder
 
     def __post_init__(self) -> None:
         self.colours = palette()
@@ -205,11 +213,13 @@ class _Segmenter:
         self.in_flight.drain()
 
     def write_all(self, pending: list[tuple[_Input, Image.Image]], cluster_maps: list[np.ndarray]) -> None:
+        finished = []
         for (item, image), clusters in zip(pending, cluster_maps, strict=True):
             values = self.mapping[clusters] if self.mapping is not None else clusters
-            self.write(item, image, values)
+            finished.append(self.write(item, image, values))
+        self.folder.record(finished)  # after the files are complete: a kill in between redoes them
 
-    def write(self, item: _Input, image: Image.Image, values: np.ndarray) -> None:
+    def write(self, item: _Input, image: Image.Image, values: np.ndarray) -> dict[str, str]:
         if self.model.num_classes <= PALETTE_IDS:
             label = Image.fromarray(values.astype(np.uint8), "P")
             label.putpalette(self.flat_palette)
@@ -221,9 +231,12 @@ class _Segmenter:
         save_png(label, label_path)
         tint = Image.fromarray(self.colours[np.asarray(label, dtype=np.int64) % len(self.colours)], "RGB")
         save_png(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
-        self.summary.written.append(
-            {"input": item.relative.as_posix(), "label": str(label_path), "overlay": str(overlay_path)}
-        )
+        self.summary.written += 1
+        return {
+            "input": item.relative.as_posix(),
+            "label": f"labels/{item.output.as_posix()}",
+            "overlay": f"overlays/{item.output.as_posix()}",
+        }
 
 
 def output_names(relatives: list[Path]) -> list[Path]:
@@ -257,8 +270,10 @@ def segment_images(
     crf_workers: int = 0,
     legend: bool = False,
     backbone: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Segment every image named by ``source`` with the run's model into ``out``."""
+    """Segment every image named by ``source`` with the run's model into ``out``; inputs a
+    previous call finished there are skipped (``overwrite`` redoes everything)."""
     reporter = reporter or Reporter()
     run = open_run(run_path)
     out = Path(out)
@@ -272,21 +287,41 @@ def segment_images(
     model = load_trained(run, resolve_device(device), backbone)
     matched = class_mapping(run)
     mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
-    summary = SegmentSummary(inputs=len(files))
-    summary.skipped += [{"input": where.as_posix(), "reason": reason} for where, reason in unreachable]
+    label_format = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
+    folder = OutputFolder(out)
+    if overwrite:
+        folder.clear()
+    folder.claim(
+        {
+            "run": str(run.path.resolve()),
+            "run_sha256": run_fingerprint(run),
+            "labels_are": "classes" if mapping is not None else "clusters",
+            "crf": crf,
+            "label_format": label_format,
+        }
+    )
+    done = {entry["input"] for entry in folder.finished()}
+    todo = [
+        (path, relative, output)
+        for (path, relative), output in zip(files, outputs, strict=True)
+        if relative.as_posix() not in done
+    ]
+    summary = SegmentSummary(inputs=len(files), done_before=len(files) - len(todo))
+    if summary.done_before:
+        reporter.message(f"{summary.done_before:,} of the {len(files):,} inputs were done before; going on")
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
     if pool is not None:
         pool.start()
-    segmenter = _Segmenter(model, out, mapping, pool, summary)
+    segmenter = _Segmenter(model, out, mapping, pool, summary, folder)
     pending: list[tuple[_Input, Image.Image]] = []
     try:
-        with reporter.task("segmenting", len(files)) as advance:
-            for (path, relative), output in zip(files, outputs, strict=True):
+        with reporter.task("segmenting", len(todo)) as advance:
+            for path, relative, output in todo:
                 try:
                     pending.append((_Input(relative, output), read_image(path, upright=True)))
                 except UnreadableFile as error:
-                    summary.skipped.append({"input": relative.as_posix(), "reason": error.reason})
+                    folder.record([{"input": relative.as_posix(), "skipped": error.reason}])
                 if len(pending) >= batch_size:
                     segmenter.batch(pending)
                     pending.clear()
@@ -297,15 +332,24 @@ def segment_images(
     finally:
         if pool is not None:
             pool.close()
+        folder.close()
     summary.seconds = time.perf_counter() - started
     if legend:
         save_png(legend_picture(names, segmenter.colours), out / "legend.png")
-    result = summary.as_dict(run.path, model.config.backbone, "classes" if mapping is not None else "clusters")
-    result["renamed"] = [
-        {"input": relative.as_posix(), "label": f"labels/{output.as_posix()}"}
-        for (_, relative), output in zip(files, outputs, strict=True)
-        if output != relative.with_suffix(".png")
-    ]
-    result["label_format"] = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
-    write_json(out / "summary.json", result)
+    skipped_here = [{"input": where.as_posix(), "reason": reason} for where, reason in unreachable]
+    result = summary.as_dict(out, folder.finished(), skipped_here)
+    result.update(
+        {
+            "labels_are": "classes" if mapping is not None else "clusters",
+            "run": str(run.path),
+            "backbone": model.config.backbone,
+            "renamed": [
+                {"input": relative.as_posix(), "label": f"labels/{output.as_posix()}"}
+                for (_, relative), output in zip(files, outputs, strict=True)
+                if output != relative.with_suffix(".png")
+            ],
+            "label_format": label_format,
+        }
+    )
+    write_json(out / SUMMARY_FILE, result)
     return result

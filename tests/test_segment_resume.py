@@ -1,0 +1,116 @@
+"""`cause segment` is a batch job that can be killed at any moment and rerun: every input is
+written exactly once, the outputs equal an uninterrupted run's, and two models' outputs never
+mix in one folder."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cause_cli.cli import app
+from cause_cli.data.synthetic import write_scenes
+from cause_cli.inference.manifest import MANIFEST_FILE, OutputFolder
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segment-resume")
+    scenes = write_scenes(root / "scenes", num_train=8, num_val=200, seed=5, size_range=(48, 64))
+    run = root / "run"
+    result = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
+                    "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return scenes / "images" / "val", run
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*.png"))}
+
+
+def segment_command(source: Path, run: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "cause_cli", "segment", str(source), "--run", str(run), "--out", str(out),
+            "--batch-size", "1", "--device", "cpu", "-q"]  # fmt: skip
+
+
+def test_a_killed_segmentation_rerun_equals_an_uninterrupted_one(trained, tmp_path):
+    source, run = trained
+    whole = tmp_path / "whole"
+    subprocess.run(segment_command(source, run, whole), check=True, capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(segment_command(source, run, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        manifest = out / MANIFEST_FILE
+        while time.monotonic() < deadline and process.poll() is None:
+            if manifest.exists() and manifest.read_bytes().count(b"\n") >= 20:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, "the segmentation ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    finished_before = len(OutputFolder(out).finished())
+    assert 20 <= finished_before < 200
+
+    rerun = subprocess.run(segment_command(source, run, out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert files_below(out / "labels") == files_below(whole / "labels")
+    assert files_below(out / "overlays") == files_below(whole / "overlays")
+    assert len(files_below(out / "labels")) == 200
+
+    inputs = [entry["input"] for entry in OutputFolder(out).finished()]
+    assert len(inputs) == 200 and max(collections.Counter(inputs).values()) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done_before"] >= finished_before and summary["inputs"] == 200
+    assert sorted(entry["input"] for entry in summary["outputs"]) == sorted(inputs)
+
+
+def test_outputs_of_another_run_or_settings_are_not_mixed_in(trained, tmp_path):
+    source, run = trained
+    out = tmp_path / "out"
+    assert invoke("segment", source / "scene_0000.png", "--run", run, "--out", out, "-q").exit_code == 0
+    again = invoke("segment", source / "scene_0000.png", "--run", run, "--out", out, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["written_now"] == 0  # already done
+
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    (other / "probe.safetensors").write_bytes((other / "probe.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    refused = invoke("segment", source / "scene_0000.png", "--run", other, "--out", out)
+    assert refused.exit_code == 1
+    message = refused.stderr.strip()
+    assert len(message.splitlines()) == 1 and "holds the outputs of another segmentation" in message
+    assert "the run's weights or cluster-to-class matching differ" in message and "--overwrite" in message
+
+    replaced = invoke("segment", source / "scene_0000.png", "--run", other, "--out", out, "--overwrite", "--json")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["written_now"] == 1
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped_and_the_next_line_starts_clean(tmp_path):
+    folder = OutputFolder(tmp_path)
+    folder.record([{"input": "a.png", "label": "labels/a.png", "overlay": "overlays/a.png"}])
+    folder.close()
+    with (tmp_path / MANIFEST_FILE).open("a") as manifest:
+        manifest.write('{"input": "b.png", "lab')  # killed mid-line
+    assert [entry["input"] for entry in folder.finished()] == ["a.png"]
+    folder.record([{"input": "b.png", "label": "labels/b.png", "overlay": "overlays/b.png"}])
+    folder.close()
+    assert [entry["input"] for entry in folder.finished()] == ["a.png", "b.png"]
