@@ -114,3 +114,38 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_the_next_line_starts_clean(tm
     folder.record([{"input": "b.png", "label": "labels/b.png", "overlay": "overlays/b.png"}])
     folder.close()
     assert [entry["input"] for entry in folder.finished()] == ["a.png", "b.png"]
+
+
+def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_and_lead(trained, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cause_cli.data.transforms import normalise, resize_and_crop
+    from cause_cli.inference.predict import cluster_cosines, head_feature_map, load_trained
+    from cause_cli.runs import open_run
+
+    source, run = trained
+    image_path = source / "scene_0003.png"
+    out = tmp_path / "out"
+    result = invoke("segment", image_path, "--run", run, "--out", out, "--save", "labels,scores", "--json")
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["outputs"]
+    assert set(entry) == {"input", "label", "scores"} and not (out / "overlays").exists()
+    with np.load(out / "scores" / "scene_0003.npz") as scores:
+        confidence, margin = scores["confidence"], scores["margin"]
+    image = Image.open(image_path).convert("RGB")
+    assert confidence.dtype == np.float16 and confidence.shape == margin.shape == (image.height, image.width)
+
+    model = load_trained(open_run(run), torch.device("cpu"))
+    batch = torch.stack([normalise(resize_and_crop(image, model.resolution, square_resize=True))])
+    cosines = cluster_cosines(model, head_feature_map(model, batch), (image.height, image.width))[0]
+    top = torch.softmax(3 * cosines, dim=0).topk(2, dim=0).values.numpy()
+    np.testing.assert_allclose(confidence, top[0], atol=2e-3)
+    np.testing.assert_allclose(margin, top[0] - top[1], atol=2e-3)
+
+    refused = invoke("segment", image_path, "--run", run, "--out", tmp_path / "o2", "--save", "labels,masks")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        "error: --save takes a comma-separated list of labels, overlays, scores, not 'labels,masks'."
+    )

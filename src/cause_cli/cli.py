@@ -738,6 +738,14 @@ def segment(
     ] = False,
     crf_workers: CRFWorkersOption = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
+    save: Annotated[
+        str,
+        typer.Option(
+            "--save",
+            help="What to write, comma-separated: labels, overlays, scores (per pixel, the best cluster's "
+            "probability and its lead over the second, float16 in compressed .npz).",
+        ),
+    ] = "labels,overlays",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -763,7 +771,7 @@ def segment(
     require_at_least(0, crf_workers=crf_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
-    from .inference.segment import segment_images
+    from .inference.segment import parse_save, segment_images
     from .paths import next_numbered_folder, runs_home
 
     out_path = out or next_numbered_folder(runs_home(), "segment")
@@ -780,6 +788,7 @@ def segment(
             legend=legend,
             backbone=backbone,
             overwrite=overwrite,
+            save=parse_save(save),
         )
     if json_output:
         print(json_text(result))

@@ -32,11 +32,16 @@ def _ignore_progress(steps: int = 1) -> None:
 class RateColumn(ProgressColumn):
     """Items per second, or seconds per item when slower than one a second."""
 
+    def __init__(self, unit: str = "it") -> None:
+        super().__init__()
+        self.unit = unit
+        self.one = unit[:-1] if unit.endswith("s") and unit != "s" else unit
+
     def render(self, task: Task) -> Text:
         speed = task.speed
         if not speed:
             return Text("", style="progress.data.speed")
-        text = f"{speed:.1f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
+        text = f"{speed:.1f} {self.unit}/s" if speed >= 1 else f"{1 / speed:.1f} s/{self.one}"
         return Text(text, style="progress.data.speed")
 
 
@@ -44,7 +49,8 @@ class Reporter:
     """Silent by default; :class:`RichReporter` draws bars on stderr."""
 
     @contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+    def task(self, description: str, total: int | None, unit: str = "it") -> Iterator[Advance]:
+        """Progress of ``total`` steps (``unit`` names them in the rate shown)."""
         yield _ignore_progress
 
     @contextmanager
@@ -75,8 +81,9 @@ class RichReporter(Reporter):
             yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
 
     @contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Advance]:
-        with self._bar(description, total, MofNCompleteColumn(), RateColumn(), TimeElapsedColumn()) as advance:
+    def task(self, description: str, total: int | None, unit: str = "it") -> Iterator[Advance]:
+        columns = (MofNCompleteColumn(), RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn())
+        with self._bar(description, total, *columns) as advance:
             yield advance
 
     @contextmanager

@@ -26,7 +26,7 @@ from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, METRICS_FILE, PROBE_FILE, RUN_FI
 SETTINGS_FILE = "segment.json"
 MANIFEST_FILE = "manifest.jsonl"
 SUMMARY_FILE = "summary.json"
-OUTPUT_FOLDERS = ("labels", "overlays")
+OUTPUT_FOLDERS = ("labels", "overlays", "scores")
 # The run's files whose bytes decide the label maps (metrics.json: the cluster-to-class matching).
 _DECIDING_FILES = (RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE)
 

@@ -29,13 +29,21 @@ from ..data.base import UnreadableFile, read_image
 from ..data.transforms import normalise, resize_and_crop
 from ..devices import resolve_device
 from ..errors import CauseError
-from ..paths import list_files, write_json
+from ..paths import list_files, write_atomically, write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from .crf import CRFPool, CRFQueue, require_crf
 from .figures import palette, save_png
 from .manifest import SUMMARY_FILE, OutputFolder, run_fingerprint
-from .predict import TrainedModel, cluster_cosines, crf_unary, flip_averaged_feature_map, head_feature_map, load_trained
+from .predict import (
+    CRF_SHARPNESS,
+    TrainedModel,
+    cluster_cosines,
+    crf_unary,
+    flip_averaged_feature_map,
+    head_feature_map,
+    load_trained,
+)
 
 # Cosines are computed at most at this size (longest side), then label maps are resized to
 # the image's own size, so a 40-megapixel photo costs no more memory than a small one.
@@ -43,6 +51,28 @@ MAX_PREDICTION_SIDE = 1024
 OVERLAY_OPACITY = 0.5
 LIST_SUFFIXES = {".txt", ".lst"}
 PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greyscale label maps
+OUTPUT_KINDS = ("labels", "overlays", "scores")
+DEFAULT_SAVE = ("labels", "overlays")
+
+
+def parse_save(text: str) -> tuple[str, ...]:
+    """``"labels,scores"`` as the outputs to write, in their fixed order; one sentence for a
+    name that is not an output."""
+    wanted = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(wanted - set(OUTPUT_KINDS))
+    if unknown or not wanted:
+        raise CauseError(f"--save takes a comma-separated list of {', '.join(OUTPUT_KINDS)}, not '{text}'.")
+    return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
+
+
+def confidence_and_margin(cosines: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of one image's ``[1, C, H, W]`` cosines: the probability of its best cluster
+    (``softmax(3 cos)``, the distribution the dense CRF starts from) and how far it leads the
+    second best, both ``float16 [H, W]``."""
+    probabilities = torch.softmax(CRF_SHARPNESS * cosines[0].float(), dim=0)
+    top = probabilities.topk(min(2, probabilities.shape[0]), dim=0).values
+    margin = top[0] - top[1] if top.shape[0] > 1 else top[0]
+    return top[0].cpu().numpy().astype(np.float16), margin.cpu().numpy().astype(np.float16)
 
 
 @dataclass
@@ -59,9 +89,9 @@ class SegmentSummary:
         return {
             "inputs": self.inputs,
             "outputs": [
-                {"input": entry["input"], "label": str(out / entry["label"]), "overlay": str(out / entry["overlay"])}
+                {key: value if key == "input" else str(out / value) for key, value in entry.items()}
                 for entry in finished
-                if "label" in entry
+                if "skipped" not in entry
             ],
             "skipped": unreachable
             + [{"input": entry["input"], "reason": entry["skipped"]} for entry in finished if "skipped" in entry],
@@ -178,6 +208,7 @@ class _Segmenter:
     pool: CRFPool | None
     summary: SegmentSummary
     folder: OutputFolder
+    save: tuple[str, ...] = DEFAULT_SAVE
 
     def __post_init__(self) -> None:
         self.colours = palette()
@@ -195,48 +226,74 @@ class _Segmenter:
         cluster_maps: list[np.ndarray] = []
         crf_images: list[np.ndarray] = []
         crf_unaries: list[np.ndarray] = []
+        scores: list[tuple[np.ndarray, np.ndarray] | None] = []
         for index, (_, image) in enumerate(pending):
             size = _prediction_size(image.width, image.height)
             cosines = cluster_cosines(model, features[index : index + 1], size)
+            scores.append(confidence_and_margin(cosines) if "scores" in self.save else None)
             if self.pool is None:
                 cluster_maps.append(cosines.argmax(dim=1)[0].cpu().numpy())
             else:
                 crf_images.append(np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)))
                 crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
         if self.pool is None:
-            self.write_all(list(pending), cluster_maps)
+            self.write_all(list(pending), scores, cluster_maps)
         else:
             # The whole batch at once, so the pool's workers refine several images together.
-            self.in_flight.put(self.pool.submit(crf_images, crf_unaries), partial(self.write_all, list(pending)))
+            self.in_flight.put(
+                self.pool.submit(crf_images, crf_unaries), partial(self.write_all, list(pending), scores)
+            )
 
     def finish(self) -> None:
         self.in_flight.drain()
 
-    def write_all(self, pending: list[tuple[_Input, Image.Image]], cluster_maps: list[np.ndarray]) -> None:
+    def write_all(
+        self,
+        pending: list[tuple[_Input, Image.Image]],
+        scores: list[tuple[np.ndarray, np.ndarray] | None],
+        cluster_maps: list[np.ndarray],
+    ) -> None:
         finished = []
-        for (item, image), clusters in zip(pending, cluster_maps, strict=True):
+        for (item, image), clusters, image_scores in zip(pending, cluster_maps, scores, strict=True):
             values = self.mapping[clusters] if self.mapping is not None else clusters
-            finished.append(self.write(item, image, values))
+            finished.append(self.write(item, image, values, image_scores))
         self.folder.record(finished)  # after the files are complete: a kill in between redoes them
 
-    def write(self, item: _Input, image: Image.Image, values: np.ndarray) -> dict[str, str]:
+    def write(
+        self,
+        item: _Input,
+        image: Image.Image,
+        values: np.ndarray,
+        scores: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> dict[str, str]:
+        """The input's outputs, each complete before this returns; its manifest entry."""
         if self.model.num_classes <= PALETTE_IDS:
             label = Image.fromarray(values.astype(np.uint8), "P")
             label.putpalette(self.flat_palette)
         else:  # ids past 255 do not fit a palette PNG: 16-bit greyscale, the colours only on the overlay
             label = Image.fromarray(values.astype(np.uint16))
         label = label.resize(image.size, Image.Resampling.NEAREST)
-        label_path = self.out / "labels" / item.output
-        overlay_path = self.out / "overlays" / item.output
-        save_png(label, label_path)
-        tint = Image.fromarray(self.colours[np.asarray(label, dtype=np.int64) % len(self.colours)], "RGB")
-        save_png(Image.blend(image, tint, OVERLAY_OPACITY), overlay_path)
+        entry = {"input": item.relative.as_posix()}
+        name = item.output.as_posix()
+        if "labels" in self.save:
+            save_png(label, self.out / "labels" / item.output)
+            entry["label"] = f"labels/{name}"
+        if "overlays" in self.save:
+            tint = Image.fromarray(self.colours[np.asarray(label, dtype=np.int64) % len(self.colours)], "RGB")
+            save_png(Image.blend(image, tint, OVERLAY_OPACITY), self.out / "overlays" / item.output)
+            entry["overlay"] = f"overlays/{name}"
+        if scores is not None:
+            confidence, margin = scores
+            scores_name = item.output.with_suffix(".npz")
+            write_atomically(self.out / "scores" / scores_name, partial(_save_scores, confidence, margin))
+            entry["scores"] = f"scores/{scores_name.as_posix()}"
         self.summary.written += 1
-        return {
-            "input": item.relative.as_posix(),
-            "label": f"labels/{item.output.as_posix()}",
-            "overlay": f"overlays/{item.output.as_posix()}",
-        }
+        return entry
+
+
+def _save_scores(confidence: np.ndarray, margin: np.ndarray, target: Path) -> None:
+    with target.open("wb") as handle:  # a handle: given a path, numpy would add ".npz" to the temporary name
+        np.savez_compressed(handle, confidence=confidence, margin=margin)
 
 
 def output_names(relatives: list[Path]) -> list[Path]:
@@ -271,6 +328,7 @@ def segment_images(
     legend: bool = False,
     backbone: str | None = None,
     overwrite: bool = False,
+    save: tuple[str, ...] = DEFAULT_SAVE,
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``; inputs a
     previous call finished there are skipped (``overwrite`` redoes everything)."""
@@ -298,6 +356,7 @@ def segment_images(
             "labels_are": "classes" if mapping is not None else "clusters",
             "crf": crf,
             "label_format": label_format,
+            "save": list(save),
         }
     )
     done = {entry["input"] for entry in folder.finished()}
@@ -313,10 +372,10 @@ def segment_images(
     pool = CRFPool(crf_workers) if crf else None
     if pool is not None:
         pool.start()
-    segmenter = _Segmenter(model, out, mapping, pool, summary, folder)
+    segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
     pending: list[tuple[_Input, Image.Image]] = []
     try:
-        with reporter.task("segmenting", len(todo)) as advance:
+        with reporter.task("segmenting", len(todo), unit="images") as advance:
             for path, relative, output in todo:
                 try:
                     pending.append((_Input(relative, output), read_image(path, upright=True)))
