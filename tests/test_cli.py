@@ -170,7 +170,7 @@ def test_segment_skips_bad_files_and_keeps_sizes(trained_run, tmp_path):
         assert int(np.asarray(label).max()) < 6
         assert Image.open(out / "overlays" / relative).size == size
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["inputs"] == 7 and len(summary["outputs"]) == 5
+    assert summary["inputs"] == 7 and summary["written"] == 5
     assert sorted(s["input"] for s in summary["skipped"]) == ["nested/broken.jpg", "notes.txt"]
 
 

@@ -154,7 +154,7 @@ def test_quiet_training_still_counts_the_files_it_skipped(scenes, tmp_path):
 
 
 def test_inputs_that_would_share_an_output_name_get_their_whole_name():
-    from cause_cli.inference.segment import output_names
+    from cause_cli.inference.inputs import output_names
 
     relatives = [
         Path("a.jpg"),
@@ -184,7 +184,7 @@ def test_segment_keeps_both_of_two_inputs_with_one_stem(scenes, tmp_path):
     assert sorted(path.name for path in (out / "labels").iterdir()) == ["a.jpg.png", "a.png.png"]
     assert sorted(path.name for path in (out / "overlays").iterdir()) == ["a.jpg.png", "a.png.png"]
     renamed = json.loads((out / "summary.json").read_text())["renamed"]
-    assert {entry["input"]: entry["label"] for entry in renamed} == {
+    assert {entry["input"]: entry["output"] for entry in renamed} == {
         "a.jpg": "labels/a.jpg.png",
         "a.png": "labels/a.png.png",
     }

@@ -67,7 +67,7 @@ def test_a_killed_segmentation_rerun_equals_an_uninterrupted_one(trained, tmp_pa
     finally:
         if process.poll() is None:
             process.kill()
-    finished_before = len(OutputFolder(out).finished())
+    finished_before = len(list(OutputFolder(out).finished()))
     assert 20 <= finished_before < 200
 
     rerun = subprocess.run(segment_command(source, run, out), capture_output=True, text=True, timeout=600)
@@ -80,7 +80,7 @@ def test_a_killed_segmentation_rerun_equals_an_uninterrupted_one(trained, tmp_pa
     assert len(inputs) == 200 and max(collections.Counter(inputs).values()) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done_before"] >= finished_before and summary["inputs"] == 200
-    assert sorted(entry["input"] for entry in summary["outputs"]) == sorted(inputs)
+    assert summary["written"] == 200 and summary["written_now"] == 200 - summary["done_before"]
 
 
 def test_outputs_of_another_run_or_settings_are_not_mixed_in(trained, tmp_path):
@@ -130,7 +130,8 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
     out = tmp_path / "out"
     result = invoke("segment", image_path, "--run", run, "--out", out, "--save", "labels,scores", "--json")
     assert result.exit_code == 0, result.output
-    (entry,) = json.loads(result.stdout)["outputs"]
+    assert json.loads(result.stdout)["written"] == 1
+    (entry,) = OutputFolder(out).finished()
     assert set(entry) == {"input", "label", "scores"} and not (out / "overlays").exists()
     with np.load(out / "scores" / "scene_0003.npz") as scores:
         confidence, margin = scores["confidence"], scores["margin"]
@@ -149,3 +150,31 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
     assert refused.stderr.strip() == (
         "error: --save takes a comma-separated list of labels, overlays, scores, not 'labels,masks'."
     )
+
+
+def test_loader_workers_decode_in_other_processes_and_change_nothing(trained, tmp_path):
+    source, run = trained
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}"
+        result = invoke("segment", source, "--run", run, "--out", out, "--loader-workers", workers, "--batch-size", "7",
+                        "-q")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[workers] = (files_below(out / "labels"), [entry["input"] for entry in OutputFolder(out).finished()])
+    assert outputs["0"] == outputs["2"]  # the same files, finished in the same order
+    assert len(outputs["0"][1]) == 200
+
+
+def test_a_rerun_in_the_same_order_keeps_nothing_but_counts(trained, tmp_path):
+    from cause_cli.inference.inputs import iter_inputs, pending_inputs
+
+    source, _ = trained
+    names = [entry.relative.as_posix() for entry in iter_inputs(source)]
+    pending, total, left = pending_inputs(source, None, iter(names[:60]))
+    assert (total, left, pending.skip_first, pending.done) == (200, 140, 60, frozenset())
+    assert [entry.relative.as_posix() for entry in pending] == names[60:]
+    # Finished in another order (another tool, another sort): the rest is remembered by name.
+    shuffled = names[:50] + names[55:60] + names[50:55]
+    pending, total, left = pending_inputs(source, None, iter(shuffled))
+    assert (left, pending.skip_first) == (140, 50) and len(pending.done) == 10
+    assert [entry.relative.as_posix() for entry in pending] == names[60:]

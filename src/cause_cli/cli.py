@@ -737,6 +737,10 @@ def segment(
         typer.Option("--crf/--no-crf", help="Refine with the dense CRF (flip averaged, as in evaluation)."),
     ] = False,
     crf_workers: CRFWorkersOption = None,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option("--loader-workers", help="Image-decoding processes (default: none on the CPU, up to 8 on a GPU)."),
+    ] = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     save: Annotated[
         str,
@@ -768,7 +772,7 @@ def segment(
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
     require_at_least(1, batch_size=batch_size)
-    require_at_least(0, crf_workers=crf_workers)
+    require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.segment import parse_save, segment_images
@@ -789,6 +793,7 @@ def segment(
             backbone=backbone,
             overwrite=overwrite,
             save=parse_save(save),
+            loader_workers=loader_workers,
         )
     if json_output:
         print(json_text(result))
@@ -800,7 +805,7 @@ def segment(
     table.add_column("output")
     per_image = result["seconds_per_image"]
     table.add_row(
-        str(len(result["outputs"])),
+        str(result["written"]),
         str(len(result["skipped"])),
         "-" if per_image is None else f"{per_image:.3f}",
         str(out_path),

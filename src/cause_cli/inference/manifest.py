@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,30 +76,30 @@ class OutputFolder:
                     "or --overwrite to replace them."
                 )
             return
-        if self.finished():
+        if next(self.finished(), None) is not None:
             raise CauseError(
                 f"{self.path} holds a {MANIFEST_FILE} without its {SETTINGS_FILE}; give another --out, or "
                 "--overwrite to replace what is there."
             )
         write_json(recorded_path, settings)
 
-    def finished(self) -> list[dict[str, Any]]:
-        """Every whole manifest line, in the order written (a line cut short is left out)."""
+    def finished(self) -> Iterator[dict[str, Any]]:
+        """Every whole manifest line, in the order written (a line cut short is left out),
+        read as it streams by; lines appended while it is read are not."""
         path = self.path / MANIFEST_FILE
         if not path.is_file():
-            return []
-        entries = []
-        with path.open(encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if not line.endswith("\n"):
-                    break  # the process was killed while writing it
+            return
+        end = path.stat().st_size
+        with path.open("rb") as lines:
+            for raw in lines:
+                if lines.tell() > end or not raw.endswith(b"\n"):
+                    break  # appended since, or cut short by a kill
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(raw)
                 except ValueError:
                     continue
                 if isinstance(entry, dict) and isinstance(entry.get("input"), str):
-                    entries.append(entry)
-        return entries
+                    yield entry
 
     def record(self, entries: list[dict[str, Any]]) -> None:
         """Append finished inputs (their files already complete) and put them on disk."""

@@ -11,11 +11,10 @@ clusters to classes). Files that are not readable images are skipped and listed,
 
 from __future__ import annotations
 
-import collections
 import glob
 import json
-import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,16 +24,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.base import UnreadableFile, read_image
 from ..data.transforms import normalise, resize_and_crop
+from ..devices import loader_workers as workers_for
 from ..devices import resolve_device
 from ..errors import CauseError
-from ..paths import list_files, write_atomically, write_json
+from ..paths import write_atomically, write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from .crf import CRFPool, CRFQueue, require_crf
 from .figures import palette, save_png
-from .manifest import SUMMARY_FILE, OutputFolder, run_fingerprint
+from .inputs import decoded_inputs, pending_inputs
+from .manifest import MANIFEST_FILE, SUMMARY_FILE, OutputFolder, run_fingerprint
 from .predict import (
     CRF_SHARPNESS,
     TrainedModel,
@@ -84,73 +84,31 @@ class SegmentSummary:
     done_before: int = 0
     seconds: float = 0.0
 
-    def as_dict(self, out: Path, finished: list[dict[str, Any]], unreachable: list[dict[str, str]]) -> dict[str, Any]:
+    def as_dict(self, finished: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The folder's summary, read from its manifest entries as they stream by: counts, and
+        the few inputs that were skipped or renamed (never a list as long as the inputs)."""
+        written = 0
+        skipped, renamed = [], []
+        for entry in finished:
+            if "skipped" in entry:
+                skipped.append({"input": entry["input"], "reason": entry["skipped"]})
+                continue
+            written += 1
+            if entry.get("renamed"):
+                first = next(entry[key] for key in ("label", "overlay", "scores") if key in entry)
+                renamed.append({"input": entry["input"], "output": first})
         per_image = self.seconds / self.written if self.written else None
         return {
             "inputs": self.inputs,
-            "outputs": [
-                {key: value if key == "input" else str(out / value) for key, value in entry.items()}
-                for entry in finished
-                if "skipped" not in entry
-            ],
-            "skipped": unreachable
-            + [{"input": entry["input"], "reason": entry["skipped"]} for entry in finished if "skipped" in entry],
+            "written": written,
+            "skipped": skipped,
+            "renamed": renamed,
             "done_before": self.done_before,
             "written_now": self.written,
             "seconds": round(self.seconds, 3),
             "seconds_per_image": round(per_image, 4) if per_image is not None else None,
+            "manifest": MANIFEST_FILE,
         }
-
-
-def _common_parent(paths: list[Path]) -> Path:
-    parents = [path.resolve().parent for path in paths]
-    common = parents[0]
-    for parent in parents[1:]:
-        while common not in (parent, *parent.parents):
-            common = common.parent
-    return common
-
-
-def _relative_to_parent(paths: list[Path]) -> list[tuple[Path, Path]]:
-    if not paths:
-        return []
-    parent = _common_parent(paths)
-    return [(path, path.resolve().relative_to(parent)) for path in paths]
-
-
-def collect_inputs(source: Path | str) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
-    """``(file, path for the outputs)`` for every input named by ``source``, and what could
-    not be looked at (folders that cannot be read, dangling links) with the reason.
-
-    A folder gives every non-hidden file below it; a glob pattern its matches; a ``.txt``
-    file the paths it lists (relative ones from the list's folder); otherwise one image file.
-    """
-    text = str(source)
-    path = Path(source)
-    if path.is_dir():
-        listing = list_files(path, skip_hidden=True)
-        unreachable = [(where.relative_to(path), reason) for where, reason in listing.unreachable]
-        return [(file, file.relative_to(path)) for file in listing.files], unreachable
-    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        listed = []
-        for line in path.read_text().splitlines():
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                item = Path(entry).expanduser()
-                listed.append(item if item.is_absolute() else path.parent / item)
-        return _relative_to_parent(listed), []
-    if path.is_file():
-        return [(path, Path(path.name))], []
-    if glob.has_magic(text):
-        matches = [Path(match) for match in sorted(glob.glob(text, recursive=True))]
-        files = [match for match in matches if match.is_file()]
-        dangling = [match for match in matches if match.is_symlink() and not match.exists()]
-        if not files and not dangling:
-            raise CauseError(f"No files match {text}.")
-        return _relative_to_parent(files), [
-            (link, f"a symbolic link to {os.readlink(link)}, which does not exist") for link in dangling
-        ]
-    raise CauseError(f"{source} does not exist.")
 
 
 def _prediction_size(width: int, height: int) -> tuple[int, int]:
@@ -216,9 +174,16 @@ class _Segmenter:
         # Earlier batches are refined in the CRF workers while later ones go through the model.
         self.in_flight = CRFQueue(2 * max(1, self.pool.workers if self.pool else 1))
 
-    def batch(self, pending: list[tuple[_Input, Image.Image]]) -> None:
+    def batch(self, pending: list[tuple[_Input, Image.Image | None, str | None]]) -> None:
+        """Segment the batch's images; its entries are written (or recorded as skipped, with
+        the reason) in their order, after the batches before it."""
         model = self.model
-        resized = [resize_and_crop(image, model.resolution, square_resize=True) for _, image in pending]
+        images = [image for _, image, _ in pending if image is not None]
+        if not images:
+            self.in_flight.drain()
+            self.write_all(list(pending), [], [])
+            return
+        resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
         batch = torch.stack([normalise(image) for image in resized]).to(model.device)
         features = head_feature_map(model, batch)
         if self.pool is not None:
@@ -227,7 +192,7 @@ class _Segmenter:
         crf_images: list[np.ndarray] = []
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for index, (_, image) in enumerate(pending):
+        for index, image in enumerate(images):
             size = _prediction_size(image.width, image.height)
             cosines = cluster_cosines(model, features[index : index + 1], size)
             scores.append(confidence_and_margin(cosines) if "scores" in self.save else None)
@@ -240,21 +205,25 @@ class _Segmenter:
             self.write_all(list(pending), scores, cluster_maps)
         else:
             # The whole batch at once, so the pool's workers refine several images together.
-            self.in_flight.put(
-                self.pool.submit(crf_images, crf_unaries), partial(self.write_all, list(pending), scores)
-            )
+            write = partial(self.write_all, list(pending), scores)
+            self.in_flight.put(self.pool.submit(crf_images, crf_unaries), write)
 
     def finish(self) -> None:
         self.in_flight.drain()
 
     def write_all(
         self,
-        pending: list[tuple[_Input, Image.Image]],
+        pending: list[tuple[_Input, Image.Image | None, str | None]],
         scores: list[tuple[np.ndarray, np.ndarray] | None],
         cluster_maps: list[np.ndarray],
     ) -> None:
         finished = []
-        for (item, image), clusters, image_scores in zip(pending, cluster_maps, scores, strict=True):
+        results = iter(zip(cluster_maps, scores, strict=True))
+        for item, image, problem in pending:
+            if image is None:
+                finished.append({"input": item.relative.as_posix(), "skipped": problem or "unreadable"})
+                continue
+            clusters, image_scores = next(results)
             values = self.mapping[clusters] if self.mapping is not None else clusters
             finished.append(self.write(item, image, values, image_scores))
         self.folder.record(finished)  # after the files are complete: a kill in between redoes them
@@ -265,7 +234,7 @@ class _Segmenter:
         image: Image.Image,
         values: np.ndarray,
         scores: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> dict[str, str]:
+    ) -> dict[str, Any]:
         """The input's outputs, each complete before this returns; its manifest entry."""
         if self.model.num_classes <= PALETTE_IDS:
             label = Image.fromarray(values.astype(np.uint8), "P")
@@ -273,7 +242,9 @@ class _Segmenter:
         else:  # ids past 255 do not fit a palette PNG: 16-bit greyscale, the colours only on the overlay
             label = Image.fromarray(values.astype(np.uint16))
         label = label.resize(image.size, Image.Resampling.NEAREST)
-        entry = {"input": item.relative.as_posix()}
+        entry: dict[str, Any] = {"input": item.relative.as_posix()}
+        if item.output != item.relative.with_suffix(".png"):
+            entry["renamed"] = True
         name = item.output.as_posix()
         if "labels" in self.save:
             save_png(label, self.out / "labels" / item.output)
@@ -296,26 +267,6 @@ def _save_scores(confidence: np.ndarray, margin: np.ndarray, target: Path) -> No
         np.savez_compressed(handle, confidence=confidence, margin=margin)
 
 
-def output_names(relatives: list[Path]) -> list[Path]:
-    """The label file's path (below ``labels/``) of each input: its name with ``.png``, or,
-    where two inputs would share one (``a.jpg`` and ``a.tif``), its whole name plus ``.png``
-    (``a.jpg.png``), numbered if even that is taken."""
-    wanted = collections.Counter(relative.with_suffix(".png") for relative in relatives)
-    taken: set[Path] = set()
-    names = []
-    for relative in relatives:
-        name = relative.with_suffix(".png")
-        if wanted[name] > 1:
-            name = relative.with_name(relative.name + ".png")
-        number = 2
-        while name in taken:
-            name = relative.with_name(f"{relative.name}-{number}.png")
-            number += 1
-        taken.add(name)
-        names.append(name)
-    return names
-
-
 def segment_images(
     source: Path | str,
     run_path: Path | str,
@@ -329,20 +280,21 @@ def segment_images(
     backbone: str | None = None,
     overwrite: bool = False,
     save: tuple[str, ...] = DEFAULT_SAVE,
+    loader_workers: int | None = None,
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``; inputs a
-    previous call finished there are skipped (``overwrite`` redoes everything)."""
+    previous call finished there are skipped (``overwrite`` redoes everything). Inputs are
+    listed lazily and decoded in ``loader_workers`` processes, so memory does not grow with
+    their number."""
     reporter = reporter or Reporter()
     run = open_run(run_path)
     out = Path(out)
-    inside = out.resolve()
-    # An OUT inside SOURCE: a rerun must not take the earlier outputs for inputs.
-    found, unreachable = collect_inputs(source)
-    files = [(path, relative) for path, relative in found if inside not in path.resolve().parents]
-    outputs = output_names([relative for _, relative in files])
+    if not Path(source).exists() and not glob.has_magic(str(source)):
+        raise CauseError(f"{source} does not exist.")
     if crf:
         require_crf()
-    model = load_trained(run, resolve_device(device), backbone)
+    torch_device = resolve_device(device)
+    model = load_trained(run, torch_device, backbone)
     matched = class_mapping(run)
     mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
     label_format = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
@@ -359,34 +311,27 @@ def segment_images(
             "save": list(save),
         }
     )
-    done = {entry["input"] for entry in folder.finished()}
-    todo = [
-        (path, relative, output)
-        for (path, relative), output in zip(files, outputs, strict=True)
-        if relative.as_posix() not in done
-    ]
-    summary = SegmentSummary(inputs=len(files), done_before=len(files) - len(todo))
+    pending, total, left = pending_inputs(source, out, (entry["input"] for entry in folder.finished()))
+    summary = SegmentSummary(inputs=total, done_before=total - left)
     if summary.done_before:
-        reporter.message(f"{summary.done_before:,} of the {len(files):,} inputs were done before; going on")
+        reporter.message(f"{summary.done_before:,} of the {total:,} inputs were done before; going on")
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
     if pool is not None:
         pool.start()
     segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
-    pending: list[tuple[_Input, Image.Image]] = []
+    batch: list[tuple[_Input, Image.Image | None, str | None]] = []
     try:
-        with reporter.task("segmenting", len(todo), unit="images") as advance:
-            for path, relative, output in todo:
-                try:
-                    pending.append((_Input(relative, output), read_image(path, upright=True)))
-                except UnreadableFile as error:
-                    folder.record([{"input": relative.as_posix(), "skipped": error.reason}])
-                if len(pending) >= batch_size:
-                    segmenter.batch(pending)
-                    pending.clear()
+        with reporter.task("segmenting", left, unit="images") as advance:
+            for entry, pixels, problem in decoded_inputs(pending, workers_for(loader_workers, torch_device)):
+                image = Image.fromarray(pixels) if pixels is not None else None
+                batch.append((_Input(entry.relative, entry.output), image, problem))
+                if len(batch) >= batch_size:
+                    segmenter.batch(batch)
+                    batch = []
                 advance(1)
-            if pending:
-                segmenter.batch(pending)
+            if batch:
+                segmenter.batch(batch)
             segmenter.finish()
     finally:
         if pool is not None:
@@ -395,18 +340,12 @@ def segment_images(
     summary.seconds = time.perf_counter() - started
     if legend:
         save_png(legend_picture(names, segmenter.colours), out / "legend.png")
-    skipped_here = [{"input": where.as_posix(), "reason": reason} for where, reason in unreachable]
-    result = summary.as_dict(out, folder.finished(), skipped_here)
+    result = summary.as_dict(folder.finished())
     result.update(
         {
             "labels_are": "classes" if mapping is not None else "clusters",
             "run": str(run.path),
             "backbone": model.config.backbone,
-            "renamed": [
-                {"input": relative.as_posix(), "label": f"labels/{output.as_posix()}"}
-                for (_, relative), output in zip(files, outputs, strict=True)
-                if output != relative.with_suffix(".png")
-            ],
             "label_format": label_format,
         }
     )

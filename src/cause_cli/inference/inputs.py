@@ -1,0 +1,246 @@
+"""The inputs of ``cause segment``, read lazily in a stable order, and their decoding in loader
+worker processes.
+
+A folder is walked one directory at a time (sorted, hidden entries left out), so memory does
+not grow with the number of images; the outputs of one directory's files are named together
+(two files can only collide within a directory: ``a.jpg`` and ``a.tif`` both want ``a.png``).
+A ``.txt`` list is read twice, once for the folder its entries share, once to give them; its
+output names are remembered to keep them unique (about a hundred bytes an input). A glob
+pattern's matches are sorted, so they are listed at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..data.base import UnreadableFile, read_image
+from ..errors import CauseError
+
+LIST_SUFFIXES = {".txt", ".lst"}
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One input: the file, its path below the source (as the summary names it) and the name
+    of its outputs below ``labels/``; or, with ``problem``, something that could not be read."""
+
+    path: Path
+    relative: Path
+    output: Path
+    problem: str | None = None
+
+
+def output_names(relatives: list[Path]) -> list[Path]:
+    """The label file's path (below ``labels/``) of each input: its name with ``.png``, or,
+    where two inputs would share one (``a.jpg`` and ``a.tif``), its whole name plus ``.png``
+    (``a.jpg.png``), numbered if even that is taken."""
+    wanted = collections.Counter(relative.with_suffix(".png") for relative in relatives)
+    taken: set[Path] = set()
+    names = []
+    for relative in relatives:
+        name = relative.with_suffix(".png")
+        if wanted[name] > 1:
+            name = relative.with_name(relative.name + ".png")
+        number = 2
+        while name in taken:
+            name = relative.with_name(f"{relative.name}-{number}.png")
+            number += 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _dangling(path: Path) -> str:
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+
+
+def _walk(root: Path, leave_out: Path | None) -> Iterator[SourceEntry]:
+    def could_not_read(error: OSError) -> None:
+        problems.append(Path(error.filename))
+
+    problems: list[Path] = []
+    for folder, subfolders, names in os.walk(root, onerror=could_not_read):
+        for unreadable in problems:
+            relative = unreadable.relative_to(root)
+            yield SourceEntry(unreadable, relative, relative, "the folder could not be read")
+        problems.clear()
+        here = Path(folder)
+        # An OUT inside SOURCE: a rerun must not take the earlier outputs for inputs.
+        subfolders[:] = sorted(
+            name for name in subfolders if not name.startswith(".") and (here / name).resolve() != leave_out
+        )
+        files, dangling = [], []
+        for name in sorted(name for name in names if not name.startswith(".")):
+            path = here / name
+            if path.is_file():
+                files.append(path.relative_to(root))
+            elif path.is_symlink() and not path.exists():
+                dangling.append(path)
+        for relative, output in zip(files, output_names(files), strict=True):
+            yield SourceEntry(root / relative, relative, output)
+        for path in dangling:
+            relative = path.relative_to(root)
+            yield SourceEntry(path, relative, relative, _dangling(path))
+    for unreadable in problems:  # the source folder itself
+        yield SourceEntry(unreadable, Path(unreadable.name), Path(unreadable.name), "the folder could not be read")
+
+
+def _listed(list_file: Path) -> Iterator[Path]:
+    with list_file.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                item = Path(entry).expanduser()
+                yield item if item.is_absolute() else list_file.parent / item
+
+
+def _common_parent(paths: Iterator[Path]) -> Path | None:
+    common: Path | None = None
+    for path in paths:
+        parent = path.resolve().parent
+        if common is None:
+            common = parent
+        while common not in (parent, *parent.parents):
+            common = common.parent
+    return common
+
+
+def _named_below(paths: Iterator[Path], parent: Path) -> Iterator[SourceEntry]:
+    taken: set[Path] = set()
+    for path in paths:
+        relative = path.resolve().relative_to(parent)
+        output = relative.with_suffix(".png")
+        if output in taken:
+            output = relative.with_name(relative.name + ".png")
+        number = 2
+        while output in taken:
+            output = relative.with_name(f"{relative.name}-{number}.png")
+            number += 1
+        taken.add(output)
+        yield SourceEntry(path, relative, output)
+
+
+def iter_inputs(source: Path | str, leave_out: Path | None = None) -> Iterator[SourceEntry]:
+    """Every input named by ``source``, in a stable order: a folder gives every non-hidden file
+    below it (not those under ``leave_out``), a ``.txt`` list the paths it names (relative
+    ones from the list's folder), a glob pattern its matches, an image file itself."""
+    text = str(source)
+    path = Path(source)
+    leave_out = leave_out.resolve() if leave_out is not None else None
+    if path.is_dir():
+        yield from _walk(path, leave_out)
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        parent = _common_parent(_listed(path))
+        if parent is not None:
+            yield from _named_below(_listed(path), parent)
+    elif path.is_file():
+        yield SourceEntry(path, Path(path.name), Path(path.name).with_suffix(".png"))
+    elif glob.has_magic(text):
+        matches = [Path(match) for match in sorted(glob.glob(text, recursive=True))]
+        files = [match for match in matches if match.is_file()]
+        dangling = [match for match in matches if match.is_symlink() and not match.exists()]
+        if not files and not dangling:
+            raise CauseError(f"No files match {text}.")
+        parent = _common_parent(iter(files))
+        if parent is not None:
+            yield from _named_below(iter(files), parent)
+        for link in dangling:
+            yield SourceEntry(link, Path(link.name), Path(link.name), _dangling(link))
+    else:
+        raise CauseError(f"{source} does not exist.")
+
+
+@dataclass(frozen=True)
+class PendingInputs:
+    """The inputs still to do: those of ``source`` after the first ``skip_first`` (finished in
+    this order before) and any in ``done`` (finished in another order). Iterating it lists the
+    source again, so loader workers can each read it (it pickles as a few paths)."""
+
+    source: str
+    leave_out: Path | None = None
+    skip_first: int = 0
+    done: frozenset[str] = frozenset()
+
+    def __iter__(self) -> Iterator[SourceEntry]:
+        for index, entry in enumerate(iter_inputs(self.source, self.leave_out)):
+            if index >= self.skip_first and entry.relative.as_posix() not in self.done:
+                yield entry
+
+
+def pending_inputs(
+    source: Path | str, leave_out: Path | None, finished: Iterator[str]
+) -> tuple[PendingInputs, int, int]:
+    """What is left of ``source`` given the inputs ``finished`` before (in the order they
+    finished), with the number of inputs in all and the number left. One pass over both:
+    when the earlier run went through the same inputs in the same order (the usual case,
+    however many there are), nothing is kept in memory but two counts."""
+    total = skip_first = 0
+    matching = True
+    rest: set[str] = set()
+    for entry in iter_inputs(source, leave_out):
+        total += 1
+        if matching:
+            earlier = next(finished, None)
+            if earlier == entry.relative.as_posix():
+                skip_first += 1
+                continue
+            matching = False
+            if earlier is not None:
+                rest.add(earlier)
+    rest.update(finished)
+    pending = PendingInputs(str(source), leave_out, skip_first, frozenset(rest))
+    left = sum(1 for _ in pending) if rest else total - skip_first
+    return pending, total, left
+
+
+class _Decoded(IterableDataset):
+    """The pending inputs, each with its decoded image; worker ``i`` of ``n`` decodes entries
+    ``i, i + n, ...``, which the loader's round-robin puts back in order."""
+
+    def __init__(self, inputs: PendingInputs) -> None:
+        self.inputs = inputs
+
+    def __iter__(self) -> Iterator[tuple[SourceEntry, np.ndarray | None, str | None]]:
+        worker = get_worker_info()
+        share, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index, entry in enumerate(self.inputs):
+            if index % workers != share:
+                continue
+            if entry.problem is not None:
+                yield entry, None, entry.problem
+                continue
+            try:
+                yield entry, np.asarray(read_image(entry.path, upright=True)), None
+            except UnreadableFile as error:
+                yield entry, None, error.reason
+
+
+def decoded_inputs(inputs: PendingInputs, workers: int) -> Iterator[tuple[SourceEntry, np.ndarray | None, str | None]]:
+    """``(entry, RGB pixels or None, why not)`` in the inputs' order, decoded in ``workers``
+    loader processes (0: in this one)."""
+    if workers == 0:
+        yield from _Decoded(inputs)
+        return
+    loader: DataLoader[Any] = DataLoader(
+        _Decoded(inputs),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_keep,
+        prefetch_factor=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    yield from loader
+
+
+def _keep(item: Any) -> Any:
+    return item
