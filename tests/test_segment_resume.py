@@ -178,3 +178,31 @@ def test_a_rerun_in_the_same_order_keeps_nothing_but_counts(trained, tmp_path):
     pending, total, left = pending_inputs(source, None, iter(shuffled))
     assert (left, pending.skip_first) == (140, 50) and len(pending.done) == 10
     assert [entry.relative.as_posix() for entry in pending] == names[60:]
+
+
+def test_two_gloo_processes_write_what_one_process_writes_each_input_once(trained, tmp_path):
+    source, run = trained
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = invoke("segment", source, "--run", run, "--out", one, "--device", "cpu", "-q")
+    assert single.exit_code == 0, single.output
+    shared = subprocess.run(
+        [sys.executable, "-m", "cause_cli", "segment", str(source), "--run", str(run), "--out", str(two), "--gpus", "2",
+         "--device", "cpu", "--batch-size", "3", "-q"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert shared.returncode == 0, shared.stderr
+    assert files_below(two / "labels") == files_below(one / "labels")
+    assert files_below(two / "overlays") == files_below(one / "overlays")
+    folder = OutputFolder(two)
+    parts = folder.parts()
+    assert [part.name for part in parts] == ["manifest.0-of-2.jsonl", "manifest.1-of-2.jsonl"]
+    handled = [[entry["input"] for entry in folder.finished(part)] for part in parts]
+    assert len(handled[0]) == len(handled[1]) == 100  # each process did its half...
+    everything = handled[0] + handled[1]
+    assert len(set(everything)) == len(everything) == 200  # ...and no input was done twice
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["written"] == summary["written_now"] == 200 and summary["inputs"] == 200
+
+    # A rerun shared another way would mix two layouts of manifests: refused.
+    other = invoke("segment", source, "--run", run, "--out", two, "--device", "cpu")
+    assert other.exit_code == 1 and "give --gpus 2" in other.stderr

@@ -528,25 +528,40 @@ def _print_training(run: Any, json_output: bool) -> None:
 
 def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str) -> None:
     """Start this same ``cause train`` in ``processes`` processes through torchrun."""
-    import torch
-
-    from .devices import resolve_device
-    from .training.distributed import REFERENCE_RECIPE_ALONE, launch
+    from .training.distributed import REFERENCE_RECIPE_ALONE
 
     if ctx.params.get("recipe") == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
+    _relaunch(ctx, processes, device, ["--run", str(run)], passed_on_elsewhere=("run", "overwrite"), what="Training")
+
+
+def _relaunch(
+    ctx: typer.Context,
+    processes: int,
+    device: str,
+    fixed: list[str],
+    passed_on_elsewhere: tuple[str, ...],
+    what: str,
+) -> None:
+    """Start this same command in ``processes`` processes through torchrun, with ``fixed``
+    arguments first (those every process must agree on) and the other options as given."""
+    import torch
+
+    from .devices import resolve_device
+    from .training.distributed import launch
+
     available = torch.cuda.device_count()
     if resolve_device(device).type == "cuda":
         if available < processes:
             raise CauseError(f"--gpus {processes} asks for more GPUs than this machine has ({available}).")
     elif device != "cpu":
         raise CauseError(
-            f"--gpus {processes} needs GPUs and this machine has none; --device cpu trains in CPU processes."
+            f"--gpus {processes} needs GPUs and this machine has none; --device cpu runs CPU processes instead."
         )
     # The options given on this command line, passed on as they came; the others default alike.
-    arguments: list[str] = [ctx.info_name or "train", "--run", str(run)]
+    arguments: list[str] = [ctx.info_name or "", *fixed]
     for option in ctx.command.params:
-        if option.param_type_name != "option" or option.name in ("gpus", "run", "overwrite", None):
+        if option.param_type_name != "option" or option.name in ("gpus", *passed_on_elsewhere, None):
             continue
         if option.name not in ctx.params or ctx.params[option.name] is None:
             continue
@@ -557,7 +572,7 @@ def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str)
             arguments += [option.opts[0], str(value)]
     status = launch(processes, arguments)
     if status != 0:
-        raise CauseError(f"Training in {processes} processes failed (exit status {status}); their messages are above.")
+        raise CauseError(f"{what} in {processes} processes failed (exit status {status}); their messages are above.")
 
 
 @app.command(cls=CauseCommand)
@@ -719,6 +734,7 @@ def print_metrics(result: dict[str, Any]) -> None:
 @app.command(cls=CauseCommand)
 @user_errors
 def segment(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
@@ -759,6 +775,15 @@ def segment(
         ),
     ] = False,
     backbone: BackboneCheckOption = None,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus",
+            min=1,
+            help="Share the inputs among this many processes, one per GPU, started through torchrun; with "
+            "--device cpu: CPU processes.",
+        ),
+    ] = 1,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     json_output: JsonOption = False,
@@ -777,8 +802,16 @@ def segment(
     from .inference.crf import default_workers
     from .inference.segment import parse_save, segment_images
     from .paths import next_numbered_folder, runs_home
+    from .training.distributed import from_environment
 
+    process = from_environment()
+    if process.distributed and out is None:
+        raise CauseError("Processes started by torchrun write one output folder together: give it with --out.")
     out_path = out or next_numbered_folder(runs_home(), "segment")
+    if gpus > 1 and not process.distributed:
+        fixed = [source, "--run", str(run), "--out", str(out_path)]
+        _relaunch(ctx, gpus, device, fixed, passed_on_elsewhere=("run", "out"), what="Segmenting")
+        return
     with use_precision(precision):
         result = segment_images(
             source,
@@ -795,6 +828,8 @@ def segment(
             save=parse_save(save),
             loader_workers=loader_workers,
         )
+    if not process.is_main:
+        return
     if json_output:
         print(json_text(result))
         return

@@ -170,25 +170,38 @@ class PendingInputs:
     leave_out: Path | None = None
     skip_first: int = 0
     done: frozenset[str] = frozenset()
+    rank: int = 0
+    processes: int = 1
 
     def __iter__(self) -> Iterator[SourceEntry]:
-        for index, entry in enumerate(iter_inputs(self.source, self.leave_out)):
+        for index, entry in enumerate(shard(iter_inputs(self.source, self.leave_out), self.rank, self.processes)):
             if index >= self.skip_first and entry.relative.as_posix() not in self.done:
                 yield entry
 
 
+def shard(entries: Iterator[SourceEntry], rank: int, processes: int) -> Iterator[SourceEntry]:
+    """Process ``rank``'s share of the inputs: every ``processes``-th, from the ``rank``-th (a
+    stable rule, so a rerun gives each process the inputs it had)."""
+    for index, entry in enumerate(entries):
+        if index % processes == rank:
+            yield entry
+
+
 def pending_inputs(
-    source: Path | str, leave_out: Path | None, finished: Iterator[str]
+    source: Path | str, leave_out: Path | None, finished: Iterator[str], rank: int = 0, processes: int = 1
 ) -> tuple[PendingInputs, int, int]:
     """What is left of ``source`` given the inputs ``finished`` before (in the order they
-    finished), with the number of inputs in all and the number left. One pass over both:
+    finished), with the number of inputs in all and the number left to process ``rank`` of
+    ``processes``. One pass over both:
     when the earlier run went through the same inputs in the same order (the usual case,
     however many there are), nothing is kept in memory but two counts."""
     total = skip_first = 0
     matching = True
     rest: set[str] = set()
-    for entry in iter_inputs(source, leave_out):
+    for index, entry in enumerate(iter_inputs(source, leave_out)):
         total += 1
+        if index % processes != rank:
+            continue
         if matching:
             earlier = next(finished, None)
             if earlier == entry.relative.as_posix():
@@ -198,8 +211,9 @@ def pending_inputs(
             if earlier is not None:
                 rest.add(earlier)
     rest.update(finished)
-    pending = PendingInputs(str(source), leave_out, skip_first, frozenset(rest))
-    left = sum(1 for _ in pending) if rest else total - skip_first
+    pending = PendingInputs(str(source), leave_out, skip_first, frozenset(rest), rank, processes)
+    mine = len(range(rank, total, processes))
+    left = sum(1 for _ in pending) if rest else mine - skip_first
     return pending, total, left
 
 

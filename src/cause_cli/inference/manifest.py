@@ -2,7 +2,8 @@
 
 ``OUT/segment.json`` records what the outputs were made with: the run (its folder and a hash
 of its weights, its description and its cluster-to-class matching) and the settings that change
-them. ``OUT/manifest.jsonl`` gets one line per finished input, appended only after the input's
+them. ``OUT/manifest.jsonl`` (with several processes, one part each: ``manifest.R-of-N.jsonl``) gets
+one line per finished input, appended only after the input's
 files are complete (each written to a temporary file, then renamed), and flushed to disk
 batch by batch. A process killed at any moment leaves, at worst, a last line cut short and
 outputs that no line names: both are redone by the next run, which skips every input a whole
@@ -50,16 +51,20 @@ def run_fingerprint(run: RunDirectory) -> str:
 class OutputFolder:
     """The output folder of one segmentation, across the processes and reruns that fill it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rank: int = 0, processes: int = 1) -> None:
         self.path = path
+        # One manifest per process, each appended by its process alone.
+        self.manifest_name = MANIFEST_FILE if processes == 1 else f"manifest.{rank}-of-{processes}.jsonl"
         self._manifest: IO[str] | None = None
 
     def clear(self) -> None:
         """Remove what earlier segmentations wrote here (and nothing else)."""
         for name in OUTPUT_FOLDERS:
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in (SETTINGS_FILE, MANIFEST_FILE, SUMMARY_FILE, "legend.png"):
+        for name in (SETTINGS_FILE, SUMMARY_FILE, "legend.png"):
             (self.path / name).unlink(missing_ok=True)
+        for part in self.path.glob("manifest*.jsonl"):
+            part.unlink()
 
     def claim(self, settings: dict[str, Any]) -> None:
         """Record ``settings`` for this folder, or refuse when it holds outputs made otherwise."""
@@ -76,17 +81,20 @@ class OutputFolder:
                     "or --overwrite to replace them."
                 )
             return
-        if next(self.finished(), None) is not None:
+        if self.parts():
             raise CauseError(
                 f"{self.path} holds a {MANIFEST_FILE} without its {SETTINGS_FILE}; give another --out, or "
                 "--overwrite to replace what is there."
             )
         write_json(recorded_path, settings)
 
-    def finished(self) -> Iterator[dict[str, Any]]:
-        """Every whole manifest line, in the order written (a line cut short is left out),
-        read as it streams by; lines appended while it is read are not."""
-        path = self.path / MANIFEST_FILE
+    def parts(self) -> list[Path]:
+        return sorted(self.path.glob("manifest*.jsonl"))
+
+    def finished(self, path: Path | None = None) -> Iterator[dict[str, Any]]:
+        """Every whole line of this process's manifest (or ``path``), in the order written (a
+        line cut short is left out), read as it streams by; lines appended since are not."""
+        path = path or self.path / self.manifest_name
         if not path.is_file():
             return
         end = path.stat().st_size
@@ -106,7 +114,7 @@ class OutputFolder:
         if not entries:
             return
         if self._manifest is None:
-            path = self.path / MANIFEST_FILE
+            path = self.path / self.manifest_name
             self.path.mkdir(parents=True, exist_ok=True)
             _cut_torn_line(path)
             self._manifest = path.open("a", encoding="utf-8")
@@ -140,6 +148,10 @@ def _differences(recorded: Any, settings: dict[str, Any]) -> str:
             continue
         if key == "run_sha256":
             changed.append("the run's weights or cluster-to-class matching differ")
+        elif key == "processes":
+            changed.append(
+                f"it was shared among {recorded.get(key)} processes, here {value}: give --gpus {recorded.get(key)}"
+            )
         else:
             changed.append(f"{key} {recorded.get(key)!r} there, {value!r} here")
     return "; ".join(changed) or "other settings"

@@ -31,6 +31,7 @@ from ..errors import CauseError
 from ..paths import write_atomically, write_json
 from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
+from ..training.distributed import ProcessGroup, from_environment, start, stop
 from .crf import CRFPool, CRFQueue, require_crf
 from .figures import palette, save_png
 from .inputs import decoded_inputs, pending_inputs
@@ -286,35 +287,65 @@ def segment_images(
     previous call finished there are skipped (``overwrite`` redoes everything). Inputs are
     listed lazily and decoded in ``loader_workers`` processes, so memory does not grow with
     their number."""
-    reporter = reporter or Reporter()
+    group = from_environment()
+    try:
+        return _segment(source, run_path, Path(out), device, batch_size, reporter or Reporter(), group, crf,
+                        crf_workers, legend, backbone, overwrite, save, loader_workers)  # fmt: skip
+    finally:
+        stop(group)
+
+
+def _segment(
+    source: Path | str,
+    run_path: Path | str,
+    out: Path,
+    device: str,
+    batch_size: int,
+    reporter: Reporter,
+    group: ProcessGroup,
+    crf: bool,
+    crf_workers: int,
+    legend: bool,
+    backbone: str | None,
+    overwrite: bool,
+    save: tuple[str, ...],
+    loader_workers: int | None,
+) -> dict[str, Any]:
+    """Process ``group.rank``'s share; the first process merges the summary."""
+    reporter = reporter if group.is_main else Reporter()
     run = open_run(run_path)
-    out = Path(out)
     if not Path(source).exists() and not glob.has_magic(str(source)):
         raise CauseError(f"{source} does not exist.")
     if crf:
         require_crf()
-    torch_device = resolve_device(device)
+    torch_device = start(group, resolve_device(device))
     model = load_trained(run, torch_device, backbone)
     matched = class_mapping(run)
     mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
     label_format = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
-    folder = OutputFolder(out)
-    if overwrite:
-        folder.clear()
-    folder.claim(
-        {
-            "run": str(run.path.resolve()),
-            "run_sha256": run_fingerprint(run),
-            "labels_are": "classes" if mapping is not None else "clusters",
-            "crf": crf,
-            "label_format": label_format,
-            "save": list(save),
-        }
-    )
-    pending, total, left = pending_inputs(source, out, (entry["input"] for entry in folder.finished()))
-    summary = SegmentSummary(inputs=total, done_before=total - left)
+    folder = OutputFolder(out, group.rank, group.world_size)
+    settings = {
+        "run": str(run.path.resolve()),
+        "run_sha256": run_fingerprint(run),
+        "labels_are": "classes" if mapping is not None else "clusters",
+        "crf": crf,
+        "label_format": label_format,
+        "save": list(save),
+        "processes": group.world_size,
+    }
+    if group.is_main:  # the others wait until the folder is cleared and claimed
+        if overwrite:
+            folder.clear()
+        folder.claim(settings)
+    group.barrier()
+    if not group.is_main:
+        folder.claim(settings)
+    finished = (entry["input"] for entry in folder.finished())
+    pending, total, left = pending_inputs(source, out, finished, group.rank, group.world_size)
+    mine = len(range(group.rank, total, group.world_size))
+    summary = SegmentSummary(inputs=total, done_before=mine - left)
     if summary.done_before:
-        reporter.message(f"{summary.done_before:,} of the {total:,} inputs were done before; going on")
+        reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
     started = time.perf_counter()
     pool = CRFPool(crf_workers) if crf else None
     if pool is not None:
@@ -322,7 +353,12 @@ def segment_images(
     segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
     batch: list[tuple[_Input, Image.Image | None, str | None]] = []
     try:
-        with reporter.task("segmenting", left, unit="images") as advance:
+        # The first process's bar stands for all of them: each of its images is one of theirs.
+        with reporter.task("segmenting", left * group.world_size, unit="images") as bar:
+
+            def advance(images: int) -> None:
+                bar(images * group.world_size)
+
             for entry, pixels, problem in decoded_inputs(pending, workers_for(loader_workers, torch_device)):
                 image = Image.fromarray(pixels) if pixels is not None else None
                 batch.append((_Input(entry.relative, entry.output), image, problem))
@@ -338,9 +374,16 @@ def segment_images(
             pool.close()
         folder.close()
     summary.seconds = time.perf_counter() - started
+    counts = group.gather_objects((summary.done_before, summary.written, summary.seconds))
+    group.barrier()  # every part is complete before the first process reads them
+    if not group.is_main:
+        return {}
+    summary.done_before = sum(int(done) for done, _, _ in counts)  # type: ignore[misc]
+    summary.written = sum(int(written) for _, written, _ in counts)  # type: ignore[misc]
+    summary.seconds = max(float(seconds) for _, _, seconds in counts)  # type: ignore[misc]
     if legend:
         save_png(legend_picture(names, segmenter.colours), out / "legend.png")
-    result = summary.as_dict(folder.finished())
+    result = summary.as_dict(entry for part in folder.parts() for entry in folder.finished(part))
     result.update(
         {
             "labels_are": "classes" if mapping is not None else "clusters",
