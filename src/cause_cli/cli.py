@@ -58,7 +58,7 @@ app = typer.Typer(
         "Unsupervised semantic segmentation with CAUSE (Causal Unsupervised Semantic Segmentation).\n\n"
         "Fetch a self-supervised backbone, train the three CAUSE steps on your images without labels, "
         "evaluate against labels when you have them, and segment folders of images.\n\n"
-        "Try it in three minutes on a CPU: cause demo"
+        "Try it in about a minute on a 2-core CPU: cause demo"
     ),
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -915,7 +915,7 @@ def demo(
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
-    """Make synthetic scenes, train CAUSE on the toy backbone, evaluate and segment, in minutes on a CPU.
+    """Make synthetic scenes, train CAUSE on the toy backbone, evaluate and segment: about a minute on a CPU.
 
     Example: cause demo --out /tmp/cause-demo
     """
