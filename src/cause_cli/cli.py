@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
+from ._version import __version__
 from .config import DEFAULT_MIN_UPDATES
 from .errors import CauseError, Interrupted
 from .paths import json_text

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .backbones import REFERENCE_HEADS_SUFFIX, REGISTRY, file_sha256, load_backbone
 from .config import TrainConfig
 from .errors import CauseError

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CauseError
 from ..paths import write_atomically, write_json
 from ..progress import Reporter

@@ -112,6 +112,38 @@ class SegmentSummary:
         }
 
 
+def image_cosines(model: TrainedModel, images: list[Image.Image], flip: bool = False) -> Iterator[torch.Tensor]:
+    """Each image's ``[1, C, h, w]`` cluster cosines at its prediction size (its own, up to
+    1,024 pixels on the longest side), from one batch through backbone and head; ``flip``
+    averages the features with the mirrored image's, as the CRF path of evaluation does."""
+    resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
+    batch = torch.stack([normalise(image) for image in resized]).to(model.device)
+    features = head_feature_map(model, batch)
+    if flip:
+        features = flip_averaged_feature_map(model, batch, features)
+    for index, image in enumerate(images):
+        yield cluster_cosines(model, features[index : index + 1], _prediction_size(image.width, image.height))
+
+
+def crf_image(image: Image.Image, cosines: torch.Tensor) -> np.ndarray:
+    """The image at its cosines' size, as the dense CRF's pairwise terms read it."""
+    height, width = cosines.shape[-2:]
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def label_image(
+    values: np.ndarray, size: tuple[int, int], num_classes: int, flat_palette: list[int] | None = None
+) -> Image.Image:
+    """A label map as the PNG ``cause segment`` writes, at ``size`` (width, height): palette
+    colours up to 256 ids, 16-bit greyscale past them (a palette holds 256)."""
+    if num_classes <= PALETTE_IDS:
+        label = Image.fromarray(values.astype(np.uint8), "P")
+        label.putpalette(flat_palette if flat_palette is not None else palette().reshape(-1).tolist())
+    else:
+        label = Image.fromarray(values.astype(np.uint16))
+    return label.resize(size, Image.Resampling.NEAREST)
+
+
 def _prediction_size(width: int, height: int) -> tuple[int, int]:
     scale = min(1.0, MAX_PREDICTION_SIDE / max(width, height))
     return max(1, round(height * scale)), max(1, round(width * scale))
@@ -184,23 +216,16 @@ class _Segmenter:
             self.in_flight.drain()
             self.write_all(list(pending), [], [])
             return
-        resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
-        batch = torch.stack([normalise(image) for image in resized]).to(model.device)
-        features = head_feature_map(model, batch)
-        if self.pool is not None:
-            features = flip_averaged_feature_map(model, batch, features)
         cluster_maps: list[np.ndarray] = []
         crf_images: list[np.ndarray] = []
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for index, image in enumerate(images):
-            size = _prediction_size(image.width, image.height)
-            cosines = cluster_cosines(model, features[index : index + 1], size)
+        for image, cosines in zip(images, image_cosines(model, images, flip=self.pool is not None), strict=True):
             scores.append(confidence_and_margin(cosines) if "scores" in self.save else None)
             if self.pool is None:
                 cluster_maps.append(cosines.argmax(dim=1)[0].cpu().numpy())
             else:
-                crf_images.append(np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)))
+                crf_images.append(crf_image(image, cosines))
                 crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
         if self.pool is None:
             self.write_all(list(pending), scores, cluster_maps)
@@ -237,12 +262,7 @@ class _Segmenter:
         scores: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """The input's outputs, each complete before this returns; its manifest entry."""
-        if self.model.num_classes <= PALETTE_IDS:
-            label = Image.fromarray(values.astype(np.uint8), "P")
-            label.putpalette(self.flat_palette)
-        else:  # ids past 255 do not fit a palette PNG: 16-bit greyscale, the colours only on the overlay
-            label = Image.fromarray(values.astype(np.uint16))
-        label = label.resize(image.size, Image.Resampling.NEAREST)
+        label = label_image(values, image.size, self.model.num_classes, self.flat_palette)
         entry: dict[str, Any] = {"input": item.relative.as_posix()}
         if item.output != item.relative.with_suffix(".png"):
             entry["renamed"] = True

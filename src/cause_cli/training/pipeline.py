@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..backbones import load_backbone, refuse_other_backbone
 from ..config import TrainConfig, apply_reference_recipe
 from ..data import canonical_name, open_dataset
