@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import cast, overload
 
 import numpy as np
 import torch
@@ -78,7 +78,9 @@ class CauseModel:
         return self.trained.device
 
     @overload
-    def segment(self, images: ImageInput, crf: bool = False, batch_size: int = 8) -> Segmentation: ...
+    def segment(  # type: ignore[overload-overlap]  # a str is one path, not a sequence of them
+        self, images: ImageInput, crf: bool = False, batch_size: int = 8
+    ) -> Segmentation: ...
 
     @overload
     def segment(self, images: Sequence[ImageInput], crf: bool = False, batch_size: int = 8) -> list[Segmentation]: ...
@@ -90,7 +92,7 @@ class CauseModel:
         grey ``[H, W]``; a ``[B, H, W, 3]`` array is a batch). With ``crf``, the image and its
         mirror are averaged and refined by the dense CRF, as ``cause segment --crf`` does."""
         single = not _is_batch(images)
-        batch = [images] if single else list(images)  # type: ignore[list-item, arg-type]
+        batch = cast("list[ImageInput]", [images] if single else list(images))  # type: ignore[arg-type]
         if crf:
             require_crf()
         pictures = [_as_image(image) for image in batch]

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -394,13 +394,16 @@ def _segment(
             pool.close()
         folder.close()
     summary.seconds = time.perf_counter() - started
-    counts = group.gather_objects((summary.done_before, summary.written, summary.seconds))
+    counts = cast(
+        "list[tuple[int, int, float]]",
+        group.gather_objects((summary.done_before, summary.written, summary.seconds)),
+    )
     group.barrier()  # every part is complete before the first process reads them
     if not group.is_main:
         return {}
-    summary.done_before = sum(int(done) for done, _, _ in counts)  # type: ignore[misc]
-    summary.written = sum(int(written) for _, written, _ in counts)  # type: ignore[misc]
-    summary.seconds = max(float(seconds) for _, _, seconds in counts)  # type: ignore[misc]
+    summary.done_before = sum(done for done, _, _ in counts)
+    summary.written = sum(written for _, written, _ in counts)
+    summary.seconds = max(seconds for _, _, seconds in counts)
     if legend:
         save_png(legend_picture(names, segmenter.colours), out / "legend.png")
     result = summary.as_dict(entry for part in folder.parts() for entry in folder.finished(part))
