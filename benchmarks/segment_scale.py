@@ -3,7 +3,7 @@ backbone's own forward pass, measured side by side in one run.
 
     python benchmarks/segment_scale.py                   # toy backbone, 200 and 2,000 images
     python benchmarks/segment_scale.py --images 200 20000
-    python benchmarks/segment_scale.py --backbone dino-vits8 --resolution 224 --images 64
+    python benchmarks/segment_scale.py --backbone dino-vits8 --resolution 224 --images 160
                                          # a ViT-S/8 (random weights) where the model is the cost
 
 Memory: each segmentation runs in a fresh process (``python -m cause_cli segment``, no CRF);
@@ -124,7 +124,7 @@ def main() -> None:
         smallest, largest = min(peaks), max(peaks)
         if largest != smallest:
             print(f"peak RSS {largest} / {smallest} inputs: {peaks[largest] / peaks[smallest]:.3f}")
-        limit = backbone_images_per_second(run, options.batch_size, 400)
+        limit = backbone_images_per_second(run, options.batch_size, min(400, max(options.images)))
         print(f"backbone forward alone: {limit:.1f} img/s at batch {options.batch_size}; segment / backbone: "
               f"{max(rates) / limit:.2f} (best of the runs above)")  # fmt: skip
 
