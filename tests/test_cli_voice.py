@@ -14,7 +14,7 @@ from cause_cli.cli import app
 from cause_cli.data.synthetic import write_scenes
 
 runner = CliRunner()
-COMMANDS = ("info", "fetch", "train", "prepare", "eval", "segment", "import", "demo")
+COMMANDS = ("info", "fetch", "train", "prepare", "eval", "segment", "import", "export", "demo")
 
 
 def invoke(*args: object):

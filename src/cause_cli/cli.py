@@ -850,6 +850,39 @@ def segment(
         stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False, soft_wrap=True)
 
 
+@app.command(name="export", cls=CauseCommand)
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="The trained run folder.")],
+    export_format: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", help="The file to write (default: RUN/model.onnx).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Export a run (backbone, head and cluster probe) as one ONNX graph: normalised images in,
+    cluster scores and labels out, with a dynamic batch; checked in ONNX Runtime before it is kept.
+
+    Not exported: the dense CRF, image reading and resizing (export.json says how to prepare
+    the input). Needs the export extra: pip install "cause-cli[export]".
+
+    Example: cause export runs/photos --out photos.onnx
+    """
+    from .inference.export import export_run
+
+    target = out or run / f"model.{export_format}"
+    description = export_run(run, target, export_format)
+    if json_output:
+        print(json_text(description))
+        return
+    check = description["check"]
+    stdout.print(
+        f"{target}: {description['bytes'] / 2**20:.1f} MiB, {description['resolution']} px, "
+        f"agrees with the toolkit on {check['pixels_agreeing']:.4%} of the check's pixels; "
+        f"described in {target.with_suffix('.json')}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command(name="import", cls=CauseCommand)
 @user_errors
 def import_reference(

@@ -1,0 +1,143 @@
+"""``cause export``: a trained run as one ONNX graph, for serving without the toolkit.
+
+The graph takes normalised images ``float32 [B, 3, R, R]`` (R: the run's resolution; the
+batch is dynamic) through the backbone, the teacher head and the cluster probe (its whitening
+included) and gives ``scores [B, C, R, R]`` (the cosine of each pixel with each centroid, the
+head's features upsampled bilinearly first, as the toolkit does) and ``labels int64 [B, R, R]``
+(classes once the run was evaluated, clusters before). What it leaves out: the dense CRF (a
+CPU algorithm with no ONNX form), reading and resizing images (resize to R x R and normalise
+with ImageNet's mean and deviation, as ``export.json`` beside the graph says), and labels at
+an image's own size (resize the label map with nearest neighbours).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CauseError
+from ..model.ops import map_to_tokens, tokens_to_map
+from ..paths import write_atomically, write_json
+from ..runs import open_run
+from .predict import TrainedModel, load_trained
+from .segment import class_mapping
+
+FORMATS = ("onnx",)
+OPSET = 18
+
+
+class ExportedSegmenter(nn.Module):
+    """Normalised images to cluster scores and labels, in one module torch can export."""
+
+    def __init__(self, model: TrainedModel, mapping: np.ndarray | None, for_export: bool = True) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(model.backbone) if for_export else model.backbone
+        if for_export:
+            _fix_positions(self.backbone.model, model.resolution // model.backbone.patch_size)
+        self.head = model.heads.teacher
+        self.cluster_probe = model.cluster_probe
+        self.resolution = model.resolution
+        table = torch.from_numpy(mapping).long() if mapping is not None else torch.arange(model.num_classes)
+        self.register_buffer("cluster_to_label", table)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = tokens_to_map(self.head(self.backbone(images)))
+        upsampled = F.interpolate(features, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        cosines = self.cluster_probe.cosine(map_to_tokens(upsampled))  # [B, R*R, C]
+        batch, _, height, width = upsampled.shape
+        scores = cosines.transpose(1, 2).reshape(batch, -1, height, width)
+        return scores, self.cluster_to_label[scores.argmax(dim=1)]
+
+
+def _fix_positions(vit: nn.Module, grid: int) -> None:
+    """Resize the position embeddings once, for the exported resolution: the resizing (bicubic,
+    antialiased) has no ONNX form, and at one resolution it is a constant. Adding positions is
+    the same in every rule the toolkit has, ``constant + [0 for the prefix tokens, patches]``,
+    so the constant is what the model's own rule gives for all-zero patches."""
+    if getattr(vit, "pos_embed", None) is None:
+        return  # rotary or no positions: nothing is resized
+    dim = int(vit.embed_dim)  # type: ignore[arg-type]
+    with torch.no_grad():
+        constant = vit._pos_embed(torch.zeros(1, grid, grid, dim))  # type: ignore[operator]
+    prefix = constant.shape[1] - grid * grid
+    vit.register_buffer("cause_fixed_positions", constant)
+
+    def fixed(self: Any, patches: torch.Tensor) -> torch.Tensor:
+        batch = patches.shape[0]
+        flat = patches.reshape(batch, -1, patches.shape[-1])
+        return self.cause_fixed_positions.expand(batch, -1, -1) + F.pad(flat, (0, 0, prefix, 0))
+
+    vit._pos_embed = types.MethodType(fixed, vit)  # type: ignore[method-assign]
+
+
+def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx") -> dict[str, Any]:
+    """Write the run as ``out`` (ONNX) and ``out``'s ``.json`` description; checked by running
+    the file in ONNX Runtime on a random batch against the toolkit's own output."""
+    if export_format not in FORMATS:
+        raise CauseError(f"Unknown export format '{export_format}'; this version writes {', '.join(FORMATS)}.")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise CauseError('Exporting needs onnx and onnxruntime: pip install "cause-cli[export]".') from error
+    run = open_run(run_path)
+    model = load_trained(run, torch.device("cpu"))
+    matched = class_mapping(run)
+    mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
+    module = ExportedSegmenter(model, mapping).eval()
+    out = Path(out)
+    size = model.resolution
+    example = torch.randn(2, 3, size, size)
+
+    def write(target: Path) -> None:
+        # The tracer notes that the resolution becomes a constant: it is meant to (dynamic batch only).
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(target),
+                input_names=["images"],
+                output_names=["scores", "labels"],
+                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "labels": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+
+    write_atomically(out, write)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    check = torch.randn(3, 3, size, size)
+    with torch.no_grad():  # the toolkit's own forward, positions resized as it resizes them
+        expected = ExportedSegmenter(model, mapping, for_export=False).eval()(check)[1].numpy()
+    started = time.perf_counter()
+    labels = session.run(["labels"], {"images": check.numpy()})[0]
+    seconds = time.perf_counter() - started
+    agreement = float((labels == expected).mean())
+    if agreement < 0.999:
+        raise CauseError(f"The exported graph agrees with the toolkit on only {agreement:.2%} of pixels; not kept.")
+    description = {
+        "format": export_format,
+        "file": out.name,
+        "run": str(run.path),
+        "backbone": model.config.backbone,
+        "resolution": size,
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
+                  "normalise": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"}},
+        "outputs": {"scores": ["batch", len(names), size, size], "labels": ["batch", size, size]},
+        "labels_are": "classes" if mapping is not None else "clusters",
+        "names": names,
+        "not_exported": ["the dense CRF", "reading and resizing images", "labels at the image's own size"],
+        "bytes": out.stat().st_size,
+        "check": {"images": int(check.shape[0]), "pixels_agreeing": agreement, "onnxruntime_seconds": seconds},
+    }  # fmt: skip
+    write_json(out.with_suffix(".json"), description)
+    return description

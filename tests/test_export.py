@@ -1,0 +1,71 @@
+"""cause export: one ONNX graph from normalised images to cluster scores and labels, whose
+labels ONNX Runtime computes as the toolkit does, on the shared real photos."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cause_cli.cli import app
+from cause_cli.data.synthetic import write_scenes
+from cause_cli.data.transforms import normalise, resize_and_crop
+from cause_cli.inference.predict import load_trained
+from cause_cli.inference.segment import image_cosines
+from cause_cli.runs import open_run
+
+from .helpers import shared_path
+
+onnxruntime = pytest.importorskip("onnxruntime")
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    scenes = write_scenes(root / "scenes", num_train=8, num_val=2, seed=6, size_range=(64, 72))
+    run = root / "run"
+    trained = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
+                     "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert invoke("eval", "--run", run, "--device", "cpu", "--no-crf", "--no-baselines", "-q").exit_code == 0
+    return run
+
+
+def test_onnx_runtime_labels_the_shared_photos_as_the_toolkit_does(evaluated_run, tmp_path):
+    target = tmp_path / "model.onnx"
+    result = invoke("export", evaluated_run, "--out", target, "--json")
+    assert result.exit_code == 0, result.output
+    description = json.loads(result.stdout)
+    assert description == json.loads(target.with_suffix(".json").read_text())
+    assert description["labels_are"] == "classes" and description["check"]["pixels_agreeing"] >= 0.999
+
+    model = load_trained(open_run(evaluated_run), torch.device("cpu"))
+    mapping = np.array(json.loads((evaluated_run / "metrics.json").read_text())["cluster_to_class"])
+    root = shared_path("data", "real")
+    photos = sorted((root / "voc2012" / "images").glob("*.png")) + sorted(root.glob("cityscapes/leftImg8bit/**/*.png"))
+    assert len(photos) == 11
+    squares = [
+        resize_and_crop(Image.open(path).convert("RGB"), model.resolution, square_resize=True) for path in photos
+    ]
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    batch = torch.stack([normalise(square) for square in squares]).numpy()  # one batch of 11: the batch is dynamic
+    exported = session.run(["labels"], {"images": batch})[0]
+    with torch.no_grad():
+        toolkit = np.stack([mapping[c.argmax(dim=1)[0].numpy()] for c in image_cosines(model, squares)])
+    assert exported.shape == toolkit.shape == (11, model.resolution, model.resolution)
+    assert (exported == toolkit).mean() >= 0.999
+
+
+def test_an_unknown_format_is_one_sentence(evaluated_run):
+    result = invoke("export", evaluated_run, "--format", "tflite")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: Unknown export format 'tflite'; this version writes onnx."
