@@ -32,8 +32,7 @@ def main() -> None:
 
     from cause_cli.data.transforms import normalise, resize_and_crop
     from cause_cli.inference.export import export_run
-    from cause_cli.inference.predict import load_trained
-    from cause_cli.inference.segment import image_cosines
+    from cause_cli.inference.predict import image_cosines, load_trained
     from cause_cli.runs import open_run
 
     photos = sorted((SHARED / "voc2012" / "images").glob("*.png")) + sorted(

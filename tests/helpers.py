@@ -76,3 +76,25 @@ def work_record(run: Path, title: str) -> tuple[int, int, int, int]:
     assert records, f"no work record of {title!r} in {run / 'train.log'}"
     trained, total, before, passes = (int(value) for value in records[-1])
     return trained, total, before, passes
+
+
+def invoke(*args: object):
+    """``cause ARGS`` in this process, as a user would type it (paths as strings)."""
+    from typer.testing import CliRunner
+
+    from cause_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def train_small_run(root: Path, num_val: int, seed: int, size_range: tuple[int, int] = (64, 72)) -> tuple[Path, Path]:
+    """Synthetic scenes under ``root/scenes`` and a run trained on them in seconds (64 px, 16
+    concepts, one front-door epoch) at ``root/run``: ``(scenes, run)``."""
+    from cause_cli.data.synthetic import write_scenes
+
+    scenes = write_scenes(root / "scenes", num_train=8, num_val=num_val, seed=seed, size_range=size_range)
+    run = root / "run"
+    result = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
+                    "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return scenes, run

@@ -9,33 +9,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from cause_cli.cli import app
-from cause_cli.data.synthetic import write_scenes
 from cause_cli.data.transforms import normalise, resize_and_crop
-from cause_cli.inference.predict import load_trained
-from cause_cli.inference.segment import image_cosines
+from cause_cli.inference.predict import image_cosines, load_trained
 from cause_cli.runs import open_run
 
-from .helpers import shared_path
+from .helpers import invoke, shared_path, train_small_run
 
 onnxruntime = pytest.importorskip("onnxruntime")
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    scenes = write_scenes(root / "scenes", num_train=8, num_val=2, seed=6, size_range=(64, 72))
-    run = root / "run"
-    trained = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
-                     "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
-    assert trained.exit_code == 0, trained.output
+    _, run = train_small_run(tmp_path_factory.mktemp("export"), num_val=2, seed=6)
     assert invoke("eval", "--run", run, "--device", "cpu", "--no-crf", "--no-baselines", "-q").exit_code == 0
     return run
 

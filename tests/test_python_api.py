@@ -10,30 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from cause_cli import load_run
-from cause_cli.cli import app
-from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 
+from .helpers import invoke, train_small_run
+
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "python.md"
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A folder laid out as the page assumes: runs/photos (trained, evaluated) and photos/."""
     root = tmp_path_factory.mktemp("python-api")
-    scenes = write_scenes(root / "scenes", num_train=8, num_val=3, seed=4, size_range=(64, 80))
+    scenes, trained = train_small_run(root, num_val=3, seed=4, size_range=(64, 80))
     run = root / "runs" / "photos"
-    trained = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
-                     "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
-    assert trained.exit_code == 0, trained.output
+    run.parent.mkdir()
+    trained.rename(run)
     assert invoke("eval", "--run", run, "--device", "cpu", "--no-crf", "--no-baselines", "-q").exit_code == 0
     photos = root / "photos"
     photos.mkdir()

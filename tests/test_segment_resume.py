@@ -14,27 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cause_cli.cli import app
-from cause_cli.data.synthetic import write_scenes
 from cause_cli.inference.manifest import MANIFEST_FILE, OutputFolder
 
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+from .helpers import invoke, train_small_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("segment-resume")
-    scenes = write_scenes(root / "scenes", num_train=8, num_val=200, seed=5, size_range=(48, 64))
-    run = root / "run"
-    result = invoke("train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "16",
-                    "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
-    assert result.exit_code == 0, result.output
+    scenes, run = train_small_run(tmp_path_factory.mktemp("segment-resume"), num_val=200, seed=5, size_range=(48, 64))
     return scenes / "images" / "val", run
 
 

@@ -25,8 +25,8 @@ from .devices import resolve_device
 from .errors import CauseError
 from .inference.crf import dense_crf, require_crf
 from .inference.figures import palette
-from .inference.predict import TrainedModel, crf_unary, load_trained
-from .inference.segment import OVERLAY_OPACITY, class_mapping, crf_image, image_cosines, label_image
+from .inference.predict import TrainedModel, crf_image, crf_unary, image_cosines, load_trained
+from .inference.segment import OVERLAY_OPACITY, class_mapping, label_image
 from .runs import open_run
 
 ImageInput = str | Path | Image.Image | np.ndarray

@@ -56,7 +56,8 @@ class ExportedSegmenter(nn.Module):
         cosines = self.cluster_probe.cosine(map_to_tokens(upsampled))  # [B, R*R, C]
         batch, _, height, width = upsampled.shape
         scores = cosines.transpose(1, 2).reshape(batch, -1, height, width)
-        return scores, self.cluster_to_label[scores.argmax(dim=1)]
+        table: torch.Tensor = self.cluster_to_label  # type: ignore[assignment]
+        return scores, table[scores.argmax(dim=1)]
 
 
 def _fix_positions(vit: nn.Module, grid: int) -> None:
@@ -77,7 +78,7 @@ def _fix_positions(vit: nn.Module, grid: int) -> None:
         flat = patches.reshape(batch, -1, patches.shape[-1])
         return self.cause_fixed_positions.expand(batch, -1, -1) + F.pad(flat, (0, 0, prefix, 0))
 
-    vit._pos_embed = types.MethodType(fixed, vit)  # type: ignore[method-assign]
+    vit._pos_embed = types.MethodType(fixed, vit)  # type: ignore[method-assign,assignment]
 
 
 def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx") -> dict[str, Any]:

@@ -165,3 +165,14 @@ def samples_picture(
     picture.paste(grid, (0, 0))
     picture.paste(strip, (0, grid.height))
     return picture
+
+
+def legend_picture(names: list[str], colours: np.ndarray) -> Image.Image:
+    row = 20
+    picture = Image.new("RGB", (220, row * len(names) + 8), "white")
+    draw = ImageDraw.Draw(picture)
+    for index, name in enumerate(names):
+        top = 4 + index * row
+        draw.rectangle((6, top, 26, top + row - 4), fill=tuple(int(c) for c in colours[index]))
+        draw.text((34, top + 3), name, fill="black")
+    return picture

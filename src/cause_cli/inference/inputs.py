@@ -46,18 +46,19 @@ def output_names(relatives: list[Path]) -> list[Path]:
     (``a.jpg.png``), numbered if even that is taken."""
     wanted = collections.Counter(relative.with_suffix(".png") for relative in relatives)
     taken: set[Path] = set()
-    names = []
-    for relative in relatives:
-        name = relative.with_suffix(".png")
-        if wanted[name] > 1:
-            name = relative.with_name(relative.name + ".png")
-        number = 2
-        while name in taken:
-            name = relative.with_name(f"{relative.name}-{number}.png")
-            number += 1
-        taken.add(name)
-        names.append(name)
-    return names
+    return [_free_name(relative, taken, whole_name=wanted[relative.with_suffix(".png")] > 1) for relative in relatives]
+
+
+def _free_name(relative: Path, taken: set[Path], whole_name: bool) -> Path:
+    """``relative`` with ``.png`` (or, with ``whole_name``, its whole name plus ``.png``),
+    numbered while that is taken; the name is added to ``taken``."""
+    name = relative.with_name(relative.name + ".png") if whole_name else relative.with_suffix(".png")
+    number = 2
+    while name in taken:
+        name = relative.with_name(f"{relative.name}-{number}.png")
+        number += 1
+    taken.add(name)
+    return name
 
 
 def _dangling(path: Path) -> str:
@@ -119,15 +120,7 @@ def _named_below(paths: Iterator[Path], parent: Path) -> Iterator[SourceEntry]:
     taken: set[Path] = set()
     for path in paths:
         relative = path.resolve().relative_to(parent)
-        output = relative.with_suffix(".png")
-        if output in taken:
-            output = relative.with_name(relative.name + ".png")
-        number = 2
-        while output in taken:
-            output = relative.with_name(f"{relative.name}-{number}.png")
-            number += 1
-        taken.add(output)
-        yield SourceEntry(path, relative, output)
+        yield SourceEntry(path, relative, _free_name(relative, taken, relative.with_suffix(".png") in taken))
 
 
 def iter_inputs(source: Path | str, leave_out: Path | None = None) -> Iterator[SourceEntry]:

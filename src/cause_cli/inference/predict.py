@@ -8,15 +8,17 @@ back) before upsampling. For the dense CRF the unary is ``log_softmax(3 * cos)``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
-from ..data.transforms import denormalise_to_uint8
+from ..data.transforms import denormalise_to_uint8, normalise, resize_and_crop
 from ..devices import autocast
 from ..model.heads import ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
@@ -160,3 +162,42 @@ def predict_batch(
         unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
         refining = pool.submit(list(denormalise_to_uint8(images)), list(unary))
     return BatchPredictions(clusters, linear, refining, tokens, features)
+
+
+# Cosines are computed at most at this size (longest side), then label maps are resized to
+# the image's own size, so a 40-megapixel photo costs no more memory than a small one.
+MAX_PREDICTION_SIDE = 1024
+
+
+def prediction_size(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, MAX_PREDICTION_SIDE / max(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def image_cosines(model: TrainedModel, images: list[Image.Image], flip: bool = False) -> Iterator[torch.Tensor]:
+    """Each image's ``[1, C, h, w]`` cluster cosines at its prediction size (its own, up to
+    1,024 pixels on the longest side), from one batch through backbone and head; ``flip``
+    averages the features with the mirrored image's, as the CRF path of evaluation does."""
+    resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
+    batch = torch.stack([normalise(image) for image in resized]).to(model.device)
+    features = head_feature_map(model, batch)
+    if flip:
+        features = flip_averaged_feature_map(model, batch, features)
+    for index, image in enumerate(images):
+        yield cluster_cosines(model, features[index : index + 1], prediction_size(image.width, image.height))
+
+
+def crf_image(image: Image.Image, cosines: torch.Tensor) -> np.ndarray:
+    """The image at its cosines' size, as the dense CRF's pairwise terms read it."""
+    height, width = cosines.shape[-2:]
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def confidence_and_margin(cosines: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of one image's ``[1, C, H, W]`` cosines: the probability of its best cluster
+    (``softmax(3 cos)``, the distribution the dense CRF starts from) and how far it leads the
+    second best, both ``float16 [H, W]``."""
+    probabilities = torch.softmax(CRF_SHARPNESS * cosines[0].float(), dim=0)
+    top = probabilities.topk(min(2, probabilities.shape[0]), dim=0).values
+    margin = top[0] - top[1] if top.shape[0] > 1 else top[0]
+    return top[0].cpu().numpy().astype(np.float16), margin.cpu().numpy().astype(np.float16)

@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ..data.transforms import normalise, resize_and_crop
 from ..devices import loader_workers as workers_for
 from ..devices import resolve_device
 from ..errors import CauseError
@@ -33,24 +31,12 @@ from ..progress import Reporter
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from ..training.distributed import ProcessGroup, from_environment, start, stop
 from .crf import CRFPool, CRFQueue, require_crf
-from .figures import palette, save_png
+from .figures import legend_picture, palette, save_png
 from .inputs import decoded_inputs, pending_inputs
 from .manifest import MANIFEST_FILE, SUMMARY_FILE, OutputFolder, run_fingerprint
-from .predict import (
-    CRF_SHARPNESS,
-    TrainedModel,
-    cluster_cosines,
-    crf_unary,
-    flip_averaged_feature_map,
-    head_feature_map,
-    load_trained,
-)
+from .predict import TrainedModel, confidence_and_margin, crf_image, crf_unary, image_cosines, load_trained
 
-# Cosines are computed at most at this size (longest side), then label maps are resized to
-# the image's own size, so a 40-megapixel photo costs no more memory than a small one.
-MAX_PREDICTION_SIDE = 1024
 OVERLAY_OPACITY = 0.5
-LIST_SUFFIXES = {".txt", ".lst"}
 PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greyscale label maps
 OUTPUT_KINDS = ("labels", "overlays", "scores")
 DEFAULT_SAVE = ("labels", "overlays")
@@ -64,16 +50,6 @@ def parse_save(text: str) -> tuple[str, ...]:
     if unknown or not wanted:
         raise CauseError(f"--save takes a comma-separated list of {', '.join(OUTPUT_KINDS)}, not '{text}'.")
     return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
-
-
-def confidence_and_margin(cosines: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel of one image's ``[1, C, H, W]`` cosines: the probability of its best cluster
-    (``softmax(3 cos)``, the distribution the dense CRF starts from) and how far it leads the
-    second best, both ``float16 [H, W]``."""
-    probabilities = torch.softmax(CRF_SHARPNESS * cosines[0].float(), dim=0)
-    top = probabilities.topk(min(2, probabilities.shape[0]), dim=0).values
-    margin = top[0] - top[1] if top.shape[0] > 1 else top[0]
-    return top[0].cpu().numpy().astype(np.float16), margin.cpu().numpy().astype(np.float16)
 
 
 @dataclass
@@ -112,25 +88,6 @@ class SegmentSummary:
         }
 
 
-def image_cosines(model: TrainedModel, images: list[Image.Image], flip: bool = False) -> Iterator[torch.Tensor]:
-    """Each image's ``[1, C, h, w]`` cluster cosines at its prediction size (its own, up to
-    1,024 pixels on the longest side), from one batch through backbone and head; ``flip``
-    averages the features with the mirrored image's, as the CRF path of evaluation does."""
-    resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
-    batch = torch.stack([normalise(image) for image in resized]).to(model.device)
-    features = head_feature_map(model, batch)
-    if flip:
-        features = flip_averaged_feature_map(model, batch, features)
-    for index, image in enumerate(images):
-        yield cluster_cosines(model, features[index : index + 1], _prediction_size(image.width, image.height))
-
-
-def crf_image(image: Image.Image, cosines: torch.Tensor) -> np.ndarray:
-    """The image at its cosines' size, as the dense CRF's pairwise terms read it."""
-    height, width = cosines.shape[-2:]
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-
-
 def label_image(
     values: np.ndarray, size: tuple[int, int], num_classes: int, flat_palette: list[int] | None = None
 ) -> Image.Image:
@@ -142,11 +99,6 @@ def label_image(
     else:
         label = Image.fromarray(values.astype(np.uint16))
     return label.resize(size, Image.Resampling.NEAREST)
-
-
-def _prediction_size(width: int, height: int) -> tuple[int, int]:
-    scale = min(1.0, MAX_PREDICTION_SIDE / max(width, height))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
@@ -172,17 +124,6 @@ def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
     ):
         raise CauseError(f"{damaged}: its cluster_to_class does not map the run's {clusters} clusters to its classes.")
     return np.asarray(mapping, dtype=np.int64), list(names)
-
-
-def legend_picture(names: list[str], colours: np.ndarray) -> Image.Image:
-    row = 20
-    picture = Image.new("RGB", (220, row * len(names) + 8), "white")
-    draw = ImageDraw.Draw(picture)
-    for index, name in enumerate(names):
-        top = 4 + index * row
-        draw.rectangle((6, top, 26, top + row - 4), fill=tuple(int(c) for c in colours[index]))
-        draw.text((34, top + 3), name, fill="black")
-    return picture
 
 
 @dataclass(frozen=True)
