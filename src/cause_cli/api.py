@@ -113,8 +113,9 @@ class CauseModel:
 
 
 def load_run(run: str | Path, device: str = "auto", backbone: str | None = None) -> CauseModel:
-    """The trained run in folder ``run`` on ``device`` (``auto``: a GPU when there is one).
-    ``backbone`` only checks the run's (another name is refused)."""
+    """The trained run in folder ``run`` (or ``"hf-hub:OWNER/NAME[@REVISION]"``, downloaded once
+    into the Hub's cache) on ``device`` (``auto``: a GPU when there is one). ``backbone`` only
+    checks the run's (another name is refused)."""
     directory = open_run(run)
     trained = load_trained(directory, resolve_device(device), backbone)
     matched = class_mapping(directory)

@@ -161,7 +161,10 @@ CRFWorkersOption = Annotated[
     int | None,
     typer.Option("--crf-workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
 ]
-RunOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
+RunOption = Annotated[
+    Path, typer.Option("--run", help="The run folder, or hf-hub:OWNER/NAME[@REVISION] for a run on the Hub.")
+]
+RunFolderOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 BackboneCheckOption = Annotated[
     str | None, typer.Option("--backbone", help="Default: the run's; another name is refused.")
@@ -629,7 +632,7 @@ def prepare(
 @app.command(name="eval", cls=CauseCommand)
 @user_errors
 def evaluate(
-    run: RunOption,
+    run: RunFolderOption,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Default: the run's.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Default: the run's.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or all.")] = "val",

@@ -75,6 +75,8 @@ class RunDirectory:
     path: Path
     # False in every training process but rank 0: they read the run folder, rank 0 writes it.
     writes: bool = True
+    # "hf-hub:OWNER/NAME[@REVISION]" for a run downloaded from the Hub (its folder is the cache's).
+    hub_id: str | None = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -183,8 +185,38 @@ class RunDirectory:
             handle.write(f"{stamp} {message}\n")
 
 
+HUB_RUN_PREFIX = "hf-hub:"
+HUB_RUN_FILES = (RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE)  # what a run needs; metrics.json if there
+
+
+def hub_run(spec: str) -> RunDirectory:
+    """The run ``hf-hub:OWNER/NAME[@REVISION]``: the files a run needs, downloaded once into the
+    Hub's cache (each checked against the Hub's checksum) and read from there afterwards, offline
+    too. Its folder is the cache's snapshot of that revision, read-only."""
+    import re
+
+    from .backbones import hub
+
+    repo, _, revision = spec[len(HUB_RUN_PREFIX) :].partition("@")
+    part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
+    if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
+        raise CauseError(f"'{spec}' is not a run on the Hub; write hf-hub:OWNER/NAME or hf-hub:OWNER/NAME@REVISION.")
+    what = f"run '{spec}'"
+    files = [hub.download(repo, [name], revision or None, what=what) for name in HUB_RUN_FILES]
+    metrics = hub.download_if_present(repo, [METRICS_FILE], revision or None, what=what)
+    folders = {found.path.parent for found in [*files, *([metrics] if metrics else [])]}
+    if len(folders) != 1:  # the branch moved between two downloads
+        raise CauseError(f"The files of {spec} changed while they were downloaded; run the command again.")
+    return RunDirectory(folders.pop(), writes=False, hub_id=spec)
+
+
 def open_run(path: Path | str) -> RunDirectory:
-    """An existing run folder, or one clear sentence why it is not one."""
+    """An existing run folder (or ``hf-hub:OWNER/NAME[@REVISION]``), or one clear sentence why
+    it is not one."""
+    if str(path).startswith(HUB_RUN_PREFIX):
+        run = hub_run(str(path))
+        run.read_run_info()
+        return run
     run = RunDirectory(Path(path))
     if not run.path.is_dir():
         raise CauseError(f"Run folder {run.path} does not exist.")

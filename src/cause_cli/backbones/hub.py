@@ -107,11 +107,41 @@ def download(
 
     ``what`` names the thing for messages, e.g. ``backbone 'dino-vits8'``.
     """
+    found = _download(repo, filenames, revision, what, force, reporter, required=True)
+    if found is None:
+        names = " or ".join(filenames)
+        raise CauseError(f"The Hub repository {repo} (revision {revision or 'main'}) has no {names}.")
+    return found
+
+
+def download_if_present(
+    repo: str,
+    filenames: Sequence[str],
+    revision: str | None = None,
+    *,
+    what: str,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> HubFile | None:
+    """Like :func:`download`, but None when the repository has none of ``filenames`` (offline:
+    when none is cached)."""
+    return _download(repo, filenames, revision, what, force, reporter, required=False)
+
+
+def _download(
+    repo: str,
+    filenames: Sequence[str],
+    revision: str | None,
+    what: str,
+    force: bool,
+    reporter: Reporter | None,
+    required: bool,
+) -> HubFile | None:
     settings = hub_settings()
     revision_name = revision or "main"
     if settings.offline:
         cached = _from_cache(repo, filenames, revision, settings)
-        if cached is None:
+        if cached is None and required:
             raise CauseError(
                 f"{what[:1].upper()}{what[1:]} is not cached and HF_HUB_OFFLINE is set, so nothing is downloaded; "
                 "fetch it where there is a network."
@@ -140,8 +170,7 @@ def download(
         except Exception as error:
             raise _explain(error, repo, revision_name, settings, what) from error
         return _verified(path, repo, filename, revision_name)
-    names = " or ".join(filenames)
-    raise CauseError(f"The Hub repository {repo} (revision {revision_name}) has no {names}.")
+    return None
 
 
 def _hf_hub_download(

@@ -59,6 +59,12 @@ def evaluate_run(
     """
     reporter = reporter or Reporter()
     run = open_run(run_path)
+    if run.hub_id is not None and write:
+        raise CauseError(
+            f"cause eval writes its metrics into the run folder, and {run.hub_id} is read from the Hub's cache; "
+            f"copy it to a folder first (hf download {run.hub_id[len('hf-hub:') :].split('@')[0]} --local-dir RUN) "
+            "and evaluate that."
+        )
     # The run folder is locked while this evaluation reads and writes it.
     with run.writing("eval") if write else contextlib.nullcontext():
         if crf is None:
