@@ -114,18 +114,10 @@ def download(
     return found
 
 
-def download_if_present(
-    repo: str,
-    filenames: Sequence[str],
-    revision: str | None = None,
-    *,
-    what: str,
-    force: bool = False,
-    reporter: Reporter | None = None,
-) -> HubFile | None:
+def download_if_present(repo: str, filenames: Sequence[str], revision: str | None, *, what: str) -> HubFile | None:
     """Like :func:`download`, but None when the repository has none of ``filenames`` (offline:
     when none is cached)."""
-    return _download(repo, filenames, revision, what, force, reporter, required=False)
+    return _download(repo, filenames, revision, what, False, None, required=False)
 
 
 def _download(
