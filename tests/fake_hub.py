@@ -9,14 +9,24 @@ for ``huggingface_hub.hf_hub_download``, with the failure modes the toolkit must
 - ``cut_once``: the first full ``GET`` of a file sends half of it and closes the connection;
 - ``corrupt``: the bytes served differ from the ETag announced.
 
+Writing, as ``huggingface_hub`` uploads without Xet (the test switches Xet off):
+``POST /api/repos/create``, ``POST /api/models/{repo}/branch/{branch}``,
+``POST /api/models/{repo}/preupload/{revision}`` (``.safetensors`` files go by LFS, the rest
+inline), ``POST /{repo}.git/info/lfs/objects/batch`` with a basic transfer to
+``PUT /lfs-upload/{oid}``, ``POST /api/validate-yaml`` and ``POST /api/models/{repo}/commit/{revision}``
+(NDJSON). A write
+without an ``Authorization`` header answers 401; with the token in :attr:`FakeHub.read_only`, 403.
+
 Every request is logged in :attr:`FakeHub.requests`. The server runs in a daemon thread,
 sockets time out, and :meth:`FakeHub.stop` shuts it down.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import json
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -40,6 +50,10 @@ class FakeHub:
     cut_once: set[tuple[str, str]] = field(default_factory=set)
     corrupt: set[tuple[str, str]] = field(default_factory=set)
     requests: list[Request] = field(default_factory=list)
+    created: dict[str, bool] = field(default_factory=dict)  # repo -> private
+    lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> bytes
+    commits: list[dict] = field(default_factory=list)  # each commit's header and paths
+    read_only: set[str] = field(default_factory=set)  # tokens that may read but not write
     _server: http.server.ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -63,7 +77,7 @@ class FakeHub:
         return f"http://{host}:{port}"
 
     def repos(self) -> set[str]:
-        return {repo for repo, _ in self.files} | self.gated | self.private
+        return {repo for repo, _ in self.files} | self.gated | self.private | set(self.created)
 
     def start(self) -> FakeHub:
         hub = self
@@ -123,6 +137,93 @@ class FakeHub:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                self.wfile.write(body)
+
+            def do_PUT(self) -> None:
+                hub.requests.append(Request(self.command, self.path, None))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                oid = self.path.strip("/").split("/")[-1]
+                if hashlib.sha256(body).hexdigest() != oid:
+                    return self._error(400, "BadRequest", "content does not match its oid")
+                hub.lfs_objects[oid] = body
+                self._json({})
+
+            def do_POST(self) -> None:
+                hub.requests.append(Request(self.command, self.path, None))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                if not token:
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                if token in hub.read_only:
+                    return self._error(
+                        403, "Forbidden", "You don't have the rights to create a model under this namespace"
+                    )
+                path = unquote(self.path.split("?")[0]).strip("/")
+                if path == "api/repos/create":
+                    request = json.loads(body)
+                    repo = (
+                        f"{request['organization']}/{request['name']}"
+                        if request.get("organization")
+                        else request["name"]
+                    )
+                    if repo in hub.repos():
+                        return self._error(409, "RepoExists", "You already created this model repo")
+                    hub.created[repo] = request.get("visibility") == "private" or bool(request.get("private"))
+                    return self._json({"url": f"{hub.url}/{repo}", "name": repo})
+                if path == "api/validate-yaml":  # the model card's metadata; this server accepts any
+                    return self._json({"warnings": []})
+                if path.endswith(".git/info/lfs/objects/batch"):
+                    request = json.loads(body)
+                    objects = [
+                        {"oid": item["oid"], "size": item["size"],
+                         "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{item['oid']}"}}}
+                        for item in request["objects"]
+                    ]  # fmt: skip
+                    return self._json({"transfer": "basic", "objects": objects})
+                parts = path.split("/")
+                if len(parts) >= 5 and parts[0] == "api" and parts[1] == "models":
+                    repo, action = "/".join(parts[2:4]), parts[4]
+                    if repo not in hub.repos():
+                        return self._error(404, "RepoNotFound")
+                    if action == "branch":
+                        return self._json({})
+                    if action == "preupload":
+                        files = json.loads(body)["files"]
+                        modes = [
+                            {"path": item["path"], "shouldIgnore": False,
+                             "uploadMode": "lfs" if item["path"].endswith(".safetensors") else "regular"}
+                            for item in files
+                        ]  # fmt: skip
+                        return self._json({"files": modes})
+                    if action == "commit":
+                        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                        paths = []
+                        for line in lines:
+                            value = line["value"]
+                            if line["key"] == "file":
+                                hub.add(repo, value["path"], base64.b64decode(value["content"]))
+                            elif line["key"] == "lfsFile":
+                                hub.add(repo, value["path"], hub.lfs_objects[value["oid"]])
+                            else:
+                                continue
+                            paths.append(value["path"])
+                        hub.commits.append({"repo": repo, "header": lines[0]["value"], "paths": paths})
+                        commit = hub.commit(repo)
+                        return self._json(
+                            {
+                                "commitUrl": f"{hub.url}/{repo}/commit/{commit}",
+                                "commitOid": commit,
+                                "pullRequestUrl": None,
+                            }
+                        )
+                return self._error(404, "NotFound")
+
+            def _json(self, data: object) -> None:
+                body = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 self.wfile.write(body)
 
             def _error(self, status: int, code: str, message: str = "", commit: str | None = None) -> None:

@@ -98,3 +98,11 @@ def train_small_run(root: Path, num_val: int, seed: int, size_range: tuple[int, 
                     "--batch-size", "4", "--epochs-front-door", "1", "--min-updates", "0", "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     return scenes, run
+
+
+def label_maps(out: Path) -> dict[str, list]:
+    """The label maps `cause segment` wrote under ``out/labels``, by file name (as lists, so
+    that two folders compare with ``==``)."""
+    from PIL import Image
+
+    return {path.name: np.asarray(Image.open(path)).tolist() for path in sorted((out / "labels").glob("*.png"))}

@@ -14,7 +14,7 @@ from cause_cli.cli import app
 from cause_cli.data.synthetic import write_scenes
 
 runner = CliRunner()
-COMMANDS = ("info", "fetch", "train", "prepare", "eval", "segment", "import", "export", "demo")
+COMMANDS = ("info", "fetch", "train", "prepare", "eval", "segment", "import", "export", "push", "demo")
 
 
 def invoke(*args: object):

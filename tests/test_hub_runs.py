@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cause_cli import load_run
 from cause_cli.runs import HUB_RUN_FILES
 
 from .fake_hub import FakeHub, forbid_remote_connections, point_hub_at
-from .helpers import invoke, train_small_run
+from .helpers import invoke, label_maps, train_small_run
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +32,6 @@ def hub(evaluated):
     server.stop()
 
 
-def labels_below(folder):
-    return {path.name: np.asarray(Image.open(path)).tolist() for path in sorted((folder / "labels").glob("*.png"))}
-
-
 def test_a_run_from_the_hub_segments_as_the_local_run_then_offline(evaluated, hub, tmp_path, monkeypatch):
     source, run = evaluated
     forbid_remote_connections(monkeypatch)
@@ -46,7 +40,7 @@ def test_a_run_from_the_hub_segments_as_the_local_run_then_offline(evaluated, hu
     assert local.exit_code == 0, local.output
     remote = invoke("segment", source, "--run", "hf-hub:someone/scenes-run", "--out", tmp_path / "remote", "-q")
     assert remote.exit_code == 0, remote.output
-    assert labels_below(tmp_path / "remote") == labels_below(tmp_path / "local")  # classes: metrics.json came too
+    assert label_maps(tmp_path / "remote") == label_maps(tmp_path / "local")  # classes: metrics.json came too
     downloaded = {request.path.rsplit("/", 1)[-1] for request in hub.requests if request.method == "GET"}
     assert downloaded == {*HUB_RUN_FILES, "metrics.json"}  # only what a run needs
 
@@ -54,7 +48,7 @@ def test_a_run_from_the_hub_segments_as_the_local_run_then_offline(evaluated, hu
     hub.requests.clear()
     model = load_run("hf-hub:someone/scenes-run", device="cpu")
     picture = sorted(source.glob("*.png"))[0]
-    assert model.segment(picture).labels.tolist() == labels_below(tmp_path / "local")[picture.name]
+    assert model.segment(picture).labels.tolist() == label_maps(tmp_path / "local")[picture.name]
     assert not hub.requests  # read from the cache
 
     started = time.monotonic()

@@ -853,6 +853,37 @@ def segment(
         stderr.print(f"skipped {skipped['input']}: {skipped['reason']}", highlight=False, soft_wrap=True)
 
 
+@app.command(cls=CauseCommand)
+@user_errors
+def push(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="The trained run folder.")],
+    repo_id: Annotated[str, typer.Argument(metavar="OWNER/NAME", help="The Hub repository (created when missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="The branch to push to (default: main).")] = None,
+    message: Annotated[str | None, typer.Option("--message", help="The commit message.")] = None,
+    accept_backbone_licence: Annotated[
+        bool,
+        typer.Option(
+            "--accept-backbone-licence",
+            help="Push a run whose backbone's licence restricts use (non-commercial, gated); the card says so.",
+        ),
+    ] = False,
+) -> None:
+    """Upload a trained run to the Hugging Face Hub with a model card, for anyone to use as
+    --run hf-hub:OWNER/NAME.
+
+    Uploads run.json, the weights (safetensors), metrics.json and the pictures when there, and
+    README.md; never resume checkpoints, feature caches, the training log or images. The token
+    comes from HF_TOKEN or `hf auth login`.
+
+    Example: cause push runs/photos me/photos-cause
+    """
+    from .sharing import push_run
+
+    url = push_run(run, repo_id, private, revision, message, accept_backbone_licence)
+    stdout.print(f"pushed {run} to {repo_id}: {url}", highlight=False, soft_wrap=True)
+
+
 @app.command(name="export", cls=CauseCommand)
 @user_errors
 def export(

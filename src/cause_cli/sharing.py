@@ -1,0 +1,167 @@
+"""``cause push``: a trained run onto the Hugging Face Hub, with a model card, so that anyone can
+use it as ``--run hf-hub:OWNER/NAME``. Everything goes through ``huggingface_hub``.
+
+Uploaded: the files a run needs (run.json and the three weight files), metrics.json and the
+pictures when the run has them, and a generated README.md. Never: resume checkpoints, feature
+caches, the training log (it names the training images) or any image of the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .backbones import REGISTRY
+from .backbones.hub import hub_settings
+from .errors import CauseError
+from .runs import HUB_RUN_FILES, METRICS_FILE, open_run
+
+PICTURES = ("confusion.png", "samples.png")
+CARD_FILE = "README.md"
+_HUB_LICENCES = {"Apache-2.0": "apache-2.0", "CC-BY-NC-4.0": "cc-by-nc-4.0", "MIT": "mit"}
+
+
+def backbone_licence(name: str) -> str:
+    spec = REGISTRY.get(name)
+    return spec.licence if spec is not None else "see the backbone's model card"
+
+
+def restricted(licence: str) -> bool:
+    """Whether a backbone's licence limits how its outputs may be used (non-commercial, gated)."""
+    return "NC" in licence.upper().split("-") or "gated" in licence.lower()
+
+
+def model_card(info: dict[str, Any], metrics: dict[str, Any] | None, repo_id: str, pictures: list[str]) -> str:
+    """README.md for the Hub: YAML metadata, what the run is, its scores, how to use it."""
+    config, backbone = info["config"], info.get("backbone", {})
+    licence = backbone_licence(str(backbone.get("name", config["backbone"])))
+    metadata = [
+        "---",
+        "library_name: cause-cli",
+        f"license: {_HUB_LICENCES.get(licence, 'other')}",
+        "pipeline_tag: image-segmentation",
+        "tags:",
+        "- image-segmentation",
+        "- unsupervised-semantic-segmentation",
+        "- cause",
+        f"- dataset:{config['dataset']}",
+    ]
+    if backbone.get("hub_repo"):
+        metadata.append(f"base_model: {backbone['hub_repo']}")
+    metadata.append("---")
+    lines = [
+        *metadata,
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"CAUSE (Causal Unsupervised Semantic Segmentation) trained with "
+        f"[cause-cli](https://arxiv.org/abs/2310.07379): {info['num_classes']} clusters, the "
+        f"{config['head'].upper()} head on the frozen backbone `{config['backbone']}`, at {config['resolution']} px, "
+        f"on `{config['dataset']}` data, recipe `{config['recipe']}`.",
+        "",
+    ]
+    if restricted(licence):
+        lines += [
+            f"**The backbone's licence is {licence}**: these weights were trained on its features, so its terms "
+            "apply to how they and their outputs may be used.",
+            "",
+        ]
+    if metrics is not None:
+        lines += ["## Scores", "", f"On the {metrics.get('split', 'val')} split, {metrics.get('images')} images:", ""]
+        lines += ["| | mIoU % | pixel accuracy % |", "| --- | --- | --- |"]
+        rows = [("clusters (Hungarian matching)", metrics)]
+        if metrics.get("crf"):
+            rows.append(("clusters + dense CRF", metrics["crf"]))
+        if metrics.get("linear_probe"):
+            rows.append(("linear probe (labels)", metrics["linear_probe"]))
+        for key, title in (
+            ("kmeans_tokens", "k-means on backbone tokens"),
+            ("kmeans_head", "k-means on head features"),
+        ):
+            if (metrics.get("baselines") or {}).get(key):
+                rows.append((f"baseline: {title}", metrics["baselines"][key]))
+        lines += [f"| {title} | {_percent(scores.get('miou'))} | {_percent(scores.get('pixel_accuracy'))} |"
+                  for title, scores in rows]  # fmt: skip
+        lines.append("")
+    lines += [f"![{picture}]({picture})" for picture in pictures]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        'pip install "cause-cli[crf]"',
+        f"cause segment ./photos --run hf-hub:{repo_id} --out segments",
+        "```",
+        "",
+        "```python",
+        "from cause_cli import load_run",
+        "",
+        f'labels = load_run("hf-hub:{repo_id}").segment("photo.jpg").labels',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
+def push_run(
+    run_path: Path | str,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    accept_backbone_licence: bool = False,
+) -> str:
+    """Upload the run to ``repo_id`` (created when missing); the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    run = open_run(run_path)
+    info = run.read_run_info()
+    name = str(info.get("backbone", {}).get("name", info["config"]["backbone"]))
+    licence = backbone_licence(name)
+    if restricted(licence) and not accept_backbone_licence:
+        raise CauseError(
+            f"The run's backbone {name} is licensed {licence}, which limits how the weights trained on it may be "
+            "used; give --accept-backbone-licence to push anyway (the model card says so)."
+        )
+    metrics = json.loads(run.file(METRICS_FILE).read_text()) if run.has(METRICS_FILE) else None
+    pictures = [picture for picture in PICTURES if run.has(picture)]
+    uploads = [*HUB_RUN_FILES, *([METRICS_FILE] if metrics is not None else []), *pictures]
+    operations = [CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(run.file(file))) for file in uploads]
+    card = model_card(info, metrics, repo_id, pictures).encode()
+    operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
+    token = get_token()  # HF_TOKEN, or the token `hf auth login` stored
+    if token is None:
+        raise CauseError(
+            f"Pushing to {repo_id} needs a Hugging Face token that may write; set HF_TOKEN or run `hf auth login`."
+        )
+    api = HfApi(endpoint=hub_settings().endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message or f"cause push {run.path.name}",
+            revision=revision,
+        )
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise CauseError(
+                f"The Hub did not accept the push to {repo_id} without a valid token; set HF_TOKEN or run "
+                "`hf auth login` with a token that may write."
+            ) from error
+        if status == 403:
+            raise CauseError(
+                f"The token may not write to {repo_id} (a read-only token, or another owner's namespace); "
+                "use a token with write access."
+            ) from error
+        raise CauseError(f"The Hub refused the push to {repo_id}: {error}.") from error
+    return str(commit.commit_url)
