@@ -3,6 +3,8 @@ cache exactly as the local run; the card shows the metrics; tokens and licences 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cause_cli.runs import HUB_RUN_FILES
@@ -54,6 +56,29 @@ def test_a_pushed_run_segments_from_the_hub_as_it_does_locally(evaluated, hub, t
     remote = invoke("segment", source, "--run", "hf-hub:me/scenes-cause", "--out", tmp_path / "remote", "-q")
     assert local.exit_code == 0 and remote.exit_code == 0, remote.output
     assert label_maps(tmp_path / "remote") == label_maps(tmp_path / "local")
+    described = __import__("json").loads(hub.files[("me/scenes-cause", "run.json")])
+    assert set(described["weights_sha256"]) == {"clusterbook.safetensors", "head.safetensors", "probe.safetensors"}
+
+    # Offline afterwards: the cached run still works; a run never fetched is one sentence, at once.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = invoke("segment", source, "--run", "hf-hub:me/scenes-cause", "--out", tmp_path / "offline", "-q")
+    assert again.exit_code == 0, again.output
+    assert label_maps(tmp_path / "offline") == label_maps(tmp_path / "local")
+    started = time.monotonic()
+    uncached = invoke("segment", source, "--run", "hf-hub:me/never-pushed", "--out", tmp_path / "none")
+    assert time.monotonic() - started < 5
+    assert uncached.exit_code == 1 and len(uncached.stderr.strip().splitlines()) == 1
+
+
+def test_weights_that_are_not_the_ones_run_json_describes_are_refused(evaluated, hub, tmp_path, monkeypatch):
+    _, run = evaluated
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert invoke("push", run, "me/mixed").exit_code == 0
+    probe = hub.files[("me/mixed", "probe.safetensors")]
+    hub.add("me/mixed", "probe.safetensors", probe[:-4] + b"\0\0\0\0")  # another run's probe pushed over it
+    mixed = invoke("segment", run, "--run", "hf-hub:me/mixed", "--out", tmp_path / "o")
+    assert mixed.exit_code == 1
+    assert "probe.safetensors of hf-hub:me/mixed is not the file its run.json describes" in mixed.stderr
 
 
 def test_tokens_and_restricted_licences_are_one_sentence(evaluated, hub, monkeypatch, tmp_path):

@@ -186,7 +186,9 @@ class RunDirectory:
 
 
 HUB_RUN_PREFIX = "hf-hub:"
-HUB_RUN_FILES = (RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE)  # what a run needs; metrics.json if there
+WEIGHT_FILES = (CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE)
+HUB_RUN_FILES = (RUN_FILE, *WEIGHT_FILES)  # what a run needs; metrics.json if there
+WEIGHTS_SHA256 = "weights_sha256"  # in the run.json that cause push uploads: file -> SHA-256
 
 
 def hub_run(spec: str) -> RunDirectory:
@@ -195,7 +197,7 @@ def hub_run(spec: str) -> RunDirectory:
     too. Its folder is the cache's snapshot of that revision, read-only."""
     import re
 
-    from .backbones import hub
+    from .backbones import file_sha256, hub
 
     repo, _, revision = spec[len(HUB_RUN_PREFIX) :].partition("@")
     part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
@@ -207,7 +209,15 @@ def hub_run(spec: str) -> RunDirectory:
     folders = {found.path.parent for found in [*files, *([metrics] if metrics else [])]}
     if len(folders) != 1:  # the branch moved between two downloads
         raise CauseError(f"The files of {spec} changed while they were downloaded; run the command again.")
-    return RunDirectory(folders.pop(), writes=False, hub_id=spec)
+    run = RunDirectory(folders.pop(), writes=False, hub_id=spec)
+    recorded = run.read_run_info().get(WEIGHTS_SHA256) or {}
+    for name, expected in recorded.items():
+        if name in WEIGHT_FILES and file_sha256(run.file(name)) != expected:
+            raise CauseError(
+                f"{name} of {spec} is not the file its run.json describes (SHA-256 differs); the repository "
+                "holds files of two runs: push the run again."
+            )
+    return run
 
 
 def open_run(path: Path | str) -> RunDirectory:

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .backbones import REGISTRY
+from .backbones import REGISTRY, file_sha256
 from .backbones.hub import hub_settings
 from .errors import CauseError
-from .runs import HUB_RUN_FILES, METRICS_FILE, open_run
+from .paths import json_text
+from .runs import HUB_RUN_FILES, METRICS_FILE, RUN_FILE, WEIGHT_FILES, WEIGHTS_SHA256, open_run
 
 PICTURES = ("confusion.png", "samples.png")
 CARD_FILE = "README.md"
@@ -132,7 +133,14 @@ def push_run(
     metrics = json.loads(run.file(METRICS_FILE).read_text()) if run.has(METRICS_FILE) else None
     pictures = [picture for picture in PICTURES if run.has(picture)]
     uploads = [*HUB_RUN_FILES, *([METRICS_FILE] if metrics is not None else []), *pictures]
-    operations = [CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(run.file(file))) for file in uploads]
+    operations = [
+        CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(run.file(file)))
+        for file in uploads
+        if file != RUN_FILE
+    ]
+    # The Hub's copy of run.json records the weights' SHA-256, which a download checks.
+    described = {**info, WEIGHTS_SHA256: {name: file_sha256(run.file(name)) for name in WEIGHT_FILES}}
+    operations.insert(0, CommitOperationAdd(path_in_repo=RUN_FILE, path_or_fileobj=json_text(described, 2).encode()))
     card = model_card(info, metrics, repo_id, pictures).encode()
     operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
     token = get_token()  # HF_TOKEN, or the token `hf auth login` stored
