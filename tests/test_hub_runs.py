@@ -58,16 +58,39 @@ def test_a_run_from_the_hub_segments_as_the_local_run_then_offline(evaluated, hu
     assert "not cached and HF_HUB_OFFLINE is set" in uncached.stderr
 
 
-def test_a_missing_run_and_evaluating_a_hub_run_are_one_sentence(evaluated, hub, tmp_path, monkeypatch):
+def test_missing_private_and_unknown_revisions_are_one_sentence(evaluated, hub, tmp_path, monkeypatch):
     source, _ = evaluated
     point_hub_at(monkeypatch, hub.url, tmp_path / "hf-cache")
-    missing = invoke("segment", source, "--run", "hf-hub:someone/no-such-run", "--out", tmp_path / "o")
-    assert missing.exit_code == 1 and len(missing.stderr.strip().splitlines()) == 1
-    assert "someone/no-such-run" in missing.stderr and "Traceback" not in missing.output
-    bad = invoke("segment", source, "--run", "hf-hub:../x", "--out", tmp_path / "o")
-    assert bad.exit_code == 1 and "is not a run on the Hub" in bad.stderr
+    hub.private.add("someone/secret-run")
+    cases = {
+        "hf-hub:someone/no-such-run": "someone/no-such-run",
+        "hf-hub:someone/secret-run": "someone/secret-run",
+        "hf-hub:someone/scenes-run@v9": "v9",
+        "hf-hub:../x": "is not a run on the Hub",
+    }
+    for spec, named in cases.items():
+        result = invoke("segment", source, "--run", spec, "--out", tmp_path / "o")
+        assert result.exit_code == 1, spec
+        assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_a_hub_run_is_evaluated_without_writing_into_the_cache(evaluated, hub, tmp_path, monkeypatch):
+    import json
+
     from cause_cli.errors import CauseError
     from cause_cli.inference.evaluate import evaluate_run
 
+    source, run = evaluated
+    point_hub_at(monkeypatch, hub.url, tmp_path / "hf-cache")
+    data = source.parent.parent  # the scenes folder the run was trained on
+    local = json.loads((run / "metrics.json").read_text())
+    result = invoke("eval", "--run", "hf-hub:someone/scenes-run", "--data-dir", data, "--device", "cpu", "--no-crf",
+                    "--no-baselines", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["miou"] == local["miou"]
+    snapshots = list((tmp_path / "hf-cache").rglob("metrics.json"))
+    assert all(json.loads(path.read_text()) == local for path in snapshots)  # the cache's copy untouched
+    assert not list((tmp_path / "hf-cache").rglob("confusion.png"))
     with pytest.raises(CauseError, match="copy it to a folder first"):
         evaluate_run("hf-hub:someone/scenes-run", device="cpu", crf=False, baselines=False)

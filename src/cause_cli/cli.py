@@ -164,7 +164,6 @@ CRFWorkersOption = Annotated[
 RunOption = Annotated[
     Path, typer.Option("--run", help="The run folder, or hf-hub:OWNER/NAME[@REVISION] for a run on the Hub.")
 ]
-RunFolderOption = Annotated[Path, typer.Option("--run", help="The run folder.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 BackboneCheckOption = Annotated[
     str | None, typer.Option("--backbone", help="Default: the run's; another name is refused.")
@@ -632,7 +631,7 @@ def prepare(
 @app.command(name="eval", cls=CauseCommand)
 @user_errors
 def evaluate(
-    run: RunFolderOption,
+    run: RunOption,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Default: the run's.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Default: the run's.")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or all.")] = "val",
@@ -674,6 +673,9 @@ def evaluate(
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.evaluate import evaluate_run
+    from .runs import HUB_RUN_PREFIX
+
+    from_hub = str(run).startswith(HUB_RUN_PREFIX)
 
     with use_precision(precision):
         result = evaluate_run(
@@ -689,7 +691,10 @@ def evaluate(
             crf_workers=default_workers() if crf_workers is None else crf_workers,
             backbone=backbone,
             baselines=baselines,
+            write=not from_hub,
         )
+    if from_hub and not json_output:
+        stderr.print(f"{run} is read from the Hub's cache: the metrics are printed, not written into it")
     if json_output:
         print(json_text(result))
         return
