@@ -26,7 +26,7 @@ from .errors import CauseError
 from .inference.crf import dense_crf, require_crf
 from .inference.figures import palette
 from .inference.predict import TrainedModel, crf_image, crf_unary, image_cosines, load_trained
-from .inference.segment import OVERLAY_OPACITY, class_mapping, label_image
+from .inference.segment import OVERLAY_OPACITY, label_image, labels_of, overlay_image
 from .runs import open_run
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -51,9 +51,7 @@ class Segmentation:
 
     def overlay(self, opacity: float = OVERLAY_OPACITY) -> Image.Image:
         """The image with the label colours blended in."""
-        colours = self.colours()
-        tint = Image.fromarray(colours[self.labels % len(colours)].astype(np.uint8), "RGB")
-        return Image.blend(self.image, tint, opacity)
+        return overlay_image(self.image, self.labels, self.colours(), opacity)
 
     def present(self) -> list[str]:
         """The names of the ids that occur in this image, in id order."""
@@ -118,8 +116,7 @@ def load_run(run: str | Path, device: str = "auto", backbone: str | None = None)
     checks the run's (another name is refused)."""
     directory = open_run(run)
     trained = load_trained(directory, resolve_device(device), backbone)
-    matched = class_mapping(directory)
-    mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(trained.num_classes)])
+    mapping, names = labels_of(directory, trained.num_classes)
     return CauseModel(trained, mapping, names)
 
 

@@ -154,7 +154,6 @@ QuietOption = Annotated[
         "--quiet",
         "-q",
         help="No progress bars or messages; the result (table or JSON) and errors still print.",
-        metavar="",
     ),
 ]
 CRFWorkersOption = Annotated[
@@ -173,7 +172,7 @@ BackboneCheckOption = Annotated[
 @app.command(cls=CauseCommand)
 @user_errors
 def info(
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Show versions, devices, whether the dense CRF is available, and where files go.
 
@@ -364,7 +363,6 @@ def train(
         typer.Option(
             "--probe-refine/--no-probe-refine",
             help="Refine the k-means centroids by the paper's modularity objective (a random start always is).",
-            metavar="",
         ),
     ] = False,
     probe_space: Annotated[
@@ -388,7 +386,6 @@ def train(
         typer.Option(
             "--cache-features",
             help="Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps.",
-            metavar="",
         ),
     ] = False,
     resume: Annotated[
@@ -401,7 +398,6 @@ def train(
             "--overwrite",
             help="Train the --run folder over from the start: the files an earlier training and evaluation "
             "wrote there are removed first (without it, a run trained with other settings is refused).",
-            metavar="",
         ),
     ] = False,
     checkpoint_every: Annotated[
@@ -651,7 +647,6 @@ def evaluate(
             "--baselines/--no-baselines",
             help="Also score k-means on the backbone's tokens and on the head's features (fitted on the training "
             "split without labels), so you see what training added.",
-            metavar="",
         ),
     ] = True,
     backbone: BackboneCheckOption = None,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +28,53 @@ class FolderListing:
     unreachable: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def list_files(root: Path, skip_hidden: bool = False) -> FolderListing:
-    """Every file below ``root`` in sorted order, symbolic links to files included (links to
-    folders are not followed). Folders that cannot be read and links whose target does not
-    exist are returned as unreachable rather than passed over in silence."""
-    listing = FolderListing()
+def dangling_link(path: Path) -> str:
+    """Why a symbolic link whose target does not exist is skipped."""
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+
+
+def walk_folders(
+    root: Path, skip_hidden: bool = False, leave_out: Path | None = None
+) -> Iterator[tuple[list[Path], list[tuple[Path, str]]]]:
+    """One folder below ``root`` at a time, sub-folders in sorted order: its files, sorted
+    (symbolic links to files included; links to folders are not followed), and what could not
+    be looked at, each with the reason: dangling links, and folders that could not be read.
+    Nothing is kept from one folder to the next. ``leave_out``: a folder not to go into."""
+    left_out = leave_out.resolve() if leave_out is not None else None
+    problems: list[tuple[Path, str]] = []
 
     def could_not_read(error: OSError) -> None:
-        listing.unreachable.append((Path(error.filename), f"the folder could not be read ({error.strerror})"))
+        problems.append((Path(error.filename), f"the folder could not be read ({error.strerror})"))
 
     for folder, subfolders, names in os.walk(root, onerror=could_not_read):
-        if skip_hidden:
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-            names = [name for name in names if not name.startswith(".")]
-        for name in names:
-            path = Path(folder, name)
+        here = Path(folder)
+        subfolders[:] = sorted(
+            name
+            for name in subfolders
+            if not (skip_hidden and name.startswith(".")) and (left_out is None or (here / name).resolve() != left_out)
+        )
+        files, unreachable = [], problems[:]
+        problems.clear()
+        for name in sorted(names):
+            path = here / name
+            if skip_hidden and name.startswith("."):
+                continue
             if path.is_file():
-                listing.files.append(path)
+                files.append(path)
             elif path.is_symlink() and not path.exists():
-                listing.unreachable.append((path, f"a symbolic link to {os.readlink(path)}, which does not exist"))
+                unreachable.append((path, dangling_link(path)))
+        yield files, unreachable
+    if problems:  # the last folders, or ``root`` itself
+        yield [], problems
+
+
+def list_files(root: Path, skip_hidden: bool = False) -> FolderListing:
+    """Every file below ``root`` in sorted order, and what could not be looked at (see
+    :func:`walk_folders`), rather than passed over in silence."""
+    listing = FolderListing()
+    for files, unreachable in walk_folders(root, skip_hidden):
+        listing.files += files
+        listing.unreachable += unreachable
     listing.files.sort()
     listing.unreachable.sort()
     return listing

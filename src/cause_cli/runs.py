@@ -195,13 +195,10 @@ def hub_run(spec: str) -> RunDirectory:
     """The run ``hf-hub:OWNER/NAME[@REVISION]``: the files a run needs, downloaded once into the
     Hub's cache (each checked against the Hub's checksum) and read from there afterwards, offline
     too. Its folder is the cache's snapshot of that revision, read-only."""
-    import re
-
     from .backbones import file_sha256, hub
 
     repo, _, revision = spec[len(HUB_RUN_PREFIX) :].partition("@")
-    part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
-    if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
+    if not hub.is_repo_id(repo):
         raise CauseError(f"'{spec}' is not a run on the Hub; write hf-hub:OWNER/NAME or hf-hub:OWNER/NAME@REVISION.")
     what = f"run '{spec}'"
     files = [hub.download(repo, [name], revision or None, what=what) for name in HUB_RUN_FILES]
@@ -224,9 +221,7 @@ def open_run(path: Path | str) -> RunDirectory:
     """An existing run folder (or ``hf-hub:OWNER/NAME[@REVISION]``), or one clear sentence why
     it is not one."""
     if str(path).startswith(HUB_RUN_PREFIX):
-        run = hub_run(str(path))
-        run.read_run_info()
-        return run
+        return hub_run(str(path))  # its run.json read and checked there
     run = RunDirectory(Path(path))
     if not run.path.is_dir():
         raise CauseError(f"Run folder {run.path} does not exist.")

@@ -45,6 +45,14 @@ _NETWORK_ERROR_NAMES = {
 }
 
 
+_REPO_PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
+
+
+def is_repo_id(repo: str) -> bool:
+    """Whether ``repo`` has the form of a Hub repository id, ``OWNER/NAME`` (no ``..``)."""
+    return re.fullmatch(f"{_REPO_PART}/{_REPO_PART}", repo) is not None and ".." not in repo
+
+
 @dataclass(frozen=True)
 class HubSettings:
     """The Hub settings in force now, read from the environment."""

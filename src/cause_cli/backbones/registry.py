@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,11 +225,11 @@ def _timm_spec(name: str) -> BackboneSpec | None:
 
 def _hf_hub_spec(name: str) -> BackboneSpec:
     """An entry for a timm-form Hub repository, from its config.json."""
-    repo = name[len(HF_HUB_PREFIX) :]
-    part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
-    if not re.fullmatch(f"{part}/{part}", repo) or ".." in repo:
-        raise CauseError(f"'{name}' is not an hf-hub id; write hf-hub:ORGANISATION/NAME.")
     from . import hub
+
+    repo = name[len(HF_HUB_PREFIX) :]
+    if not hub.is_repo_id(repo):
+        raise CauseError(f"'{name}' is not an hf-hub id; write hf-hub:ORGANISATION/NAME.")
 
     config_file = hub.download(repo, ["config.json"], what=f"backbone '{name}'")
     try:

@@ -36,8 +36,8 @@ SPLITS = ("train", "val", "all")
 DEFAULT_VAL_FRACTION = 0.2
 
 
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def has_image_suffix(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def hashed_split(relative: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
@@ -104,7 +104,7 @@ class ImageFolderDataset(SegmentationDataset):
                 return relative.startswith(f"{split}/")
             return hashed_split(relative, val_fraction) == split
 
-        chosen = [path for path in listing.files if is_image_file(path) and in_split(path)]
+        chosen = [path for path in listing.files if has_image_suffix(path) and in_split(path)]
         if split == "all":
             self.split_rule = "every image, train and val"
         elif has_split_folders:
@@ -120,7 +120,7 @@ class ImageFolderDataset(SegmentationDataset):
         self.unreachable = tuple(
             (path, reason)
             for path, reason in listing.unreachable
-            if not path.is_symlink() or (path.suffix.lower() in IMAGE_SUFFIXES and in_split(path))
+            if not path.is_symlink() or (has_image_suffix(path) and in_split(path))
         )
         if not chosen:
             raise CauseError(f"No images for split '{split}' under {images_dir}.")

@@ -109,14 +109,13 @@ class LoadReport:
             lines.append(f"skipped {len(self.skipped)} unreadable file(s):")
             lines += [f"  {path}: {reason}" for path, reason in sorted(self.skipped.items())]
         for value, holders in sorted(self.unknown_ids.items()):
-            examples = ", ".join(holders[:_EXAMPLES]) + (", ..." if len(holders) > _EXAMPLES else "")
+            examples = _examples(holders)
             lines.append(
                 f"label id {value} is outside the {dataset} label map (ignored) in {len(holders)} image(s): {examples}"
             )
         ignored = self.ignored_above()
         if ignored is not None:
-            holders = sorted(self.above_classes)
-            examples = ", ".join(holders[:_EXAMPLES]) + (", ..." if len(holders) > _EXAMPLES else "")
+            examples = _examples(sorted(self.above_classes))
             classes = f"the {num_classes} classes" if num_classes is not None else "the classes"
             ids = ", ".join(str(value) for value in ignored["class_ids"])
             lines.append(
@@ -125,6 +124,11 @@ class LoadReport:
                 f"every class in classes.txt) to count them: {examples}"
             )
         return lines
+
+
+def _examples(holders: list[str]) -> str:
+    """The first few of ``holders``, and "..." when there are more."""
+    return ", ".join(holders[:_EXAMPLES]) + (", ..." if len(holders) > _EXAMPLES else "")
 
 
 class ShuffledBatches(Sampler[list[int]]):

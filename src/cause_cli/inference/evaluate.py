@@ -162,7 +162,7 @@ def evaluate_run(
             "images": len(data) - len(report.skipped),
             "skipped": [{"input": path, "reason": reason} for path, reason in sorted(report.skipped.items())]
             + [{"input": str(path), "reason": reason} for path, reason in data.unreachable],
-            "ignored_above_classes": report.ignored_above(),
+            "ignored_above_classes": ignored,
             "split": split,
             "dataset": dataset_name,
             "data_dir": str(root),
@@ -225,6 +225,8 @@ def _samples_figure(samples: list[list[np.ndarray]], mapping: np.ndarray, crf: b
         shown.update(int(value) for prediction in predicted for value in np.unique(mapping[prediction]))
     titles = ["image", "ground truth", "prediction"] + (["with CRF"] if crf else [])
     # Ground truth may hold ids above the classes (ignored by the scores, still drawn).
-    names = [class_names[index] if index < len(class_names) else f"{index} (not a class)" for index in sorted(shown)]
-    legend = [(name, colours[index % len(colours)]) for name, index in zip(names, sorted(shown), strict=True)]
+    legend = [
+        (class_names[index] if index < len(class_names) else f"{index} (not a class)", colours[index % len(colours)])
+        for index in sorted(shown)
+    ]
     return samples_picture(rows, titles, legend)

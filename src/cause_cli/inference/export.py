@@ -30,7 +30,7 @@ from ..model.ops import map_to_tokens, tokens_to_map
 from ..paths import write_atomically, write_json
 from ..runs import open_run
 from .predict import TrainedModel, load_trained
-from .segment import class_mapping
+from .segment import labels_of
 
 FORMATS = ("onnx",)
 OPSET = 18
@@ -92,8 +92,7 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
         raise CauseError('Exporting needs onnx and onnxruntime: pip install "cause-cli[export]".') from error
     run = open_run(run_path)
     model = load_trained(run, torch.device("cpu"))
-    matched = class_mapping(run)
-    mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
+    mapping, names = labels_of(run, model.num_classes)
     module = ExportedSegmenter(model, mapping).eval()
     out = Path(out)
     size = model.resolution

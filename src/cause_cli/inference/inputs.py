@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.base import UnreadableFile, read_image
 from ..errors import CauseError
+from ..paths import dangling_link, walk_folders
 
 LIST_SUFFIXES = {".txt", ".lst"}
 
@@ -61,39 +61,15 @@ def _free_name(relative: Path, taken: set[Path], whole_name: bool) -> Path:
     return name
 
 
-def _dangling(path: Path) -> str:
-    return f"a symbolic link to {os.readlink(path)}, which does not exist"
-
-
 def _walk(root: Path, leave_out: Path | None) -> Iterator[SourceEntry]:
-    def could_not_read(error: OSError) -> None:
-        problems.append(Path(error.filename))
-
-    problems: list[Path] = []
-    for folder, subfolders, names in os.walk(root, onerror=could_not_read):
-        for unreadable in problems:
-            relative = unreadable.relative_to(root)
-            yield SourceEntry(unreadable, relative, relative, "the folder could not be read")
-        problems.clear()
-        here = Path(folder)
-        # An OUT inside SOURCE: a rerun must not take the earlier outputs for inputs.
-        subfolders[:] = sorted(
-            name for name in subfolders if not name.startswith(".") and (here / name).resolve() != leave_out
-        )
-        files, dangling = [], []
-        for name in sorted(name for name in names if not name.startswith(".")):
-            path = here / name
-            if path.is_file():
-                files.append(path.relative_to(root))
-            elif path.is_symlink() and not path.exists():
-                dangling.append(path)
-        for relative, output in zip(files, output_names(files), strict=True):
+    # An OUT inside SOURCE is left out: a rerun must not take the earlier outputs for inputs.
+    for files, unreachable in walk_folders(root, skip_hidden=True, leave_out=leave_out):
+        relatives = [path.relative_to(root) for path in files]
+        for relative, output in zip(relatives, output_names(relatives), strict=True):
             yield SourceEntry(root / relative, relative, output)
-        for path in dangling:
-            relative = path.relative_to(root)
-            yield SourceEntry(path, relative, relative, _dangling(path))
-    for unreadable in problems:  # the source folder itself
-        yield SourceEntry(unreadable, Path(unreadable.name), Path(unreadable.name), "the folder could not be read")
+        for path, reason in unreachable:
+            relative = path.relative_to(root) if path != root else Path(path.name)
+            yield SourceEntry(path, relative, relative, reason)
 
 
 def _listed(list_file: Path) -> Iterator[Path]:
@@ -148,7 +124,7 @@ def iter_inputs(source: Path | str, leave_out: Path | None = None) -> Iterator[S
         if parent is not None:
             yield from _named_below(iter(files), parent)
         for link in dangling:
-            yield SourceEntry(link, Path(link.name), Path(link.name), _dangling(link))
+            yield SourceEntry(link, Path(link.name), Path(link.name), dangling_link(link))
     else:
         raise CauseError(f"{source} does not exist.")
 
@@ -185,9 +161,9 @@ def pending_inputs(
 ) -> tuple[PendingInputs, int, int]:
     """What is left of ``source`` given the inputs ``finished`` before (in the order they
     finished), with the number of inputs in all and the number left to process ``rank`` of
-    ``processes``. One pass over both:
-    when the earlier run went through the same inputs in the same order (the usual case,
-    however many there are), nothing is kept in memory but two counts."""
+    ``processes``. One pass over both: when the earlier run went through the same inputs in
+    the same order (the usual case, however many there are), nothing is kept in memory but
+    two counts."""
     total = skip_first = 0
     matching = True
     rest: set[str] = set()

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ..backbones import file_sha256
 from ..errors import CauseError
 from ..paths import json_text, write_json
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, METRICS_FILE, PROBE_FILE, RUN_FILE, RunDirectory
@@ -38,7 +39,7 @@ def run_fingerprint(run: RunDirectory) -> str:
     digest = hashlib.sha256()
     for name in _DECIDING_FILES:
         if run.has(name):
-            digest.update(name.encode() + b"\0" + run.file(name).read_bytes())
+            digest.update(f"{name}\0{file_sha256(run.file(name))}\0".encode())
     if run.has(METRICS_FILE):
         try:
             matching = json.loads(run.file(METRICS_FILE).read_text()).get("cluster_to_class")

@@ -101,6 +101,21 @@ def label_image(
     return label.resize(size, Image.Resampling.NEAREST)
 
 
+def overlay_image(
+    image: Image.Image, labels: np.ndarray, colours: np.ndarray, opacity: float = OVERLAY_OPACITY
+) -> Image.Image:
+    """``image`` with the colour of each pixel's label (``[H, W]`` ids) blended in."""
+    tint = Image.fromarray(colours[labels % len(colours)].astype(np.uint8), "RGB")
+    return Image.blend(image, tint, opacity)
+
+
+def labels_of(run: RunDirectory, num_clusters: int) -> tuple[np.ndarray | None, list[str]]:
+    """What a run's label maps hold: the matching of clusters to classes and the class names
+    once it has been evaluated; before, no matching and the clusters' names."""
+    matched = class_mapping(run)
+    return matched if matched else (None, [f"cluster {i}" for i in range(num_clusters)])
+
+
 def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
     """The evaluated run's cluster-to-class matching and class names, if it has them."""
     if not run.has(METRICS_FILE):
@@ -212,8 +227,8 @@ class _Segmenter:
             save_png(label, self.out / "labels" / item.output)
             entry["label"] = f"labels/{name}"
         if "overlays" in self.save:
-            tint = Image.fromarray(self.colours[np.asarray(label, dtype=np.int64) % len(self.colours)], "RGB")
-            save_png(Image.blend(image, tint, OVERLAY_OPACITY), self.out / "overlays" / item.output)
+            overlay = overlay_image(image, np.asarray(label, dtype=np.int64), self.colours)
+            save_png(overlay, self.out / "overlays" / item.output)
             entry["overlay"] = f"overlays/{name}"
         if scores is not None:
             confidence, margin = scores
@@ -281,14 +296,14 @@ def _segment(
         require_crf()
     torch_device = start(group, resolve_device(device))
     model = load_trained(run, torch_device, backbone)
-    matched = class_mapping(run)
-    mapping, names = matched if matched else (None, [f"cluster {i}" for i in range(model.num_classes)])
+    mapping, names = labels_of(run, model.num_classes)
+    labels_are = "classes" if mapping is not None else "clusters"
     label_format = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
     folder = OutputFolder(out, group.rank, group.world_size)
     settings = {
         "run": str(run.path.resolve()),
         "run_sha256": run_fingerprint(run),
-        "labels_are": "classes" if mapping is not None else "clusters",
+        "labels_are": labels_are,
         "crf": crf,
         "label_format": label_format,
         "save": list(save),
@@ -350,7 +365,7 @@ def _segment(
     result = summary.as_dict(entry for part in folder.parts() for entry in folder.finished(part))
     result.update(
         {
-            "labels_are": "classes" if mapping is not None else "clusters",
+            "labels_are": labels_are,
             "run": str(run.path),
             "backbone": model.config.backbone,
             "label_format": label_format,
