@@ -123,6 +123,7 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
     seconds = time.perf_counter() - started
     agreement = float((labels == expected).mean())
     if agreement < 0.999:
+        out.unlink()
         raise CauseError(f"The exported graph agrees with the toolkit on only {agreement:.2%} of pixels; not kept.")
     description = {
         "format": export_format,
