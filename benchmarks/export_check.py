@@ -32,7 +32,7 @@ def main() -> None:
 
     from cause_cli.data.transforms import normalise, resize_and_crop
     from cause_cli.inference.export import export_run
-    from cause_cli.inference.predict import image_cosines, load_trained
+    from cause_cli.inference.predict import cluster_labels, image_features, load_trained
     from cause_cli.runs import open_run
 
     photos = sorted((SHARED / "voc2012" / "images").glob("*.png")) + sorted(
@@ -57,8 +57,8 @@ def main() -> None:
             onnx_seconds += time.perf_counter() - started
             started = time.perf_counter()
             with torch.no_grad():
-                (cosines,) = list(image_cosines(model, [square]))
-            toolkit = cosines.argmax(dim=1)[0].numpy()
+                ((features, size),) = list(image_features(model, [square]))
+                toolkit = cluster_labels(model, features, size)[0].numpy()
             toolkit_seconds += time.perf_counter() - started
             agree += int((exported == toolkit).sum())
             total += toolkit.size

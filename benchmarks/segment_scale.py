@@ -107,26 +107,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backbone", default="toy", help="toy, or a registry name given random weights")
     parser.add_argument("--resolution", type=int, default=64, help="the run's resolution, and the images' size")
+    parser.add_argument("--rounds", type=int, default=3, help="segment-then-backbone speed rounds")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         run = train_run(root, options.backbone, options.resolution)
         print(f"{'inputs':>8} {'peak RSS MiB':>13} {'segment img/s':>14}")
         peaks = {}
-        rates = []
         for count in options.images:
             source = write_images(root / f"images{count}", count, options.resolution)
             peak, summary = segment_in_child(source, run, root / f"out{count}", options.batch_size)
-            rate = summary["written_now"] / summary["seconds"]
             peaks[count] = peak
-            rates.append(rate)
-            print(f"{count:>8} {peak:>13.1f} {rate:>14.1f}")
+            print(f"{count:>8} {peak:>13.1f} {summary['written_now'] / summary['seconds']:>14.2f}")
         smallest, largest = min(peaks), max(peaks)
         if largest != smallest:
             print(f"peak RSS {largest} / {smallest} inputs: {peaks[largest] / peaks[smallest]:.3f}")
-        limit = backbone_images_per_second(run, options.batch_size, min(400, max(options.images)))
-        print(f"backbone forward alone: {limit:.1f} img/s at batch {options.batch_size}; segment / backbone: "
-              f"{max(rates) / limit:.2f} (best of the runs above)")  # fmt: skip
+        # This machine's speed drifts by tens of percent over minutes, so the two rates are
+        # taken in alternation, each segment run next to a backbone run, and compared per round.
+        count = min(options.images)
+        source = root / f"images{count}"
+        ratios = []
+        for round_index in range(options.rounds):
+            _, summary = segment_in_child(source, run, root / f"speed{round_index}", options.batch_size)
+            rate = summary["written_now"] / summary["seconds"]
+            limit = backbone_images_per_second(run, options.batch_size, count)
+            ratios.append(rate / limit)
+            print(f"round {round_index + 1}: segment {rate:.2f} img/s, backbone forward alone {limit:.2f} img/s "
+                  f"(batch {options.batch_size}, {count} images): {rate / limit:.3f}")  # fmt: skip
+        print(f"segment / backbone, median of {options.rounds} rounds: {float(np.median(ratios)):.3f}")
 
 
 if __name__ == "__main__":

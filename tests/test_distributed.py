@@ -142,6 +142,13 @@ def test_gloo_processes_gather_the_global_batch_and_average_its_gradient(tmp_pat
 # --- the whole command ---------------------------------------------------------------------
 
 
+# Two processes sum a batch's gradients in another order than one process. Adam divides a
+# gradient by its own running size, so a rounding difference in a near-zero gradient becomes a
+# few percent of a step (lr 1e-3): 3.5e-5 on some CPUs after six updates. A process whose
+# share of the batch is weighted wrongly, or that skips the averaging, is off by whole steps.
+ACROSS_PROCESSES_ATOL = 1e-4
+
+
 def _cause(*args: object) -> list[str]:
     return [sys.executable, "-m", "cause_cli", *[str(a) for a in args]]
 
@@ -167,7 +174,7 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_combined_b
     )
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
-    assert_same_weights(two, one, rtol=1e-4, atol=2e-5)
+    assert_same_weights(two, one, rtol=1e-4, atol=ACROSS_PROCESSES_ATOL)
     log = (two / "train.log").read_text()
     assert log.count("step 3/3 cluster probe: done") == 1  # rank 0 alone writes
     assert log.count("skipped 1 unreadable file(s)") == 1
@@ -207,7 +214,7 @@ def test_processes_share_one_feature_cache(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
     (flags,) = (two / "feature-cache").glob("*/*.filled")
     assert np.fromfile(flags, dtype=np.uint8).tolist() == [1] * 8  # each process filled in its images
-    assert_same_weights(two, one, rtol=1e-4, atol=2e-5)
+    assert_same_weights(two, one, rtol=1e-4, atol=ACROSS_PROCESSES_ATOL)
 
 
 def _kill_processes_training(run: Path) -> int:

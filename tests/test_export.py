@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cause_cli.data.transforms import normalise, resize_and_crop
-from cause_cli.inference.predict import image_cosines, load_trained
+from cause_cli.inference.predict import cluster_labels, image_features, load_trained
 from cause_cli.runs import open_run
 
 from .helpers import invoke, shared_path, train_small_run
@@ -46,7 +46,9 @@ def test_onnx_runtime_labels_the_shared_photos_as_the_toolkit_does(evaluated_run
     batch = torch.stack([normalise(square) for square in squares]).numpy()  # one batch of 11: the batch is dynamic
     exported = session.run(["labels"], {"images": batch})[0]
     with torch.no_grad():
-        toolkit = np.stack([mapping[c.argmax(dim=1)[0].numpy()] for c in image_cosines(model, squares)])
+        toolkit = np.stack(
+            [mapping[cluster_labels(model, *given)[0].numpy()] for given in image_features(model, squares)]
+        )
     assert exported.shape == toolkit.shape == (11, model.resolution, model.resolution)
     assert (exported == toolkit).mean() >= 0.999
 

@@ -61,6 +61,22 @@ def test_probe_cosines_are_taken_in_the_whitened_space():
     assert set(plain.state_dict()) == {"centroids"}
 
 
+@pytest.mark.parametrize("whitened", [True, False], ids=["whitened", "head space"])
+def test_the_label_maps_cheap_ranking_picks_the_cluster_of_highest_cosine(whitened):
+    # Label maps take the argmax of ClusterProbe.ranking instead of the cosines: it must be
+    # the same cluster for every token, its scores the cosines times the token's length in
+    # the probe's space (the same for every cluster, so the order is the cosines').
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(2_000, 12, generator=generator) * torch.linspace(0.05, 2.0, 12) + 0.7
+    probe = ClusterProbe(12, 7, FeatureWhitening.fit(features) if whitened else None)
+    probe.centroids.data = torch.randn(7, 12, generator=generator) * torch.linspace(0.5, 3.0, 7)[:, None]
+    tokens = (torch.randn(3, 4_000, 12, generator=generator) * torch.linspace(0.05, 2.0, 12) + 0.7) * 5
+    cosines, ranking = probe.cosine(tokens), probe.ranking(tokens)
+    assert torch.equal(ranking.argmax(dim=-1), cosines.argmax(dim=-1))
+    length = probe.space(tokens).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(ranking, cosines * length, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return write_scenes(tmp_path_factory.mktemp("scenes"), num_train=16, num_val=4, seed=3, size_range=(64, 80))

@@ -25,7 +25,15 @@ from .devices import resolve_device
 from .errors import CauseError
 from .inference.crf import dense_crf, require_crf
 from .inference.figures import palette
-from .inference.predict import TrainedModel, crf_image, crf_unary, image_cosines, load_trained
+from .inference.predict import (
+    TrainedModel,
+    cluster_cosines,
+    cluster_labels,
+    crf_image,
+    crf_unary,
+    image_features,
+    load_trained,
+)
 from .inference.segment import OVERLAY_OPACITY, label_image, labels_of, overlay_image
 from .runs import open_run
 
@@ -98,12 +106,13 @@ class CauseModel:
         for start in range(0, len(pictures), max(1, batch_size)):
             chunk = pictures[start : start + batch_size]
             with torch.no_grad():
-                for picture, cosines in zip(chunk, image_cosines(self.trained, chunk, flip=crf), strict=True):
+                for picture, (features, size) in zip(chunk, image_features(self.trained, chunk, crf), strict=True):
                     if crf:
+                        cosines = cluster_cosines(self.trained, features, size)
                         refined = dense_crf(crf_image(picture, cosines), crf_unary(cosines)[0].cpu().numpy())
                         clusters = refined.argmax(axis=0)
                     else:
-                        clusters = cosines.argmax(dim=1)[0].cpu().numpy()
+                        clusters = cluster_labels(self.trained, features, size)[0].cpu().numpy()
                     values = self.mapping[clusters] if self.mapping is not None else clusters
                     labels = np.asarray(label_image(values, picture.size, self.trained.num_classes))
                     results.append(Segmentation(picture, labels.astype(np.int64), self.names))

@@ -110,6 +110,15 @@ def cluster_cosines(model: TrainedModel, feature_map: torch.Tensor, size: tuple[
 
 
 @torch.no_grad()
+def cluster_labels(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Every pixel's cluster of highest cosine, as ``cluster_cosines(...).argmax(dim=1)`` gives
+    it, without computing the cosines themselves: ``[B, H, W]``."""
+    upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+    ranking = model.cluster_probe.ranking(map_to_tokens(upsampled))  # [B, H*W, C]
+    return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
+
+
+@torch.no_grad()
 def linear_logits(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Linear-probe logits upsampled to ``size``: ``[B, C, H, W]``."""
     logits = model.linear_probe(map_to_tokens(feature_map))
@@ -154,7 +163,7 @@ def predict_batch(
     runs it three times, in two passes). The CRF work is submitted to ``pool`` and not waited
     for."""
     tokens, features = backbone_and_head(model, images)
-    clusters = cluster_cosines(model, features, size).argmax(dim=1)
+    clusters = cluster_labels(model, features, size)
     linear = linear_logits(model, features, size).argmax(dim=1)
     refining = None
     if pool is not None:
@@ -174,17 +183,20 @@ def prediction_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def image_cosines(model: TrainedModel, images: list[Image.Image], flip: bool = False) -> Iterator[torch.Tensor]:
-    """Each image's ``[1, C, h, w]`` cluster cosines at its prediction size (its own, up to
+def image_features(
+    model: TrainedModel, images: list[Image.Image], flip: bool = False
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Each image's head feature map ``[1, r, g, g]`` and its prediction size (its own, up to
     1,024 pixels on the longest side), from one batch through backbone and head; ``flip``
-    averages the features with the mirrored image's, as the CRF path of evaluation does."""
+    averages the features with the mirrored image's, as the CRF path of evaluation does. Give
+    them to :func:`cluster_labels`, or to :func:`cluster_cosines` for the scores."""
     resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
     batch = torch.stack([normalise(image) for image in resized]).to(model.device)
     features = head_feature_map(model, batch)
     if flip:
         features = flip_averaged_feature_map(model, batch, features)
     for index, image in enumerate(images):
-        yield cluster_cosines(model, features[index : index + 1], prediction_size(image.width, image.height))
+        yield features[index : index + 1], prediction_size(image.width, image.height)
 
 
 def crf_image(image: Image.Image, cosines: torch.Tensor) -> np.ndarray:

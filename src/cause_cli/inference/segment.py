@@ -34,7 +34,16 @@ from .crf import CRFPool, CRFQueue, require_crf
 from .figures import legend_picture, palette, save_png
 from .inputs import decoded_inputs, pending_inputs
 from .manifest import MANIFEST_FILE, SUMMARY_FILE, OutputFolder, run_fingerprint
-from .predict import TrainedModel, confidence_and_margin, crf_image, crf_unary, image_cosines, load_trained
+from .predict import (
+    TrainedModel,
+    cluster_cosines,
+    cluster_labels,
+    confidence_and_margin,
+    crf_image,
+    crf_unary,
+    image_features,
+    load_trained,
+)
 
 OVERLAY_OPACITY = 0.5
 PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greyscale label maps
@@ -176,11 +185,13 @@ class _Segmenter:
         crf_images: list[np.ndarray] = []
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for image, cosines in zip(images, image_cosines(model, images, flip=self.pool is not None), strict=True):
-            scores.append(confidence_and_margin(cosines) if "scores" in self.save else None)
+        for image, (features, size) in zip(images, image_features(model, images, self.pool is not None), strict=True):
+            cosines = cluster_cosines(model, features, size) if self.pool is not None or "scores" in self.save else None
+            scores.append(confidence_and_margin(cosines) if cosines is not None and "scores" in self.save else None)
             if self.pool is None:
-                cluster_maps.append(cosines.argmax(dim=1)[0].cpu().numpy())
+                cluster_maps.append(cluster_labels(model, features, size)[0].cpu().numpy())
             else:
+                assert cosines is not None
                 crf_images.append(crf_image(image, cosines))
                 crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
         if self.pool is None:
