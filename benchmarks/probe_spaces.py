@@ -14,7 +14,11 @@ features, and prints the validation mIoU (Hungarian matching, no CRF) of each:
 
 With ``--fit-seeds S`` it also fits the default space again with S generator seeds, at 8
 and 32 restarts, and prints each fit's mean cosine (the criterion restarts are ranked by)
-beside its mIoU: how much one run's result moves with the fit alone.
+beside its mIoU: how much one run's result moves with the fit alone. With ``--consensus N``
+it makes N single-start fits in the default space and compares two label-free ways to pick
+one: the best mean cosine (the toolkit's), and the fit that agrees most with the others (the
+medoid partition; agreement is the share of training tokens two fits put together after
+matching their clusters).
 
     CAUSE_HOME=/tmp/cause-quality/cache python benchmarks/probe_spaces.py \\
         /tmp/cause-quality/runs/vit-tiny-tune-overlap-100/default --fit-seeds 5
@@ -33,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from cause_cli.data import open_dataset
 from cause_cli.data.loading import LoadReport, iterate_batches
@@ -82,7 +87,7 @@ def leading_directions(tokens: torch.Tensor, count: int) -> Callable[[torch.Tens
     return lambda x: (F.normalize(x, dim=-1) - mean) @ projection
 
 
-def study(run: str, fit_seeds: int) -> dict[str, object]:
+def study(run: str, fit_seeds: int, consensus: int) -> dict[str, object]:
     """Every candidate space's validation mIoU on one trained run."""
     model = load_trained(open_run(run), torch.device("cpu"))
     classes = model.num_classes
@@ -120,17 +125,57 @@ def study(run: str, fit_seeds: int) -> dict[str, object]:
             miou, mean_cosine = score(whitening(heads), whitening(val_heads), seed, restarts)
             fits.append({"seed": seed, "mean_cosine": round(mean_cosine, 4), "miou": miou})
         results[f"whitened head, {restarts} restarts, by fit seed"] = fits
+    if consensus:
+        results[f"whitened head, {consensus} single-start fits"] = consensus_study(
+            whitening(heads), whitening(val_heads), val_labels, classes, consensus
+        )
     return results
+
+
+def partition_agreement(first: np.ndarray, second: np.ndarray, clusters: int) -> float:
+    """The share of points two partitions agree on once their clusters are matched one to one."""
+    counts = np.zeros((clusters, clusters))
+    np.add.at(counts, (first, second), 1)
+    rows, columns = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, columns].sum() / len(first))
+
+
+def consensus_study(
+    points: torch.Tensor, validation: torch.Tensor, labels: torch.Tensor, classes: int, fits: int
+) -> dict[str, float]:
+    """mIoU of the single-start fit of best mean cosine and of the medoid fit, and their range."""
+    unit = F.normalize(points, dim=-1)
+    found = []
+    for seed in range(fits):
+        fitted = spherical_kmeans(points, classes, torch.Generator().manual_seed(seed), 1)
+        partition = (unit @ fitted.centroids.T).argmax(dim=-1).numpy()
+        miou = validation_miou(F.normalize(validation, dim=-1) @ fitted.centroids.T, labels, classes)
+        found.append((fitted.mean_cosine, miou, partition))
+    agreement = np.ones((fits, fits))
+    for i in range(fits):
+        for j in range(i + 1, fits):
+            agreement[i, j] = agreement[j, i] = partition_agreement(found[i][2], found[j][2], classes)
+    medoid = int(agreement.mean(axis=1).argmax())
+    best = int(np.argmax([mean_cosine for mean_cosine, _, _ in found]))
+    scores = [miou for _, miou, _ in found]
+    return {
+        "best mean cosine": round(found[best][1], 1),
+        "medoid": round(found[medoid][1], 1),
+        "lowest": round(min(scores), 1),
+        "highest": round(max(scores), 1),
+        "mean agreement": round(float(agreement.mean()), 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="trained run folders")
     parser.add_argument("--fit-seeds", type=int, default=0, help="refit the default space with this many seeds")
+    parser.add_argument("--consensus", type=int, default=0, help="single-start fits to pick one of, two ways")
     options = parser.parse_args()
     torch.set_grad_enabled(False)
     for run in options.runs:
-        print(json.dumps(study(run, options.fit_seeds)), flush=True)
+        print(json.dumps(study(run, options.fit_seeds, options.consensus)), flush=True)
 
 
 if __name__ == "__main__":
