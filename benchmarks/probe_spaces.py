@@ -15,10 +15,11 @@ features, and prints the validation mIoU (Hungarian matching, no CRF) of each:
 With ``--fit-seeds S`` it also fits the default space again with S generator seeds, at 8
 and 32 restarts, and prints each fit's mean cosine (the criterion restarts are ranked by)
 beside its mIoU: how much one run's result moves with the fit alone. With ``--consensus N``
-it makes N single-start fits in the default space and compares two label-free ways to pick
-one: the best mean cosine (the toolkit's), and the fit that agrees most with the others (the
-medoid partition; agreement is the share of training tokens two fits put together after
-matching their clusters).
+it makes three sets of N single-start fits in the default space and compares label-free ways
+to make one partition of a set: the best mean cosine (the toolkit's), the fit that agrees most
+with the others (the medoid; agreement is the share of training tokens two fits put together
+after matching their clusters), and a consensus of all of them (k-means of the tokens'
+concatenated one-hot assignments).
 
     CAUSE_HOME=/tmp/cause-quality/cache python benchmarks/probe_spaces.py \\
         /tmp/cause-quality/runs/vit-tiny-tune-overlap-100/default --fit-seeds 5
@@ -141,30 +142,41 @@ def partition_agreement(first: np.ndarray, second: np.ndarray, clusters: int) ->
 
 
 def consensus_study(
-    points: torch.Tensor, validation: torch.Tensor, labels: torch.Tensor, classes: int, fits: int
-) -> dict[str, float]:
-    """mIoU of the single-start fit of best mean cosine and of the medoid fit, and their range."""
+    points: torch.Tensor, validation: torch.Tensor, labels: torch.Tensor, classes: int, fits: int, sets: int = 3
+) -> dict[str, object]:
+    """Three ways to make one partition of ``fits`` single-start fits, each way's mIoU for
+    ``sets`` sets of fits (other generator seeds): the fit of best mean cosine, the medoid fit,
+    and the consensus (spherical k-means of every point's concatenated one-hot assignments, so
+    points go together when most fits put them together; its centroids are then the means of
+    the points in each consensus cluster)."""
     unit = F.normalize(points, dim=-1)
-    found = []
-    for seed in range(fits):
-        fitted = spherical_kmeans(points, classes, torch.Generator().manual_seed(seed), 1)
-        partition = (unit @ fitted.centroids.T).argmax(dim=-1).numpy()
-        miou = validation_miou(F.normalize(validation, dim=-1) @ fitted.centroids.T, labels, classes)
-        found.append((fitted.mean_cosine, miou, partition))
-    agreement = np.ones((fits, fits))
-    for i in range(fits):
-        for j in range(i + 1, fits):
-            agreement[i, j] = agreement[j, i] = partition_agreement(found[i][2], found[j][2], classes)
-    medoid = int(agreement.mean(axis=1).argmax())
-    best = int(np.argmax([mean_cosine for mean_cosine, _, _ in found]))
-    scores = [miou for _, miou, _ in found]
-    return {
-        "best mean cosine": round(found[best][1], 1),
-        "medoid": round(found[medoid][1], 1),
-        "lowest": round(min(scores), 1),
-        "highest": round(max(scores), 1),
-        "mean agreement": round(float(agreement.mean()), 3),
-    }
+    assign_validation = F.normalize(validation, dim=-1)
+    results: dict[str, list[float]] = {"best mean cosine": [], "medoid": [], "consensus": [], "single fits": []}
+    for first_seed in range(0, fits * sets, fits):
+        found = []
+        for seed in range(first_seed, first_seed + fits):
+            fitted = spherical_kmeans(points, classes, torch.Generator().manual_seed(seed), 1)
+            partition = (unit @ fitted.centroids.T).argmax(dim=-1)
+            miou = validation_miou(assign_validation @ fitted.centroids.T, labels, classes)
+            found.append((fitted.mean_cosine, round(miou, 1), partition))
+        agreement = np.ones((fits, fits))
+        for i in range(fits):
+            for j in range(i + 1, fits):
+                agreement[i, j] = agreement[j, i] = partition_agreement(
+                    found[i][2].numpy(), found[j][2].numpy(), classes
+                )
+        results["medoid"].append(found[int(agreement.mean(axis=1).argmax())][1])
+        results["best mean cosine"].append(found[int(np.argmax([cosine for cosine, _, _ in found]))][1])
+        results["single fits"] += [miou for _, miou, _ in found]
+        votes = torch.cat([F.one_hot(partition, classes).float() for _, _, partition in found], dim=-1)
+        together = spherical_kmeans(votes, classes, torch.Generator().manual_seed(first_seed), 8)
+        consensus = (F.normalize(votes, dim=-1) @ together.centroids.T).argmax(dim=-1)
+        centroids = torch.stack(
+            [F.normalize(unit[consensus == cluster].mean(dim=0), dim=0) for cluster in range(classes)]
+        )
+        results["consensus"].append(round(validation_miou(assign_validation @ centroids.T, labels, classes), 1))
+    singles = results.pop("single fits")
+    return {**results, "single fits, lowest / highest": [min(singles), max(singles)]}
 
 
 def main() -> None:
