@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from cause_cli.inference.metrics import hungarian_mapping
-from cause_cli.model.kmeans import assign, kmeans_plus_plus, spherical_kmeans, update_centroids
+from cause_cli.model.kmeans import (
+    assign,
+    consensus_kmeans,
+    consensus_of,
+    kmeans_plus_plus,
+    spherical_kmeans,
+    update_centroids,
+)
 
 
 def clustered_points(seed: int, clusters: int = 5, per_cluster: int = 60, dim: int = 12, noise: float = 0.15):
@@ -57,15 +64,19 @@ def test_an_empty_cluster_takes_the_worst_fitting_point():
     assert torch.allclose(updated[1], unit[2])
 
 
+def matched_points(points: torch.Tensor, truth: torch.Tensor, centroids: torch.Tensor) -> int:
+    """How many points the centroids assign to their true cluster, clusters matched one to one."""
+    found, _ = assign(F.normalize(points, dim=1), centroids)
+    histogram = np.zeros((len(centroids), len(centroids)), dtype=np.int64)
+    np.add.at(histogram, (found.numpy(), truth.numpy()), 1)
+    return int(histogram[np.arange(len(centroids)), np.asarray(hungarian_mapping(histogram))].sum())
+
+
 def test_recovers_known_clusters_whatever_the_norms():
     for seed in range(3):
         points, truth = clustered_points(seed)
         result = spherical_kmeans(points, 5, torch.Generator().manual_seed(seed), restarts=3)
-        found, _ = assign(F.normalize(points, dim=1), result.centroids)
-        histogram = np.zeros((5, 5), dtype=np.int64)
-        np.add.at(histogram, (found.numpy(), truth.numpy()), 1)
-        mapping = hungarian_mapping(histogram)
-        assert histogram[np.arange(5), np.asarray(mapping)].sum() == len(truth)
+        assert matched_points(points, truth, result.centroids) == len(truth)
 
 
 def test_mean_cosine_never_falls_from_one_iteration_to_the_next():
@@ -115,3 +126,25 @@ def test_seeding_keeps_the_better_of_its_draws_over_an_outlier():
     # One draw a step misses about 7 times in 200; greedy only when every candidate is the
     # outlier or the first seed is (about 0.5 times in 200).
     assert missed <= 2, missed
+
+
+def test_the_consensus_puts_together_what_most_partitions_put_together():
+    # Six points; three of four partitions split them {0, 1, 2} / {3, 4, 5}, the fourth
+    # {0, 1, 5} / {2, 3, 4} with its ids swapped: the consensus is the majority's split, and
+    # its centroids the normalised means of the points of each side.
+    generator = torch.Generator().manual_seed(0)
+    unit = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
+    majority = torch.tensor([0, 0, 0, 1, 1, 1])
+    partitions = [majority, 1 - majority, majority, torch.tensor([1, 1, 0, 0, 0, 1])]
+    result = consensus_of(unit, partitions, 2, generator)
+    expected = [F.normalize(unit[list(side)].sum(dim=0), dim=0) for side in ((0, 1, 2), (3, 4, 5))]
+    distances = torch.cdist(result.centroids, torch.stack(expected))
+    assert sorted(distances.argmin(dim=1).tolist()) == [0, 1]
+    assert float(distances.min(dim=1).values.max()) < 1e-5
+
+
+def test_a_consensus_of_fits_recovers_known_clusters():
+    for seed in range(2):
+        points, truth = clustered_points(seed)
+        result = consensus_kmeans(points, 5, torch.Generator().manual_seed(seed), fits=6)
+        assert matched_points(points, truth, result.centroids) == len(truth)

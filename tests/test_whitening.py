@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cause_cli.config import TrainConfig, apply_reference_recipe
 from cause_cli.data.synthetic import write_scenes
+from cause_cli.errors import CauseError
 from cause_cli.inference.predict import load_trained
 from cause_cli.model.heads import ClusterProbe, FeatureWhitening
 from cause_cli.model.ops import cosine_similarity_matrix
@@ -107,3 +108,18 @@ def test_head_space_and_the_reference_recipe_do_not_whiten():
     reference = TrainConfig(data_dir=".", recipe="reference")
     apply_reference_recipe(reference)
     assert reference.probe_space == "head"
+
+
+def test_the_consensus_start_is_an_option_that_reaches_the_saved_probe(scenes, tmp_path):
+    consensus = tmp_path / "consensus"
+    train(small_config(scenes, probe_consensus=4), consensus, "cpu")
+    log = (consensus / "train.log").read_text()
+    assert "k-means start, consensus of 4 single-start fits" in log
+    model = load_trained(RunDirectory(consensus), torch.device("cpu"))
+    assert model.cluster_probe.whitening is not None
+    torch.testing.assert_close(model.cluster_probe.centroids.norm(dim=1), torch.ones(model.num_classes))
+    assert TrainConfig(data_dir=".").probe_consensus == 0  # not the default: measured on tuning runs only
+    with pytest.raises(CauseError, match="needs the k-means start"):
+        TrainConfig(data_dir=".", probe_init="random", probe_consensus=4).validate()
+    with pytest.raises(CauseError, match="at least 0"):
+        TrainConfig(data_dir=".", probe_consensus=-1).validate()

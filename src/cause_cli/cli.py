@@ -381,6 +381,14 @@ def train(
             "starts (best modularity kept; default 1).",
         ),
     ] = None,
+    probe_consensus: Annotated[
+        int,
+        typer.Option(
+            "--probe-consensus",
+            help="k-means start only: the consensus of this many single-start fits (points go together when "
+            "most fits put them together) instead of the restart of best mean cosine; 0 keeps the best restart.",
+        ),
+    ] = 0,
     cache_features: Annotated[
         bool,
         typer.Option(
@@ -498,6 +506,7 @@ def train(
         probe_refine=probe_refine,
         probe_space=probe_space,
         probe_restarts=probe_restarts,
+        probe_consensus=probe_consensus,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
         precision=precision,

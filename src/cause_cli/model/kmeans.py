@@ -120,3 +120,30 @@ def spherical_kmeans(
             best = result
     assert best is not None
     return best
+
+
+def consensus_of(
+    unit: torch.Tensor, partitions: list[torch.Tensor], k: int, generator: torch.Generator
+) -> KMeansResult:
+    """One partition of the unit ``points [N, d]`` from several (``[N]`` cluster ids each): points
+    go together when most partitions put them together. Every point's one-hot assignments,
+    concatenated, have the same length, and the cosine of two of them is the share of
+    partitions that agree on the pair, so spherical k-means of those votes clusters by
+    agreement; the centroids are then the normalised means of each consensus cluster's points."""
+    votes = torch.cat([F.one_hot(partition, k).to(unit.dtype) for partition in partitions], dim=1)
+    together = spherical_kmeans(votes, k, generator, restarts=8)
+    groups, agreement = assign(F.normalize(votes, dim=1), together.centroids)
+    centroids = update_centroids(unit, groups, agreement, unit.new_zeros(k, unit.shape[1]))
+    _, fit = assign(unit, centroids)
+    return KMeansResult(centroids, float(fit.mean()), together.iterations)
+
+
+def consensus_kmeans(features: torch.Tensor, k: int, generator: torch.Generator, fits: int) -> KMeansResult:
+    """Spherical k-means of ``features [N, d]`` made ``fits`` times from single starts, then
+    their consensus (:func:`consensus_of`). Where classes differ only in texture, k-means has
+    many optima of almost the same mean cosine that split the classes differently; the
+    consensus does not hinge on which one a fit lands in (docs/quality.md)."""
+    unit = F.normalize(features.float(), dim=1)
+    unit = unit[features.float().norm(dim=1) > 0]
+    partitions = [assign(unit, spherical_kmeans(unit, k, generator).centroids)[0] for _ in range(fits)]
+    return consensus_of(unit, partitions, k, generator)

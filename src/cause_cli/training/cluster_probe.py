@@ -23,7 +23,7 @@ import torch
 
 from ..devices import autocast, gradient_scaler
 from ..model.heads import ClusterProbe, FeatureWhitening, SegmentationHeads
-from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
+from ..model.kmeans import consensus_kmeans, draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.modularity import ModularityObjective
 from ..paths import write_atomically
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
@@ -228,9 +228,15 @@ def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Te
     config = context.config
     assert config.probe_restarts is not None
     restarts = config.probe_restarts
-    result = spherical_kmeans(points, context.num_classes, torch.Generator().manual_seed(config.seed), restarts)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.probe_consensus:
+        result = consensus_kmeans(points, context.num_classes, generator, config.probe_consensus)
+        how = f"consensus of {config.probe_consensus} single-start fits"
+    else:
+        result = spherical_kmeans(points, context.num_classes, generator, restarts)
+        how = f"best of {restarts} restarts"
     context.run.log(
-        f"cluster probe: k-means start, best of {restarts} restarts, mean cosine {result.mean_cosine:.4f} "
+        f"cluster probe: k-means start, {how}, mean cosine {result.mean_cosine:.4f} "
         f"after {result.iterations} iterations"
     )
     return result.centroids
