@@ -46,7 +46,7 @@ from cause_cli.data.transforms import normalise_pixels
 from cause_cli.inference.metrics import confusion_histogram, scores_from_histogram
 from cause_cli.inference.predict import TrainedModel, backbone_and_head, load_trained
 from cause_cli.model.heads import FeatureWhitening
-from cause_cli.model.kmeans import spherical_kmeans
+from cause_cli.model.kmeans import consensus_of, spherical_kmeans
 from cause_cli.model.ops import map_to_tokens
 from cause_cli.runs import open_run
 
@@ -168,13 +168,10 @@ def consensus_study(
         results["medoid"].append(found[int(agreement.mean(axis=1).argmax())][1])
         results["best mean cosine"].append(found[int(np.argmax([cosine for cosine, _, _ in found]))][1])
         results["single fits"] += [miou for _, miou, _ in found]
-        votes = torch.cat([F.one_hot(partition, classes).float() for _, _, partition in found], dim=-1)
-        together = spherical_kmeans(votes, classes, torch.Generator().manual_seed(first_seed), 8)
-        consensus = (F.normalize(votes, dim=-1) @ together.centroids.T).argmax(dim=-1)
-        centroids = torch.stack(
-            [F.normalize(unit[consensus == cluster].mean(dim=0), dim=0) for cluster in range(classes)]
-        )
-        results["consensus"].append(round(validation_miou(assign_validation @ centroids.T, labels, classes), 1))
+        partitions = [partition for _, _, partition in found]
+        consensus = consensus_of(unit, partitions, classes, torch.Generator().manual_seed(first_seed))
+        miou = validation_miou(assign_validation @ consensus.centroids.T, labels, classes)
+        results["consensus"].append(round(miou, 1))
     singles = results.pop("single fits")
     return {**results, "single fits, lowest / highest": [min(singles), max(singles)]}
 

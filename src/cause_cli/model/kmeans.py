@@ -92,6 +92,11 @@ def gather_tokens(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return features.gather(1, picked.to(features.device).unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """The rows of ``features [N, d]`` scaled to unit length, zero rows left out (they have no direction)."""
+    return F.normalize(features.float(), dim=1)[features.float().norm(dim=1) > 0]
+
+
 def spherical_kmeans(
     features: torch.Tensor,
     k: int,
@@ -101,8 +106,7 @@ def spherical_kmeans(
 ) -> KMeansResult:
     """Spherical k-means of ``features [N, d]`` (any norm; zero rows are left out) into ``k``
     clusters; the best of ``restarts`` k-means++ starts by mean cosine."""
-    points = F.normalize(features.float(), dim=1)
-    points = points[features.float().norm(dim=1) > 0]
+    points = unit_rows(features)
     if points.shape[0] < k:
         raise ValueError(f"k-means needs at least {k} points, got {points.shape[0]}")
     best: KMeansResult | None = None
@@ -143,7 +147,6 @@ def consensus_kmeans(features: torch.Tensor, k: int, generator: torch.Generator,
     their consensus (:func:`consensus_of`). Where classes differ only in texture, k-means has
     many optima of almost the same mean cosine that split the classes differently; the
     consensus does not hinge on which one a fit lands in (docs/quality.md)."""
-    unit = F.normalize(features.float(), dim=1)
-    unit = unit[features.float().norm(dim=1) > 0]
+    unit = unit_rows(features)
     partitions = [assign(unit, spherical_kmeans(unit, k, generator).centroids)[0] for _ in range(fits)]
     return consensus_of(unit, partitions, k, generator)
