@@ -267,10 +267,23 @@ FAMILIES: dict[str, SceneFamily] = {
             (3, 6),
             "tuning only: 10 classes, 5 mixed colours each in two textures",
         ),
+        SceneFamily(
+            "tune-twelve",
+            tuple(
+                textured_class(f"mixed-{index}-{pattern}", _mixed_colour(first, second, sign), pattern)
+                for index, (first, second, sign) in enumerate(
+                    ((0, 1, +1.0), (1, 2, +1.0), (0, 2, +1.0), (0, 1, -1.0), (1, 2, -1.0), (0, 2, -1.0))
+                )
+                for pattern in ("noise", "diagonal")
+            ),
+            (128, 176),
+            (3, 6),
+            "tuning only: 12 classes, 6 mixed colours each in a noise and a diagonal texture",
+        ),
     )
 }
 REPORTED_FAMILIES = ("three-large", "six-small", "twelve-overlap", "pastel-six", "big-images")
-TUNING_FAMILIES = ("tune-five", "tune-seven", "tune-overlap")
+TUNING_FAMILIES = ("tune-five", "tune-seven", "tune-overlap", "tune-twelve")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
