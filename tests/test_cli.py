@@ -195,14 +195,15 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
 @pytest.mark.parametrize(
     "probe",
     [
-        {},  # the default step three: a k-means start in the whitened space, no refinement
+        {},  # the default step three: a consensus k-means start in the whitened space, no refinement
+        {"probe_restarts": 4},  # the k-means restart of best mean cosine
         {"probe_space": "head"},
         {"probe_refine": True},
         {"probe_init": "random", "probe_restarts": 2},
         {"head": "tr", "reduced_dim": 24},
         {"cache_features": True},
     ],
-    ids=["kmeans", "kmeans-head-space", "kmeans-refined", "random", "tr-head", "feature-cache"],
+    ids=["kmeans", "kmeans-best-restart", "kmeans-head-space", "kmeans-refined", "random", "tr-head", "feature-cache"],
 )
 def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
     unlabelled = tmp_path / "unlabelled"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_cli.config import TrainConfig, apply_reference_recipe
+from cause_cli.config import DEFAULT_PROBE_CONSENSUS, TrainConfig, apply_reference_recipe
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 from cause_cli.inference.predict import load_trained
@@ -110,7 +110,7 @@ def test_head_space_and_the_reference_recipe_do_not_whiten():
     assert reference.probe_space == "head"
 
 
-def test_the_consensus_start_is_an_option_that_reaches_the_saved_probe(scenes, tmp_path):
+def test_the_consensus_start_reaches_the_saved_probe(scenes, tmp_path):
     consensus = tmp_path / "consensus"
     train(small_config(scenes, probe_consensus=4), consensus, "cpu")
     log = (consensus / "train.log").read_text()
@@ -118,7 +118,21 @@ def test_the_consensus_start_is_an_option_that_reaches_the_saved_probe(scenes, t
     model = load_trained(RunDirectory(consensus), torch.device("cpu"))
     assert model.cluster_probe.whitening is not None
     torch.testing.assert_close(model.cluster_probe.centroids.norm(dim=1), torch.ones(model.num_classes))
-    assert TrainConfig(data_dir=".").probe_consensus == 0  # not the default: measured on tuning runs only
+
+
+def resolved(**settings) -> TrainConfig:
+    config = TrainConfig(data_dir=".", **settings)
+    apply_reference_recipe(config)
+    config.validate()
+    return config
+
+
+def test_the_consensus_is_the_default_k_means_start_and_restarts_alone_turn_it_off():
+    assert resolved().probe_consensus == DEFAULT_PROBE_CONSENSUS == 16
+    assert (resolved(probe_restarts=32).probe_consensus, resolved(probe_restarts=32).probe_restarts) == (0, 32)
+    assert resolved(probe_restarts=32, probe_consensus=8).probe_consensus == 8
+    assert resolved(probe_init="random").probe_consensus == 0
+    assert resolved(recipe="reference").probe_consensus == 0
     with pytest.raises(CauseError, match="needs the k-means start"):
         TrainConfig(data_dir=".", probe_init="random", probe_consensus=4).validate()
     with pytest.raises(CauseError, match="at least 0"):

@@ -377,18 +377,19 @@ def train(
         int | None,
         typer.Option(
             "--probe-restarts",
-            help="Starts of the cluster probe: k-means restarts (best mean cosine kept; default 8) or random "
-            "starts (best modularity kept; default 1).",
+            help="Starts of the cluster probe: k-means restarts (best mean cosine kept; default 8; given alone, "
+            "it turns the consensus off) or random starts (best modularity kept; default 1).",
         ),
     ] = None,
     probe_consensus: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--probe-consensus",
             help="k-means start only: the consensus of this many single-start fits (points go together when "
-            "most fits put them together) instead of the restart of best mean cosine; 0 keeps the best restart.",
+            "most fits put them together; default 16) instead of the restart of best mean cosine; 0, or "
+            "--probe-restarts alone, keeps the best restart.",
         ),
-    ] = 0,
+    ] = None,
     cache_features: Annotated[
         bool,
         typer.Option(

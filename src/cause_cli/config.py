@@ -21,6 +21,10 @@ SETTINGS_THAT_CHANGE_NOTHING_LEARNT = frozenset(
 # Restarts of the cluster probe when none are asked for: k-means restarts are cheap; the
 # paper's random start is one.
 DEFAULT_PROBE_RESTARTS = {"kmeans": 8, "random": 1}
+# Single-start k-means fits whose consensus starts the cluster probe by default: where classes
+# differ only in texture, one fit's partition hinges on which of many near-equal optima it
+# lands in, the consensus of 16 does not (docs/quality.md).
+DEFAULT_PROBE_CONSENSUS = 16
 RECIPES = ("default", "reference")
 # The reference fits the cluster probe for 1 epoch after the MLP head and 5 after the TR head.
 CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
@@ -98,9 +102,10 @@ class TrainConfig:
     # Starts of the cluster probe: k-means restarts ranked by mean cosine, or random starts
     # trained side by side and ranked by modularity. None: 8 for k-means, 1 for random.
     probe_restarts: int | None = None
-    # With the k-means start: the consensus of this many single-start fits instead of the
-    # restart of best mean cosine (0). docs/quality.md measures it on the tuning families.
-    probe_consensus: int = 0
+    # With the k-means start: the consensus of this many single-start fits (0: the restart of
+    # best mean cosine instead). None: DEFAULT_PROBE_CONSENSUS, or 0 where --probe-restarts
+    # was given (asking for restarts asks for the best of them). docs/quality.md says why.
+    probe_consensus: int | None = None
     cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     precision: str = "auto"  # mixed precision: see devices.PRECISIONS
@@ -132,6 +137,10 @@ class TrainConfig:
             raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
         if self.probe_space not in PROBE_SPACES:
             raise CauseError(f"Unknown cluster-probe space '{self.probe_space}'; choose {' or '.join(PROBE_SPACES)}.")
+        if self.probe_consensus is None:
+            chose_restarts = self.probe_restarts is not None
+            kmeans_start = self.probe_init == "kmeans" and self.recipe != "reference"
+            self.probe_consensus = DEFAULT_PROBE_CONSENSUS if kmeans_start and not chose_restarts else 0
         if self.probe_restarts is None:
             start = "random" if self.recipe == "reference" else self.probe_init
             self.probe_restarts = DEFAULT_PROBE_RESTARTS[start]

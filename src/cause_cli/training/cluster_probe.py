@@ -226,7 +226,7 @@ def sample_teacher_features(context: TrainingContext, heads: SegmentationHeads, 
 def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Tensor:
     """Spherical k-means centroids ``[C, r]`` of ``points``, best of the configured restarts."""
     config = context.config
-    assert config.probe_restarts is not None
+    assert config.probe_restarts is not None and config.probe_consensus is not None  # validate() resolved them
     restarts = config.probe_restarts
     generator = torch.Generator().manual_seed(config.seed)
     if config.probe_consensus:
