@@ -121,7 +121,9 @@ def test_the_consensus_start_reaches_the_saved_probe(scenes, tmp_path):
 
 
 def resolved(**settings) -> TrainConfig:
+    """Settings resolved in the order training resolves them: checked, the recipe, checked again."""
     config = TrainConfig(data_dir=".", **settings)
+    config.validate()
     apply_reference_recipe(config)
     config.validate()
     return config
