@@ -280,10 +280,21 @@ FAMILIES: dict[str, SceneFamily] = {
             (3, 6),
             "tuning only: 12 classes, 6 mixed colours each in a noise and a diagonal texture",
         ),
+        SceneFamily(
+            "tune-axis",
+            tuple(
+                textured_class(f"soft-{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign, 1.5), pattern)
+                for channel, sign in _AXES
+                for pattern in ("noise", "diagonal")
+            ),
+            (128, 176),
+            (3, 6),
+            "tuning only: 12 classes, 6 colours 1.5 standard deviations off the mean, each in two textures",
+        ),
     )
 }
 REPORTED_FAMILIES = ("three-large", "six-small", "twelve-overlap", "pastel-six", "big-images")
-TUNING_FAMILIES = ("tune-five", "tune-seven", "tune-overlap", "tune-twelve")
+TUNING_FAMILIES = ("tune-five", "tune-seven", "tune-overlap", "tune-twelve", "tune-axis")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
