@@ -187,6 +187,25 @@ def _axis_name(channel: int, sign: float) -> str:
     return ("more-" if sign > 0 else "less-") + _CHANNEL_NAMES[channel]
 
 
+# Channel pairs and signs of the mixed colours, in the order families take them.
+_MIXED_PAIRS = ((0, 1, +1.0), (1, 2, +1.0), (0, 2, +1.0), (0, 1, -1.0), (1, 2, -1.0), (0, 2, -1.0))
+
+
+def _in_textures(colours: list[tuple[str, np.ndarray]], patterns: tuple[str, ...]) -> tuple[SceneClass, ...]:
+    """Every named colour in every pattern: classes that colour alone cannot tell apart."""
+    return tuple(
+        textured_class(f"{name}-{pattern}", colour, pattern) for name, colour in colours for pattern in patterns
+    )
+
+
+def _axis_colours(strength: float = 2.0, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    return [(prefix + _axis_name(channel, sign), _axis_colour(channel, sign, strength)) for channel, sign in _AXES]
+
+
+def _mixed_colours(count: int) -> list[tuple[str, np.ndarray]]:
+    return [(f"mixed-{index}", _mixed_colour(*pair)) for index, pair in enumerate(_MIXED_PAIRS[:count])]
+
+
 FAMILIES: dict[str, SceneFamily] = {
     family.name: family
     for family in (
@@ -200,11 +219,7 @@ FAMILIES: dict[str, SceneFamily] = {
         SceneFamily("six-small", SCENE_CLASSES, (128, 160), (8, 14), "6 classes, 8-14 small regions, 128-160 px"),
         SceneFamily(
             "twelve-overlap",
-            tuple(
-                textured_class(f"{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign), pattern)
-                for channel, sign in _AXES
-                for pattern in ("noise", "stripes")
-            ),
+            _in_textures(_axis_colours(), ("noise", "stripes")),
             (128, 176),
             (3, 6),
             "12 classes: 6 colours, each in two textures",
@@ -256,37 +271,21 @@ FAMILIES: dict[str, SceneFamily] = {
         ),
         SceneFamily(
             "tune-overlap",
-            tuple(
-                textured_class(f"mixed-{index}-{pattern}", _mixed_colour(first, second, sign), pattern)
-                for index, (first, second, sign) in enumerate(
-                    ((0, 1, +1.0), (1, 2, +1.0), (0, 2, +1.0), (0, 1, -1.0), (1, 2, -1.0))
-                )
-                for pattern in ("checker", "dots")
-            ),
+            _in_textures(_mixed_colours(5), ("checker", "dots")),
             (128, 176),
             (3, 6),
             "tuning only: 10 classes, 5 mixed colours each in two textures",
         ),
         SceneFamily(
             "tune-twelve",
-            tuple(
-                textured_class(f"mixed-{index}-{pattern}", _mixed_colour(first, second, sign), pattern)
-                for index, (first, second, sign) in enumerate(
-                    ((0, 1, +1.0), (1, 2, +1.0), (0, 2, +1.0), (0, 1, -1.0), (1, 2, -1.0), (0, 2, -1.0))
-                )
-                for pattern in ("noise", "diagonal")
-            ),
+            _in_textures(_mixed_colours(6), ("noise", "diagonal")),
             (128, 176),
             (3, 6),
             "tuning only: 12 classes, 6 mixed colours each in a noise and a diagonal texture",
         ),
         SceneFamily(
             "tune-axis",
-            tuple(
-                textured_class(f"soft-{_axis_name(channel, sign)}-{pattern}", _axis_colour(channel, sign, 1.5), pattern)
-                for channel, sign in _AXES
-                for pattern in ("noise", "diagonal")
-            ),
+            _in_textures(_axis_colours(1.5, prefix="soft-"), ("noise", "diagonal")),
             (128, 176),
             (3, 6),
             "tuning only: 12 classes, 6 colours 1.5 standard deviations off the mean, each in two textures",
