@@ -137,12 +137,11 @@ class TrainConfig:
             raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
         if self.probe_space not in PROBE_SPACES:
             raise CauseError(f"Unknown cluster-probe space '{self.probe_space}'; choose {' or '.join(PROBE_SPACES)}.")
+        start = "random" if self.recipe == "reference" else self.probe_init  # the recipe sets it later
         if self.probe_consensus is None:
             chose_restarts = self.probe_restarts is not None
-            kmeans_start = self.probe_init == "kmeans" and self.recipe != "reference"
-            self.probe_consensus = DEFAULT_PROBE_CONSENSUS if kmeans_start and not chose_restarts else 0
+            self.probe_consensus = DEFAULT_PROBE_CONSENSUS if start == "kmeans" and not chose_restarts else 0
         if self.probe_restarts is None:
-            start = "random" if self.recipe == "reference" else self.probe_init
             self.probe_restarts = DEFAULT_PROBE_RESTARTS[start]
         if self.probe_restarts < 1:
             raise CauseError("--probe-restarts must be at least 1.")

@@ -224,7 +224,8 @@ def sample_teacher_features(context: TrainingContext, heads: SegmentationHeads, 
 
 
 def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Tensor:
-    """Spherical k-means centroids ``[C, r]`` of ``points``, best of the configured restarts."""
+    """Spherical k-means centroids ``[C, r]`` of ``points``: the consensus of the configured
+    single-start fits, or the best of the configured restarts when the consensus is off."""
     config = context.config
     assert config.probe_restarts is not None and config.probe_consensus is not None  # validate() resolved them
     restarts = config.probe_restarts
