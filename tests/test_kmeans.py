@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cause_cli.inference.metrics import hungarian_mapping
 from cause_cli.model.kmeans import (
+    Votes,
     assign,
     consensus_kmeans,
     consensus_of,
@@ -148,3 +149,44 @@ def test_a_consensus_of_fits_recovers_known_clusters():
         points, truth = clustered_points(seed)
         result = consensus_kmeans(points, 5, torch.Generator().manual_seed(seed), fits=6)
         assert matched_points(points, truth, result.centroids) == len(truth)
+
+
+def noisy_partitions(points: int, ids: int, fits: int, seed: int) -> list[torch.Tensor]:
+    """``fits`` partitions of one hidden partition, each with its ids shuffled and a third of
+    its points given a random id."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(ids, (points,), generator=generator)
+    partitions = []
+    for _ in range(fits):
+        relabelled = torch.randperm(ids, generator=generator)[hidden]
+        noise = torch.rand(points, generator=generator) < 0.3
+        partitions.append(torch.where(noise, torch.randint(ids, (points,), generator=generator), relabelled))
+    return partitions
+
+
+def test_votes_cluster_as_k_means_of_the_written_out_one_hot_votes():
+    # With 16 (or 4) partitions a unit vote vector holds 1/4 (or 1/2): every product is exact,
+    # so the vote-table form must reproduce the dense form draw for draw and label for label.
+    for points, ids, fits, seed in ((1500, 5, 16, 0), (800, 7, 4, 1), (1200, 6, 16, 2)):
+        partitions = noisy_partitions(points, ids, fits, seed)
+        votes = torch.cat([F.one_hot(partition, ids).float() for partition in partitions], dim=1)
+        dense = spherical_kmeans(votes, ids, torch.Generator().manual_seed(seed), restarts=3)
+        dense_labels, dense_fit = assign(F.normalize(votes, dim=1), dense.centroids)
+        labels, fit, _ = Votes(partitions, ids).kmeans(ids, torch.Generator().manual_seed(seed), restarts=3)
+        assert torch.equal(labels, dense_labels)
+        torch.testing.assert_close(fit, dense_fit, rtol=0, atol=1e-6)
+        assert abs(float(fit.mean()) - dense.mean_cosine) < 1e-6
+
+
+def test_a_vote_table_reads_the_one_hot_votes_it_stands_for():
+    partitions = noisy_partitions(300, 4, 3, seed=3)  # 3 fits: 1/sqrt(3) is not exact
+    votes = F.normalize(torch.cat([F.one_hot(partition, 4).float() for partition in partitions], dim=1), dim=1)
+    table = Votes(partitions, 4)
+    rows = torch.tensor([0, 17, 299])
+    torch.testing.assert_close(table.dense(rows), votes[rows])
+    torch.testing.assert_close(table.distances_to(rows), (1 - votes @ votes[rows].T).clamp_min(0))
+    centroids = F.normalize(torch.rand(4, 12), dim=1)
+    labels, fit = table.assign(centroids)
+    torch.testing.assert_close(fit, (votes @ centroids.T).max(dim=1).values)
+    assert torch.equal(labels, (votes @ centroids.T).argmax(dim=1))
+    torch.testing.assert_close(table.update(labels, fit, centroids), update_centroids(votes, labels, fit, centroids))
