@@ -183,7 +183,7 @@ def test_a_vote_table_reads_the_one_hot_votes_it_stands_for():
     votes = F.normalize(torch.cat([F.one_hot(partition, 4).float() for partition in partitions], dim=1), dim=1)
     table = Votes(partitions, 4)
     rows = torch.tensor([0, 17, 299])
-    torch.testing.assert_close(table.dense(rows), votes[rows])
+    torch.testing.assert_close(table.rows(rows), votes[rows])
     torch.testing.assert_close(table.distances_to(rows), (1 - votes @ votes[rows].T).clamp_min(0))
     centroids = F.normalize(torch.rand(4, 12), dim=1)
     labels, fit = table.assign(centroids)

@@ -39,6 +39,32 @@ def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor,
     return labels, best
 
 
+class UnitRows:
+    """Unit points ``[N, d]`` as the k-means loops read them (:class:`Votes` is the other space):
+    rows as centroids, ``1 - cos`` to some of them, assignment and update."""
+
+    def __init__(self, points: torch.Tensor) -> None:
+        self.points = points
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.points[indices.to(self.points.device)]
+
+    def distances_to_row(self, row: int) -> torch.Tensor:
+        return (1.0 - self.points @ self.points[row]).clamp_min(0)
+
+    def distances_to(self, rows: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self.points @ self.points[rows.to(self.points.device)].t()).clamp_min(0)
+
+    def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return assign(self.points, centroids)
+
+    def update(self, labels: torch.Tensor, fit: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        return update_centroids(self.points, labels, fit, centroids)
+
+
 def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` seeds drawn from the unit ``points [N, d]`` by greedy k-means++ with the cosine
     distance: each step draws ``2 + ln k`` candidates with probability proportional to their
@@ -46,21 +72,26 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -
     total (Arthur and Vassilvitskii's greedy variant, as scikit-learn seeds). One draw a step
     lands in a poor optimum far more often: on one head's features, 8 plain restarts missed
     the best clustering for 3 of 6 seeds."""
+    return _seeds(UnitRows(points), k, generator)
+
+
+def _seeds(space: UnitRows | Votes, k: int, generator: torch.Generator) -> torch.Tensor:
+    """:func:`kmeans_plus_plus` in ``space``: the seeds as centroids ``[k, d]``."""
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(points.shape[0], (1,), generator=generator))
-    seeds = [points[first]]
-    nearest = (1.0 - points @ points[first]).clamp_min(0)
+    first = int(torch.randint(len(space), (1,), generator=generator))
+    seeds = [first]
+    nearest = space.distances_to_row(first)
     for _ in range(1, k):
         weights = nearest.square().cpu()
         if float(weights.sum()) <= 0:  # every point already sits on a seed: any point will do
             weights = torch.ones_like(weights)
         candidates = torch.multinomial(weights.double(), trials, replacement=True, generator=generator)
-        distances = (1.0 - points @ points[candidates.to(points.device)].t()).clamp_min(0)  # [N, trials]
+        distances = space.distances_to(candidates)  # [N, trials]
         totals = torch.minimum(nearest.unsqueeze(1), distances).square().sum(dim=0)
         best = int(totals.argmin())
-        seeds.append(points[int(candidates[best])])
+        seeds.append(int(candidates[best]))
         nearest = torch.minimum(nearest, distances[:, best])
-    return torch.stack(seeds)
+    return space.rows(torch.tensor(seeds))
 
 
 def update_centroids(
@@ -107,21 +138,29 @@ def spherical_kmeans(
     """Spherical k-means of ``features [N, d]`` (any norm; zero rows are left out) into ``k``
     clusters; the best of ``restarts`` k-means++ starts by mean cosine."""
     points = unit_rows(features)
-    if points.shape[0] < k:
-        raise ValueError(f"k-means needs at least {k} points, got {points.shape[0]}")
-    best: KMeansResult | None = None
+    centroids, _, fit, iterations = _lloyd(UnitRows(points), k, generator, restarts, max_iterations)
+    return KMeansResult(centroids, float(fit.mean()), iterations)
+
+
+def _lloyd(
+    space: UnitRows | Votes, k: int, generator: torch.Generator, restarts: int, max_iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Lloyd's iterations in ``space`` from each of ``restarts`` k-means++ starts; the start of
+    best mean cosine as its centroids, assignment, every point's cosine and iterations."""
+    if len(space) < k:
+        raise ValueError(f"k-means needs at least {k} points, got {len(space)}")
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
     for _ in range(max(1, restarts)):
-        centroids = kmeans_plus_plus(points, k, generator)
-        labels, fit = assign(points, centroids)
+        centroids = _seeds(space, k, generator)
+        labels, fit = space.assign(centroids)
         iterations, changed = 0, True
         while changed and iterations < max_iterations:
-            centroids = update_centroids(points, labels, fit, centroids)
-            new_labels, fit = assign(points, centroids)
+            centroids = space.update(labels, fit, centroids)
+            new_labels, fit = space.assign(centroids)
             changed = not torch.equal(new_labels, labels)
             labels, iterations = new_labels, iterations + 1
-        result = KMeansResult(centroids, float(fit.mean()), iterations)
-        if best is None or result.mean_cosine > best.mean_cosine:
-            best = result
+        if best is None or float(fit.mean()) > float(best[2].mean()):
+            best = (centroids, labels, fit, iterations)
     assert best is not None
     return best
 
@@ -146,10 +185,13 @@ class Votes:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def dense(self, rows: torch.Tensor) -> torch.Tensor:
-        """The unit vote vectors of ``rows``: ``[len(rows), F * A]``."""
-        vectors = torch.zeros(len(rows), self.fits * self.ids, device=self.labels.device)
-        return vectors.scatter_(1, self.entries[rows], self.scale)
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The unit vote vectors of the points ``indices``: ``[len(indices), F * A]``."""
+        vectors = torch.zeros(len(indices), self.fits * self.ids, device=self.labels.device)
+        return vectors.scatter_(1, self.entries[indices.to(self.labels.device)], self.scale)
+
+    def distances_to_row(self, row: int) -> torch.Tensor:
+        return self.distances_to(torch.tensor([row]))[:, 0]
 
     def distances_to(self, rows: torch.Tensor) -> torch.Tensor:
         """``1 - cos`` of every point with the points ``rows``: ``[N, len(rows)]``."""
@@ -174,48 +216,17 @@ class Votes:
         updated = F.normalize(counts.to(centroids.dtype), dim=1)
         empty = (counts.sum(dim=1) == 0).nonzero().flatten()
         if empty.numel():
-            updated[empty] = self.dense(fit.argsort()[: empty.numel()])
+            updated[empty] = self.rows(fit.argsort()[: empty.numel()])
         return updated
-
-    def kmeans_plus_plus(self, k: int, generator: torch.Generator) -> torch.Tensor:
-        """As :func:`kmeans_plus_plus` (the same draws from ``generator``)."""
-        trials = 2 + int(math.log(k))
-        first = int(torch.randint(len(self), (1,), generator=generator))
-        seeds = [first]
-        nearest = self.distances_to(torch.tensor([first]))[:, 0]
-        for _ in range(1, k):
-            weights = nearest.square().cpu()
-            if float(weights.sum()) <= 0:
-                weights = torch.ones_like(weights)
-            candidates = torch.multinomial(weights.double(), trials, replacement=True, generator=generator)
-            distances = self.distances_to(candidates.to(self.labels.device))
-            totals = torch.minimum(nearest.unsqueeze(1), distances).square().sum(dim=0)
-            best = int(totals.argmin())
-            seeds.append(int(candidates[best]))
-            nearest = torch.minimum(nearest, distances[:, best])
-        return self.dense(torch.tensor(seeds, device=self.labels.device))
 
     def kmeans(
         self, k: int, generator: torch.Generator, restarts: int = 1, max_iterations: int = 100
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """As :func:`spherical_kmeans` on the unit vote vectors; returns the best restart's
-        assignment, each point's cosine with its centroid and the restart's iterations."""
-        if len(self) < k:
-            raise ValueError(f"k-means needs at least {k} points, got {len(self)}")
-        best: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        for _ in range(max(1, restarts)):
-            centroids = self.kmeans_plus_plus(k, generator)
-            labels, fit = self.assign(centroids)
-            iterations, changed = 0, True
-            while changed and iterations < max_iterations:
-                centroids = self.update(labels, fit, centroids)
-                new_labels, fit = self.assign(centroids)
-                changed = not torch.equal(new_labels, labels)
-                labels, iterations = new_labels, iterations + 1
-            if best is None or float(fit.mean()) > float(best[1].mean()):
-                best = (labels, fit, iterations)
-        assert best is not None
-        return best
+        """As :func:`spherical_kmeans` on the unit vote vectors (the same draws from
+        ``generator``); returns the best restart's assignment, each point's cosine with its
+        centroid and the restart's iterations."""
+        _, labels, fit, iterations = _lloyd(self, k, generator, restarts, max_iterations)
+        return labels, fit, iterations
 
 
 def consensus_of(
