@@ -339,7 +339,7 @@ def test_eval_crf_result_is_the_dense_crf_of_the_flip_average(trained_run):
     from cause_cli.inference.crf import dense_crf
     from cause_cli.inference.metrics import MetricAccumulator
     from cause_cli.inference.predict import (
-        cluster_cosines,
+        cluster_scores,
         crf_unary,
         flip_averaged_feature_map,
         head_feature_map,
@@ -360,9 +360,9 @@ def test_eval_crf_result_is_the_dense_crf_of_the_flip_average(trained_run):
         labels = batch["label"]
         size = (int(labels.shape[-2]), int(labels.shape[-1]))
         features = head_feature_map(model, images)
-        plain.update(cluster_cosines(model, features, size).argmax(dim=1), labels)
+        plain.update(cluster_scores(model, features, size).argmax(dim=1), labels)
         linear.update(linear_logits(model, features, size).argmax(dim=1), labels)
-        unary = crf_unary(cluster_cosines(model, flip_averaged_feature_map(model, images, features), size))
+        unary = crf_unary(cluster_scores(model, flip_averaged_feature_map(model, images, features), size))
         maps = [
             dense_crf(image, log_p.numpy()).argmax(axis=0)
             for image, log_p in zip(denormalise_to_uint8(images), unary, strict=True)
@@ -380,7 +380,7 @@ def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, s
     from cause_cli.data.transforms import normalise, resize_and_crop
     from cause_cli.inference.crf import dense_crf
     from cause_cli.inference.predict import (
-        cluster_cosines,
+        cluster_scores,
         crf_unary,
         flip_averaged_feature_map,
         head_feature_map,
@@ -401,7 +401,7 @@ def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, s
         batch = normalise(resize_and_crop(image, model.resolution, square_resize=True))[None]
         features = head_feature_map(model, batch)
         size = (image.height, image.width)
-        unary = crf_unary(cluster_cosines(model, flip_averaged_feature_map(model, batch, features), size))[0]
+        unary = crf_unary(cluster_scores(model, flip_averaged_feature_map(model, batch, features), size))[0]
         expected = dense_crf(np.asarray(image), unary.numpy()).argmax(axis=0)
         written = np.asarray(Image.open(out / "labels" / photo.name))
         np.testing.assert_array_equal(written, expected, err_msg=photo.name)

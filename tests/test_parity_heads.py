@@ -10,7 +10,7 @@ import torch
 from cause_cli.config import TrainConfig
 from cause_cli.inference.predict import (
     TrainedModel,
-    cluster_cosines,
+    cluster_scores,
     crf_unary,
     flip_averaged_feature_map,
     head_feature_map,
@@ -108,7 +108,7 @@ def test_cluster_assignment_and_crf_unary(kind, inputs, parity):
     expected = parity("heads")
     model, images = parity_model(kind, inputs)
     features = head_feature_map(model, images)  # [B, r, 8, 8]
-    cosines = cluster_cosines(model, features, (8, 8))  # at the token grid: no resampling
+    cosines = cluster_scores(model, features, (8, 8))  # at the token grid: no resampling
     assignment = cosines.argmax(dim=1)
     assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_preds"]))
     assert torch.equal(assignment, torch.from_numpy(expected[f"{kind}_cluster_loss_preds"]))
@@ -120,7 +120,7 @@ def test_cluster_assignment_and_crf_unary(kind, inputs, parity):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_predictions_after_upsampling(kind, inputs, parity):
     model, images = parity_model(kind, inputs)
-    predictions = cluster_cosines(model, head_feature_map(model, images), (32, 32)).argmax(dim=1)
+    predictions = cluster_scores(model, head_feature_map(model, images), (32, 32)).argmax(dim=1)
     assert torch.equal(predictions, torch.from_numpy(parity("heads")[f"{kind}_cluster_preds_interp32"]))
 
 
@@ -130,7 +130,7 @@ def test_flip_averaged_features_and_crf_unary(kind, inputs, parity):
     model, images = parity_model(kind, inputs)
     averaged = flip_averaged_feature_map(model, images, head_feature_map(model, images))
     assert_close(map_to_tokens(averaged), expected[f"{kind}_tta_seg_feat"])
-    unary = crf_unary(cluster_cosines(model, averaged, (32, 32)))
+    unary = crf_unary(cluster_scores(model, averaged, (32, 32)))
     assert_close(unary, expected[f"{kind}_tta_cluster_logprob_crf32"])
 
 

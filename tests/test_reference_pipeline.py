@@ -25,7 +25,7 @@ from cause_cli.cli import app
 from cause_cli.data.transforms import normalise, resize_and_crop
 from cause_cli.inference.crf import CRFPool
 from cause_cli.inference.predict import (
-    cluster_cosines,
+    cluster_scores,
     crf_unary,
     flip_averaged_feature_map,
     head_feature_map,
@@ -163,7 +163,7 @@ def test_imported_run_reproduces_reference_predictions_on_real_photos(imported_r
 
     # Without CRF: the image alone.
     features = head_feature_map(model, ours)
-    predictions = cluster_cosines(model, features, (RESOLUTION, RESOLUTION)).argmax(dim=1)
+    predictions = cluster_scores(model, features, (RESOLUTION, RESOLUTION)).argmax(dim=1)
     reference_features = reference_head(segment, reference_tokens(vits8_state, reference_images))
     torch.testing.assert_close(features, reference_features, rtol=1e-4, atol=1e-4)
     expected = reference_cosines(reference_features, centroids).argmax(dim=1)
@@ -173,7 +173,7 @@ def test_imported_run_reproduces_reference_predictions_on_real_photos(imported_r
     require_pydensecrf()
     # With CRF: image and flip averaged, log_softmax(3 cos), the dense CRF.
     averaged = flip_averaged_feature_map(model, ours, features)
-    unary = crf_unary(cluster_cosines(model, averaged, (RESOLUTION, RESOLUTION)))
+    unary = crf_unary(cluster_scores(model, averaged, (RESOLUTION, RESOLUTION)))
     from cause_cli.data.transforms import denormalise_to_uint8
 
     with CRFPool(0) as pool:

@@ -110,7 +110,7 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
     from PIL import Image
 
     from cause_cli.data.transforms import normalise, resize_and_crop
-    from cause_cli.inference.predict import cluster_cosines, head_feature_map, load_trained
+    from cause_cli.inference.predict import cluster_scores, head_feature_map, load_trained
     from cause_cli.runs import open_run
 
     source, run = trained
@@ -128,7 +128,7 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
 
     model = load_trained(open_run(run), torch.device("cpu"))
     batch = torch.stack([normalise(resize_and_crop(image, model.resolution, square_resize=True))])
-    cosines = cluster_cosines(model, head_feature_map(model, batch), (image.height, image.width))[0]
+    cosines = cluster_scores(model, head_feature_map(model, batch), (image.height, image.width))[0]
     top = torch.softmax(3 * cosines, dim=0).topk(2, dim=0).values.numpy()
     np.testing.assert_allclose(confidence, top[0], atol=2e-3)
     np.testing.assert_allclose(margin, top[0] - top[1], atol=2e-3)

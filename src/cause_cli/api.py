@@ -27,8 +27,8 @@ from .inference.crf import dense_crf, require_crf
 from .inference.figures import palette
 from .inference.predict import (
     TrainedModel,
-    cluster_cosines,
     cluster_labels,
+    cluster_scores,
     crf_image,
     crf_unary,
     image_features,
@@ -108,8 +108,11 @@ class CauseModel:
             with torch.no_grad():
                 for picture, (features, size) in zip(chunk, image_features(self.trained, chunk, crf), strict=True):
                     if crf:
-                        cosines = cluster_cosines(self.trained, features, size)
-                        refined = dense_crf(crf_image(picture, cosines), crf_unary(cosines)[0].cpu().numpy())
+                        cosines = cluster_scores(self.trained, features, size)
+                        refined = dense_crf(
+                            crf_image(picture, cosines),
+                            crf_unary(cosines, self.trained.cluster_probe.sharpness)[0].cpu().numpy(),
+                        )
                         clusters = refined.argmax(axis=0)
                     else:
                         clusters = cluster_labels(self.trained, features, size)[0].cpu().numpy()

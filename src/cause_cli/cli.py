@@ -390,6 +390,15 @@ def train(
             "--probe-restarts alone, keeps the best restart.",
         ),
     ] = None,
+    probe_spread: Annotated[
+        str,
+        typer.Option(
+            "--probe-spread",
+            help="k-means start only: give the clusters a spread (equal Gaussians sharing one diagonal "
+            "covariance) where the consensus' fits agree on under 85% of the points (auto), always (on) or "
+            "never (off).",
+        ),
+    ] = "auto",
     cache_features: Annotated[
         bool,
         typer.Option(
@@ -508,6 +517,7 @@ def train(
         probe_space=probe_space,
         probe_restarts=probe_restarts,
         probe_consensus=probe_consensus,
+        probe_spread=probe_spread,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
         precision=precision,

@@ -12,6 +12,7 @@ from .errors import CauseError
 HEADS = ("mlp", "tr")
 PROBE_INITS = ("kmeans", "random")
 PROBE_SPACES = ("whitened", "head")
+PROBE_SPREADS = ("auto", "on", "off")
 # Settings a finished or interrupted run may be continued with other values of: how fast it
 # goes and where, not what it learns (the feature cache keeps tokens in float16, which is as
 # close as mixed precision).
@@ -106,6 +107,9 @@ class TrainConfig:
     # best mean cosine instead). None: DEFAULT_PROBE_CONSENSUS, or 0 where --probe-restarts
     # was given (asking for restarts asks for the best of them). docs/quality.md says why.
     probe_consensus: int | None = None
+    # Whether the k-means start's clusters get a spread (model/spread.py): "auto" where the
+    # consensus' fits agree on less than 85 % of the points, "on" always, "off" never.
+    probe_spread: str = "auto"
     cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     precision: str = "auto"  # mixed precision: see devices.PRECISIONS
@@ -149,6 +153,10 @@ class TrainConfig:
             raise CauseError(f"--probe-consensus must be at least 0, not {self.probe_consensus}.")
         if self.probe_consensus and self.probe_init != "kmeans":
             raise CauseError("--probe-consensus needs the k-means start (--probe-init kmeans).")
+        if self.probe_spread not in PROBE_SPREADS:
+            raise CauseError(f"Unknown cluster-probe spread '{self.probe_spread}'; choose {', '.join(PROBE_SPREADS)}.")
+        if self.probe_spread == "on" and (self.refines_probe or self.recipe == "reference"):
+            raise CauseError("--probe-spread on needs the k-means start without modularity refinement.")
         for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe", "min_updates"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -246,3 +254,4 @@ def apply_reference_recipe(config: TrainConfig) -> None:
     config.epochs_clusterbook, config.epochs_front_door = 1, 2
     config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]
     config.probe_init, config.probe_refine, config.probe_space = "random", True, "head"
+    config.probe_spread = "off"

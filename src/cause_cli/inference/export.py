@@ -2,8 +2,9 @@
 
 The graph takes normalised images ``float32 [B, 3, R, R]`` (R: the run's resolution; the
 batch is dynamic) through the backbone, the teacher head and the cluster probe (its whitening
-included) and gives ``scores [B, C, R, R]`` (the cosine of each pixel with each centroid, the
-head's features upsampled bilinearly first, as the toolkit does) and ``labels int64 [B, R, R]``
+included) and gives ``scores [B, C, R, R]`` (the cosine of each pixel with each centroid, or
+its log-density where the probe has a spread; the head's features upsampled bilinearly first,
+as the toolkit does) and ``labels int64 [B, R, R]``
 (classes once the run was evaluated, clusters before). What it leaves out: the dense CRF (a
 CPU algorithm with no ONNX form), reading and resizing images (resize to R x R and normalise
 with ImageNet's mean and deviation, as ``export.json`` beside the graph says), and labels at
@@ -53,9 +54,9 @@ class ExportedSegmenter(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = tokens_to_map(self.head(self.backbone(images)))
         upsampled = F.interpolate(features, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        cosines = self.cluster_probe.cosine(map_to_tokens(upsampled))  # [B, R*R, C]
+        per_token = self.cluster_probe.scores(map_to_tokens(upsampled))  # [B, R*R, C]
         batch, _, height, width = upsampled.shape
-        scores = cosines.transpose(1, 2).reshape(batch, -1, height, width)
+        scores = per_token.transpose(1, 2).reshape(batch, -1, height, width)
         table: torch.Tensor = self.cluster_to_label  # type: ignore[assignment]
         return scores, table[scores.argmax(dim=1)]
 

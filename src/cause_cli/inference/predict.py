@@ -20,13 +20,11 @@ from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
 from ..data.transforms import denormalise_to_uint8, normalise, resize_and_crop
 from ..devices import autocast
-from ..model.heads import ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
+from ..model.heads import CRF_SHARPNESS, ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
 from ..runs import PROBE_FILE, RunDirectory
 from ..training import load_heads
 from .crf import CRFPool, PendingResults
-
-CRF_SHARPNESS = 3.0
 
 
 @dataclass
@@ -60,7 +58,8 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
     heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
     probe_state = run.load_tensors(PROBE_FILE, device)
     whitening = FeatureWhitening(config.reduced_dim) if "whitening.matrix" in probe_state else None
-    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening).to(device)
+    spread = "precision" in probe_state
+    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening, spread).to(device)
     cluster_probe.load_state_dict(
         {key: value for key, value in probe_state.items() if key in cluster_probe.state_dict()}
     )
@@ -102,17 +101,18 @@ def flip_averaged_feature_map(model: TrainedModel, images: torch.Tensor, feature
 
 
 @torch.no_grad()
-def cluster_cosines(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Cosine of every pixel's upsampled feature with every centroid: ``[B, C, H, W]``."""
+def cluster_scores(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Every pixel's upsampled feature's score for every cluster (its cosine with each
+    centroid, or with a spread its log-density): ``[B, C, H, W]``."""
     upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-    cosines = model.cluster_probe.cosine(map_to_tokens(upsampled))  # [B, H*W, C]
-    return cosines.transpose(1, 2).reshape(feature_map.shape[0], -1, *size)
+    scores = model.cluster_probe.scores(map_to_tokens(upsampled))  # [B, H*W, C]
+    return scores.transpose(1, 2).reshape(feature_map.shape[0], -1, *size)
 
 
 @torch.no_grad()
 def cluster_labels(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Every pixel's cluster of highest cosine, as ``cluster_cosines(...).argmax(dim=1)`` gives
-    it, without computing the cosines themselves: ``[B, H, W]``."""
+    """Every pixel's cluster of highest score, as ``cluster_scores(...).argmax(dim=1)`` gives
+    it, without computing the scores themselves: ``[B, H, W]``."""
     upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
     ranking = model.cluster_probe.ranking(map_to_tokens(upsampled))  # [B, H*W, C]
     return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
@@ -125,9 +125,10 @@ def linear_logits(model: TrainedModel, feature_map: torch.Tensor, size: tuple[in
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def crf_unary(cosines: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities the dense CRF starts from: ``log_softmax(3 * cos)`` over clusters."""
-    return torch.log_softmax(CRF_SHARPNESS * cosines, dim=1)
+def crf_unary(scores: torch.Tensor, sharpness: float = CRF_SHARPNESS) -> torch.Tensor:
+    """Log-probabilities the dense CRF starts from: ``log_softmax(3 * cos)`` over clusters, or
+    with a spread (``sharpness`` 1, :attr:`ClusterProbe.sharpness`) the log-densities' posterior."""
+    return torch.log_softmax(sharpness * scores, dim=1)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def predict_batch(
     refining = None
     if pool is not None:
         averaged = flip_averaged_feature_map(model, images, features)
-        unary = crf_unary(cluster_cosines(model, averaged, size)).cpu().numpy()
+        unary = crf_unary(cluster_scores(model, averaged, size), model.cluster_probe.sharpness).cpu().numpy()
         refining = pool.submit(list(denormalise_to_uint8(images)), list(unary))
     return BatchPredictions(clusters, linear, refining, tokens, features)
 
@@ -189,7 +190,7 @@ def image_features(
     """Each image's head feature map ``[1, r, g, g]`` and its prediction size (its own, up to
     1,024 pixels on the longest side), from one batch through backbone and head; ``flip``
     averages the features with the mirrored image's, as the CRF path of evaluation does. Give
-    them to :func:`cluster_labels`, or to :func:`cluster_cosines` for the scores."""
+    them to :func:`cluster_labels`, or to :func:`cluster_scores` for the scores."""
     resized = [resize_and_crop(image, model.resolution, square_resize=True) for image in images]
     batch = torch.stack([normalise(image) for image in resized]).to(model.device)
     features = head_feature_map(model, batch)
@@ -199,17 +200,17 @@ def image_features(
         yield features[index : index + 1], prediction_size(image.width, image.height)
 
 
-def crf_image(image: Image.Image, cosines: torch.Tensor) -> np.ndarray:
-    """The image at its cosines' size, as the dense CRF's pairwise terms read it."""
-    height, width = cosines.shape[-2:]
+def crf_image(image: Image.Image, scores: torch.Tensor) -> np.ndarray:
+    """The image at its scores' size, as the dense CRF's pairwise terms read it."""
+    height, width = scores.shape[-2:]
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
 
 
-def confidence_and_margin(cosines: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel of one image's ``[1, C, H, W]`` cosines: the probability of its best cluster
-    (``softmax(3 cos)``, the distribution the dense CRF starts from) and how far it leads the
-    second best, both ``float16 [H, W]``."""
-    probabilities = torch.softmax(CRF_SHARPNESS * cosines[0].float(), dim=0)
+def confidence_and_margin(scores: torch.Tensor, sharpness: float = CRF_SHARPNESS) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of one image's ``[1, C, H, W]`` scores: the probability of its best cluster
+    (``softmax(3 cos)``, or the posterior with a spread: the distribution the dense CRF starts
+    from) and how far it leads the second best, both ``float16 [H, W]``."""
+    probabilities = torch.softmax(sharpness * scores[0].float(), dim=0)
     top = probabilities.topk(min(2, probabilities.shape[0]), dim=0).values
     margin = top[0] - top[1] if top.shape[0] > 1 else top[0]
     return top[0].cpu().numpy().astype(np.float16), margin.cpu().numpy().astype(np.float16)

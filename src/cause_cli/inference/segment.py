@@ -36,8 +36,8 @@ from .inputs import decoded_inputs, pending_inputs
 from .manifest import MANIFEST_FILE, SUMMARY_FILE, OutputFolder, run_fingerprint
 from .predict import (
     TrainedModel,
-    cluster_cosines,
     cluster_labels,
+    cluster_scores,
     confidence_and_margin,
     crf_image,
     crf_unary,
@@ -186,14 +186,17 @@ class _Segmenter:
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
         for image, (features, size) in zip(images, image_features(model, images, self.pool is not None), strict=True):
-            cosines = cluster_cosines(model, features, size) if self.pool is not None or "scores" in self.save else None
-            scores.append(confidence_and_margin(cosines) if cosines is not None and "scores" in self.save else None)
+            cosines = cluster_scores(model, features, size) if self.pool is not None or "scores" in self.save else None
+            sharpness = model.cluster_probe.sharpness
+            scores.append(
+                confidence_and_margin(cosines, sharpness) if cosines is not None and "scores" in self.save else None
+            )
             if self.pool is None:
                 cluster_maps.append(cluster_labels(model, features, size)[0].cpu().numpy())
             else:
                 assert cosines is not None
                 crf_images.append(crf_image(image, cosines))
-                crf_unaries.append(crf_unary(cosines)[0].cpu().numpy())
+                crf_unaries.append(crf_unary(cosines, sharpness)[0].cpu().numpy())
         if self.pool is None:
             self.write_all(list(pending), scores, cluster_maps)
         else:

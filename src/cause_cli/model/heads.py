@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import cosine_similarity_matrix, ema_update_, quantise, tokens_to_map
+from .spread import spread_scores
+
+# The dense CRF starts from softmax(3 cos) of the cluster probe (METHOD.md section 4).
+CRF_SHARPNESS = 3.0
 
 
 class DualProjection(nn.Module):
@@ -189,13 +193,34 @@ class FeatureWhitening(nn.Module):
 
 class ClusterProbe(nn.Module):
     """Cluster centroids ``Phi [C, r]`` that assign head features to clusters by cosine, in
-    the head's feature space or (with ``whitening``) in its whitened space."""
+    the head's feature space or (with ``whitening``) in its whitened space.
 
-    def __init__(self, reduced_dim: int, num_clusters: int, whitening: FeatureWhitening | None = None) -> None:
+    With ``spread``, the centroids are instead the means of equal-weight Gaussians of one
+    shared diagonal covariance (its inverse in ``precision``) over the unit whitened features,
+    and a token's scores are their log-densities up to a constant of the token
+    (:mod:`.spread`, where step three's k-means fits disagree).
+    """
+
+    precision: torch.Tensor | None
+
+    def __init__(
+        self,
+        reduced_dim: int,
+        num_clusters: int,
+        whitening: FeatureWhitening | None = None,
+        spread: bool = False,
+    ) -> None:
         super().__init__()
         self.centroids = nn.Parameter(torch.empty(num_clusters, reduced_dim))
         nn.init.uniform_(self.centroids, -1.0 / num_clusters, 1.0 / num_clusters)
         self.whitening = whitening
+        self.register_buffer("precision", torch.ones(reduced_dim) if spread else None)
+
+    @property
+    def sharpness(self) -> float:
+        """What the scores are multiplied by before the softmax that gives the dense CRF its
+        probabilities: 3 for cosines (the paper's), 1 for log-densities (their posterior)."""
+        return CRF_SHARPNESS if self.precision is None else 1.0
 
     def space(self, tokens: torch.Tensor) -> torch.Tensor:
         """Head features ``[..., r]`` in the space the centroids live in."""
@@ -205,18 +230,29 @@ class ClusterProbe(nn.Module):
         """``cos(h, Phi_c)`` for every token: ``[..., P, C]``."""
         return cosine_similarity_matrix(self.space(tokens), self.centroids)
 
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every token's score for every cluster, ``[..., P, C]``: its cosine, or with a spread
+        its log-density."""
+        if self.precision is None:
+            return self.cosine(tokens)
+        return spread_scores(F.normalize(self.space(tokens), dim=-1), self.centroids, self.precision)
+
     def assign(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cluster index of every token: ``[..., P]``."""
-        return self.cosine(tokens).argmax(dim=-1)
+        return self.scores(tokens).argmax(dim=-1)
 
     def ranking(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Scores ``[..., P, C]`` that order the clusters of every token as :meth:`cosine`
+        """Scores ``[..., P, C]`` that order the clusters of every token as :meth:`scores`
         does, at a fraction of its cost where only the best cluster is wanted (label maps).
 
         A token's own length divides all its cosines alike, so it is left out; in the whitened
         space, ``cos(((x / |x|) - mu) W, Phi_c)`` ranks as ``(x / |x|) . m_c + b_c`` with
         ``m_c = W Phi_c / |Phi_c|`` (``W`` is symmetric) and ``b_c = -mu . m_c``: one
         ``r x C`` product per token instead of an ``r x r`` whitening and a second one."""
+        if self.precision is not None:  # less the token's own -|z|^2_p / 2, the same for every cluster
+            weighted = self.centroids * self.precision
+            unit = F.normalize(self.space(tokens), dim=-1)
+            return unit @ weighted.T - 0.5 * (self.centroids * weighted).sum(-1)
         directions = F.normalize(self.centroids, dim=-1)
         if self.whitening is None:
             return tokens @ directions.T

@@ -13,11 +13,13 @@ centroids is kept: a criterion that needs no labels.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 ASSIGN_CHUNK = 65536  # points assigned at a time, so N x K never needs more than this many rows
 
@@ -27,6 +29,7 @@ class KMeansResult:
     centroids: torch.Tensor  # [K, d], unit rows
     mean_cosine: float  # mean over points of the cosine with their centroid (higher is better)
     iterations: int
+    agreement: float | None = None  # a consensus' fits: their mean partition_agreement
 
 
 def assign(points: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,4 +254,20 @@ def consensus_kmeans(features: torch.Tensor, k: int, generator: torch.Generator,
     consensus does not hinge on which one a fit lands in (docs/quality.md)."""
     unit = unit_rows(features)
     partitions = [assign(unit, spherical_kmeans(unit, k, generator).centroids)[0] for _ in range(fits)]
-    return consensus_of(unit, partitions, k, generator)
+    result = consensus_of(unit, partitions, k, generator)
+    result.agreement = mean_agreement(partitions, k)
+    return result
+
+
+def partition_agreement(first: torch.Tensor, second: torch.Tensor, k: int) -> float:
+    """The share of points two partitions (``[N]`` cluster ids in ``[0, k)``) put together once
+    their clusters are matched one to one, by the matching that agrees most."""
+    counts = torch.bincount(first * k + second, minlength=k * k).view(k, k).numpy()
+    rows, columns = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, columns].sum() / len(first))
+
+
+def mean_agreement(partitions: list[torch.Tensor], k: int) -> float:
+    """The mean :func:`partition_agreement` over every pair of ``partitions`` (1 for one)."""
+    pairs = list(itertools.combinations(partitions, 2))
+    return sum(partition_agreement(first, second, k) for first, second in pairs) / len(pairs) if pairs else 1.0

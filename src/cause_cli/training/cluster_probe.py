@@ -23,8 +23,17 @@ import torch
 
 from ..devices import autocast, gradient_scaler
 from ..model.heads import ClusterProbe, FeatureWhitening, SegmentationHeads
-from ..model.kmeans import consensus_kmeans, draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
+from ..model.kmeans import (
+    assign,
+    consensus_kmeans,
+    draw_tokens,
+    gather_tokens,
+    spherical_kmeans,
+    tokens_per_image,
+    unit_rows,
+)
 from ..model.modularity import ModularityObjective
+from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread
 from ..paths import write_atomically
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
 from .context import TrainingContext
@@ -72,9 +81,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         context.run.log(f"cluster probe: whitening fitted on {len(points):,} tokens")
     if config.probe_init == "kmeans":
         assert points is not None
-        start = ClusterProbe(config.reduced_dim, context.num_classes, copy.deepcopy(whitening))
-        start.centroids.data.copy_(kmeans_centroids(context, points))
-        starts = [start]
+        starts = [kmeans_start(context, points, copy.deepcopy(whitening))]
     else:
         # Several probes from different random starts can learn side by side on the same batches;
         # the one whose last epoch reached the best modularity is kept (labels play no part).
@@ -223,16 +230,18 @@ def sample_teacher_features(context: TrainingContext, heads: SegmentationHeads, 
     return torch.cat(samples)
 
 
-def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Tensor:
-    """Spherical k-means centroids ``[C, r]`` of ``points``: the consensus of the configured
-    single-start fits, or the best of the configured restarts when the consensus is off."""
+def kmeans_start(context: TrainingContext, points: torch.Tensor, whitening: FeatureWhitening | None) -> ClusterProbe:
+    """The cluster probe from spherical k-means of ``points [N, r]`` (in the probe's space):
+    the consensus of the configured single-start fits, or the best of the configured restarts
+    when the consensus is off; then, where the configured spread asks for it, equal Gaussians
+    of one shared diagonal covariance fitted from that partition (model/spread.py)."""
     config = context.config
     assert config.probe_restarts is not None and config.probe_consensus is not None  # validate() resolved them
     restarts = config.probe_restarts
     generator = torch.Generator().manual_seed(config.seed)
     if config.probe_consensus:
         result = consensus_kmeans(points, context.num_classes, generator, config.probe_consensus)
-        how = f"consensus of {config.probe_consensus} single-start fits"
+        how = f"consensus of {config.probe_consensus} single-start fits (they agree on {result.agreement:.1%})"
     else:
         result = spherical_kmeans(points, context.num_classes, generator, restarts)
         how = f"best of {restarts} restarts"
@@ -240,4 +249,18 @@ def kmeans_centroids(context: TrainingContext, points: torch.Tensor) -> torch.Te
         f"cluster probe: k-means start, {how}, mean cosine {result.mean_cosine:.4f} "
         f"after {result.iterations} iterations"
     )
-    return result.centroids
+    spread = config.probe_spread == "on" or (
+        config.probe_spread == "auto" and result.agreement is not None and result.agreement < AGREEMENT_THRESHOLD
+    )
+    probe = ClusterProbe(config.reduced_dim, context.num_classes, whitening, spread=spread)
+    if not spread:
+        probe.centroids.data.copy_(result.centroids)
+        return probe
+    unit = unit_rows(points)
+    fitted = fit_shared_spread(unit, assign(unit, result.centroids)[0], context.num_classes)
+    assert probe.precision is not None
+    probe.centroids.data.copy_(fitted.means)
+    probe.precision.copy_(fitted.precision)
+    why = f" (the fits agree on less than {AGREEMENT_THRESHOLD:.0%})" if config.probe_spread == "auto" else ""
+    context.run.log(f"cluster probe: Gaussians of one shared spread fitted from the k-means partition{why}")
+    return probe
