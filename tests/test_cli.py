@@ -202,8 +202,18 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
         {"probe_init": "random", "probe_restarts": 2},
         {"head": "tr", "reduced_dim": 24},
         {"cache_features": True},
+        {"probe_spread": "on"},  # Gaussians of a shared spread from the consensus partition
     ],
-    ids=["kmeans", "kmeans-best-restart", "kmeans-head-space", "kmeans-refined", "random", "tr-head", "feature-cache"],
+    ids=[
+        "kmeans",
+        "kmeans-best-restart",
+        "kmeans-head-space",
+        "kmeans-refined",
+        "random",
+        "tr-head",
+        "feature-cache",
+        "kmeans-spread",
+    ],
 )
 def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
     unlabelled = tmp_path / "unlabelled"
@@ -215,6 +225,8 @@ def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
         with_labels = RunDirectory(labelled_run).load_tensors(name)
         without = RunDirectory(unlabelled_run).load_tensors(name)
         assert with_labels.keys() == without.keys(), name
+        if name == "probe.safetensors":
+            assert ("precision" in with_labels) == (probe.get("probe_spread") == "on")
         for key, value in with_labels.items():
             if key.startswith("linear_probe"):
                 continue

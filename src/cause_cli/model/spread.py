@@ -25,6 +25,14 @@ SPREAD_SHRINKAGE = 0.5
 ASSIGN_CHUNK = 65536
 
 
+def uses_spread(setting: str, agreement: float | None) -> bool:
+    """Whether step three's clusters get a spread: ``setting`` ``"on"``, or ``"auto"`` and the
+    consensus' fits (``agreement``, None without a consensus) agree on too few points."""
+    if setting == "auto":
+        return agreement is not None and agreement < AGREEMENT_THRESHOLD
+    return setting == "on"
+
+
 @dataclass
 class SharedSpreadModel:
     means: torch.Tensor  # [K, d]

@@ -33,7 +33,7 @@ from ..model.kmeans import (
     unit_rows,
 )
 from ..model.modularity import ModularityObjective
-from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread
+from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread, uses_spread
 from ..paths import write_atomically
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
 from .context import TrainingContext
@@ -249,9 +249,7 @@ def kmeans_start(context: TrainingContext, points: torch.Tensor, whitening: Feat
         f"cluster probe: k-means start, {how}, mean cosine {result.mean_cosine:.4f} "
         f"after {result.iterations} iterations"
     )
-    spread = config.probe_spread == "on" or (
-        config.probe_spread == "auto" and result.agreement is not None and result.agreement < AGREEMENT_THRESHOLD
-    )
+    spread = uses_spread(config.probe_spread, result.agreement)
     probe = ClusterProbe(config.reduced_dim, context.num_classes, whitening, spread=spread)
     if not spread:
         probe.centroids.data.copy_(result.centroids)
