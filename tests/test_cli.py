@@ -55,6 +55,14 @@ def trained_run(scenes, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def spread_run(scenes, tmp_path_factory):
+    """A run whose cluster probe has a shared spread (log-density scores, posterior CRF unary)."""
+    run = tmp_path_factory.mktemp("runs") / "spread-run"
+    train(small_config(scenes, probe_spread="on"), run, "cpu")
+    return run
+
+
 def test_version_and_help():
     result = invoke("--version")
     assert result.exit_code == 0 and __version__ in result.stdout
@@ -388,7 +396,8 @@ def test_eval_crf_result_is_the_dense_crf_of_the_flip_average(trained_run):
 
 
 @crf_only
-def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, scenes, tmp_path):
+@pytest.mark.parametrize("kind", ["trained_run", "spread_run"], ids=["cosine", "spread"])
+def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(kind, scenes, tmp_path, request):
     from cause_cli.data.transforms import normalise, resize_and_crop
     from cause_cli.inference.crf import dense_crf
     from cause_cli.inference.predict import (
@@ -399,7 +408,7 @@ def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, s
         load_trained,
     )
 
-    run = _run_without_metrics(trained_run, tmp_path)
+    run = _run_without_metrics(request.getfixturevalue(kind), tmp_path)
     out = tmp_path / "segments"
     result = invoke("segment", scenes / "images" / "val", "--run", run, "--out", out, "--crf", "--crf-workers", "0",
                     "--quiet")  # fmt: skip
@@ -413,12 +422,14 @@ def test_segment_crf_labels_are_the_dense_crf_of_the_flip_average(trained_run, s
         batch = normalise(resize_and_crop(image, model.resolution, square_resize=True))[None]
         features = head_feature_map(model, batch)
         size = (image.height, image.width)
-        unary = crf_unary(cluster_scores(model, flip_averaged_feature_map(model, batch, features), size))[0]
+        scores = cluster_scores(model, flip_averaged_feature_map(model, batch, features), size)
+        unary = crf_unary(scores, model.cluster_probe.sharpness)[0]
         expected = dense_crf(np.asarray(image), unary.numpy()).argmax(axis=0)
         written = np.asarray(Image.open(out / "labels" / photo.name))
         np.testing.assert_array_equal(written, expected, err_msg=photo.name)
         changed += int((expected != unary.argmax(dim=0).numpy()).sum())
     assert changed > 0  # the CRF moved pixels, so an argmax of the unary would not pass
+    assert (model.cluster_probe.precision is not None) == (kind == "spread_run")
 
 
 @pytest.mark.parametrize("crf", [False, True], ids=["no-crf", "crf"])
