@@ -121,15 +121,17 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
     assert json.loads(result.stdout)["written"] == 1
     (entry,) = OutputFolder(out).finished()
     assert set(entry) == {"input", "label", "scores"} and not (out / "overlays").exists()
-    with np.load(out / "scores" / "scene_0003.npz") as scores:
-        confidence, margin = scores["confidence"], scores["margin"]
+    with np.load(out / "scores" / "scene_0003.npz") as saved:
+        confidence, margin = saved["confidence"], saved["margin"]
     image = Image.open(image_path).convert("RGB")
     assert confidence.dtype == np.float16 and confidence.shape == margin.shape == (image.height, image.width)
 
     model = load_trained(open_run(run), torch.device("cpu"))
     batch = torch.stack([normalise(resize_and_crop(image, model.resolution, square_resize=True))])
-    cosines = cluster_scores(model, head_feature_map(model, batch), (image.height, image.width))[0]
-    top = torch.softmax(3 * cosines, dim=0).topk(2, dim=0).values.numpy()
+    scores = cluster_scores(model, head_feature_map(model, batch), (image.height, image.width))[0]
+    # softmax(3 cos), or with a spread the posterior: what the dense CRF would start from
+    sharpness = 3.0 if model.cluster_probe.precision is None else 1.0
+    top = torch.softmax(sharpness * scores, dim=0).topk(2, dim=0).values.numpy()
     np.testing.assert_allclose(confidence, top[0], atol=2e-3)
     np.testing.assert_allclose(margin, top[0] - top[1], atol=2e-3)
 
