@@ -136,6 +136,8 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
                   "normalise": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"}},
         "outputs": {"scores": ["batch", len(names), size, size], "labels": ["batch", size, size]},
         "labels_are": "classes" if mapping is not None else "clusters",
+        "scores_are": "cosines" if model.cluster_probe.precision is None else "log-densities",
+        "crf_starts_from": f"softmax({model.cluster_probe.sharpness:g} * scores)",
         "names": names,
         "not_exported": ["the dense CRF", "reading and resizing images", "labels at the image's own size"],
         "bytes": out.stat().st_size,
