@@ -10,7 +10,9 @@ without a centroid, and refining k-means centroids by modularity lowered their m
 measurements (docs/quality.md). Also by default (``probe_space="whitened"``) the centroids
 live in the teacher's feature space whitened by a fit on the same sample, where k-means
 separates classes that the front door packed close together; the whitening is saved with
-the centroids and applied at inference.
+the centroids and applied at inference. Where the k-means fits disagree (``probe_spread``,
+model/spread.py), the clusters also get a spread: equal Gaussians sharing one diagonal
+covariance, fitted from the k-means partition.
 """
 
 from __future__ import annotations
