@@ -7,8 +7,8 @@ against 90-100 %). There, a Gaussian mixture whose components share one diagonal
 (each direction its own spread, the same for every cluster) and have equal weights, fitted by
 EM from the k-means partition on the unit feature vectors, finds the textures more often: a
 cluster's score is ``-1/2 sum_d (z_d - mu_cd)^2 / s_d^2``. The covariance is shrunk halfway to
-its mean, which kept a few directions of tiny spread from deciding alone and scored a little
-higher on the tuning runs than no shrinkage. Where the fits agree, k-means' partition is kept
+its mean: on the tuning runs that scored a little higher than no shrinkage, a floor on the
+variances or hard assignments. Where the fits agree, k-means' partition is kept
 (the mixture there costs 1-3 points). The threshold and the shrinkage were chosen on the
 tuning families only.
 """
