@@ -108,10 +108,10 @@ class CauseModel:
             with torch.no_grad():
                 for picture, (features, size) in zip(chunk, image_features(self.trained, chunk, crf), strict=True):
                     if crf:
-                        cosines = cluster_scores(self.trained, features, size)
+                        scores = cluster_scores(self.trained, features, size)
                         refined = dense_crf(
-                            crf_image(picture, cosines),
-                            crf_unary(cosines, self.trained.cluster_probe.sharpness)[0].cpu().numpy(),
+                            crf_image(picture, scores),
+                            crf_unary(scores, self.trained.cluster_probe.sharpness)[0].cpu().numpy(),
                         )
                         clusters = refined.argmax(axis=0)
                     else:

@@ -186,17 +186,21 @@ class _Segmenter:
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
         for image, (features, size) in zip(images, image_features(model, images, self.pool is not None), strict=True):
-            cosines = cluster_scores(model, features, size) if self.pool is not None or "scores" in self.save else None
+            scores_map = (
+                cluster_scores(model, features, size) if self.pool is not None or "scores" in self.save else None
+            )
             sharpness = model.cluster_probe.sharpness
             scores.append(
-                confidence_and_margin(cosines, sharpness) if cosines is not None and "scores" in self.save else None
+                confidence_and_margin(scores_map, sharpness)
+                if scores_map is not None and "scores" in self.save
+                else None
             )
             if self.pool is None:
                 cluster_maps.append(cluster_labels(model, features, size)[0].cpu().numpy())
             else:
-                assert cosines is not None
-                crf_images.append(crf_image(image, cosines))
-                crf_unaries.append(crf_unary(cosines, sharpness)[0].cpu().numpy())
+                assert scores_map is not None
+                crf_images.append(crf_image(image, scores_map))
+                crf_unaries.append(crf_unary(scores_map, sharpness)[0].cpu().numpy())
         if self.pool is None:
             self.write_all(list(pending), scores, cluster_maps)
         else:
