@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 ASSIGN_CHUNK = 65536  # points assigned at a time, so N x K never needs more than this many rows
 
@@ -262,6 +261,10 @@ def consensus_kmeans(features: torch.Tensor, k: int, generator: torch.Generator,
 def partition_agreement(first: torch.Tensor, second: torch.Tensor, k: int) -> float:
     """The share of points two partitions (``[N]`` cluster ids in ``[0, k)``) put together once
     their clusters are matched one to one, by the matching that agrees most."""
+    # Imported here, so training loads scipy's own BLAS only when step three measures agreement,
+    # not before the data loaders fork their workers.
+    from scipy.optimize import linear_sum_assignment
+
     counts = torch.bincount(first * k + second, minlength=k * k).view(k, k).numpy()
     rows, columns = linear_sum_assignment(counts, maximize=True)
     return float(counts[rows, columns].sum() / len(first))
