@@ -38,7 +38,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from cause_cli.data import open_dataset
 from cause_cli.data.loading import LoadReport, iterate_batches
@@ -46,7 +45,7 @@ from cause_cli.data.transforms import normalise_pixels
 from cause_cli.inference.metrics import confusion_histogram, scores_from_histogram
 from cause_cli.inference.predict import TrainedModel, backbone_and_head, load_trained
 from cause_cli.model.heads import FeatureWhitening
-from cause_cli.model.kmeans import consensus_of, spherical_kmeans
+from cause_cli.model.kmeans import consensus_of, partition_agreement, spherical_kmeans
 from cause_cli.model.ops import map_to_tokens
 from cause_cli.runs import open_run
 
@@ -133,14 +132,6 @@ def study(run: str, fit_seeds: int, consensus: int) -> dict[str, object]:
     return results
 
 
-def partition_agreement(first: np.ndarray, second: np.ndarray, clusters: int) -> float:
-    """The share of points two partitions agree on once their clusters are matched one to one."""
-    counts = np.zeros((clusters, clusters))
-    np.add.at(counts, (first, second), 1)
-    rows, columns = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, columns].sum() / len(first))
-
-
 def consensus_study(
     points: torch.Tensor, validation: torch.Tensor, labels: torch.Tensor, classes: int, fits: int, sets: int = 3
 ) -> dict[str, object]:
@@ -162,9 +153,7 @@ def consensus_study(
         agreement = np.ones((fits, fits))
         for i in range(fits):
             for j in range(i + 1, fits):
-                agreement[i, j] = agreement[j, i] = partition_agreement(
-                    found[i][2].numpy(), found[j][2].numpy(), classes
-                )
+                agreement[i, j] = agreement[j, i] = partition_agreement(found[i][2], found[j][2], classes)
         results["medoid"].append(found[int(agreement.mean(axis=1).argmax())][1])
         results["best mean cosine"].append(found[int(np.argmax([cosine for cosine, _, _ in found]))][1])
         results["single fits"] += [miou for _, miou, _ in found]

@@ -185,11 +185,11 @@ class _Segmenter:
         crf_images: list[np.ndarray] = []
         crf_unaries: list[np.ndarray] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
+        sharpness = model.cluster_probe.sharpness
         for image, (features, size) in zip(images, image_features(model, images, self.pool is not None), strict=True):
             scores_map = (
                 cluster_scores(model, features, size) if self.pool is not None or "scores" in self.save else None
             )
-            sharpness = model.cluster_probe.sharpness
             scores.append(
                 confidence_and_margin(scores_map, sharpness)
                 if scores_map is not None and "scores" in self.save

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import cosine_similarity_matrix, ema_update_, quantise, tokens_to_map
-from .spread import spread_scores
+from .spread import spread_ranking, spread_scores
 
 # The dense CRF starts from softmax(3 cos) of the cluster probe (METHOD.md section 4).
 CRF_SHARPNESS = 3.0
@@ -249,10 +249,8 @@ class ClusterProbe(nn.Module):
         space, ``cos(((x / |x|) - mu) W, Phi_c)`` ranks as ``(x / |x|) . m_c + b_c`` with
         ``m_c = W Phi_c / |Phi_c|`` (``W`` is symmetric) and ``b_c = -mu . m_c``: one
         ``r x C`` product per token instead of an ``r x r`` whitening and a second one."""
-        if self.precision is not None:  # less the token's own -|z|^2_p / 2, the same for every cluster
-            weighted = self.centroids * self.precision
-            unit = F.normalize(self.space(tokens), dim=-1)
-            return unit @ weighted.T - 0.5 * (self.centroids * weighted).sum(-1)
+        if self.precision is not None:
+            return spread_ranking(F.normalize(self.space(tokens), dim=-1), self.centroids, self.precision)
         directions = F.normalize(self.centroids, dim=-1)
         if self.whitening is None:
             return tokens @ directions.T

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .kmeans import ASSIGN_CHUNK
+
 # Below this mean agreement between the k-means fits, step three uses the spread model.
 AGREEMENT_THRESHOLD = 0.85
 SPREAD_ITERATIONS = 30
 SPREAD_SHRINKAGE = 0.5
-ASSIGN_CHUNK = 65536
 
 
 def uses_spread(setting: str, agreement: float | None) -> bool:
@@ -40,11 +41,17 @@ class SharedSpreadModel:
     precision: torch.Tensor  # [d], one over each direction's variance, shared by every cluster
 
 
+def spread_ranking(unit: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """:func:`spread_scores` less each point's own ``-1/2 sum_d z_d^2 p_d``, the same for every
+    cluster: it orders the clusters (and gives the posterior) as the scores do."""
+    weighted = means * precision
+    return unit @ weighted.T - 0.5 * (means * weighted).sum(-1)
+
+
 def spread_scores(unit: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """``-1/2 sum_d (z_d - mu_cd)^2 p_d`` of every unit point ``z [..., d]`` and cluster:
     ``[..., K]``, expanded so that no ``[..., K, d]`` difference is formed."""
-    weighted = means * precision
-    return unit @ weighted.T - 0.5 * (unit.square() @ precision)[..., None] - 0.5 * (means * weighted).sum(-1)
+    return spread_ranking(unit, means, precision) - 0.5 * (unit.square() @ precision)[..., None]
 
 
 def fit_shared_spread(
@@ -60,16 +67,17 @@ def fit_shared_spread(
     by ``shrinkage``), ``iterations`` times."""
     responsibilities = torch.zeros(len(unit), k, dtype=unit.dtype).scatter_(1, labels[:, None], 1.0)
     model = SharedSpreadModel(unit.new_zeros(k, unit.shape[1]), unit.new_ones(unit.shape[1]))
+    squares = unit.square().sum(0)
     for _ in range(iterations):
         weights = responsibilities.sum(0).clamp_min(1e-6)
         means = responsibilities.T @ unit / weights[:, None]
         # Pooled over clusters, sum_c sum_n r_nc (z_n - mu_c)^2 = sum_n z_n^2 - sum_c w_c mu_c^2.
-        variance = (unit.square().sum(0) - (weights[:, None] * means.square()).sum(0)) / weights.sum()
+        variance = (squares - (weights[:, None] * means.square()).sum(0)) / weights.sum()
         variance = ((1 - shrinkage) * variance + shrinkage * variance.mean()).clamp_min(1e-12)
         model = SharedSpreadModel(means, 1.0 / variance)
         responsibilities = torch.cat(
             [
-                torch.softmax(spread_scores(unit[start : start + ASSIGN_CHUNK], means, model.precision), dim=1)
+                torch.softmax(spread_ranking(unit[start : start + ASSIGN_CHUNK], means, model.precision), dim=1)
                 for start in range(0, len(unit), ASSIGN_CHUNK)
             ]
         )
