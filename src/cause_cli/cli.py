@@ -18,6 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from ._version import __version__
 from .config import DEFAULT_MIN_UPDATES
 from .errors import CauseError, Interrupted
+from .interrupts import remembered_interrupts
 from .paths import json_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,12 +84,13 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ERO
 
 def user_errors(command: F) -> F:
     """Turn a :class:`CauseError`, or a full or unwritable disk, into one sentence on stderr
-    and exit code 1."""
+    and exit code 1; Ctrl-C, remembered while the command runs, into exit code 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with remembered_interrupts():
+                return command(*args, **kwargs)
         except CauseError as error:
             if os.environ.get(DEBUG_ENV):
                 raise

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ..interrupts import raise_if_interrupted
 from .base import SegmentationDataset, UnreadableFile
 
 _EXAMPLES = 3
@@ -205,8 +206,10 @@ def iterate_batches(
         **sizing,
     )
     for packed in loader:
+        raise_if_interrupted()
         report.record(packed)
         if packed["batch"] is not None:
             yield packed["batch"]
         elif keep_empty:
             yield {}
+    raise_if_interrupted()  # a Ctrl-C while the loader's workers were shut down

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.base import UnreadableFile, read_image
 from ..errors import CauseError
+from ..interrupts import raise_if_interrupted
 from ..paths import dangling_link, walk_folders
 
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -222,7 +223,10 @@ def decoded_inputs(inputs: PendingInputs, workers: int) -> Iterator[tuple[Source
         prefetch_factor=4,
         generator=torch.Generator().manual_seed(0),
     )
-    yield from loader
+    for decoded in loader:
+        raise_if_interrupted()
+        yield decoded
+    raise_if_interrupted()  # a Ctrl-C while the loader's workers were shut down
 
 
 def _keep(item: Any) -> Any:

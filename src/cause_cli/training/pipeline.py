@@ -24,6 +24,7 @@ from ..data import canonical_name, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
 from ..errors import CauseError, Interrupted
+from ..interrupts import raise_if_interrupted
 from ..progress import Reporter
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
@@ -187,6 +188,7 @@ def _train_steps(
         # steps before it ran in this process.
         seed_everything(config.seed * 1000 + index)
         context.generator.manual_seed(config.seed * 1000 + index)
+        raise_if_interrupted()
         started = time.perf_counter()
         step(context, title)
         if run.writes:
