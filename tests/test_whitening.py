@@ -86,17 +86,19 @@ def scenes(tmp_path_factory):
 def test_the_default_run_saves_its_whitening_and_inference_applies_it(scenes, tmp_path):
     whitened, head = tmp_path / "whitened", tmp_path / "head"
     train(small_config(scenes), whitened, "cpu")
-    train(small_config(scenes, probe_space="head"), head, "cpu")
+    train(small_config(scenes, probe_space="head", probe_upsampling="features"), head, "cpu")
     probe_file = RunDirectory(whitened).load_tensors("probe.safetensors")
     model = load_trained(RunDirectory(whitened), torch.device("cpu"))
     assert model.cluster_probe.whitening is not None
+    assert model.cluster_probe.upsample_scores  # the run's default, which inference follows
     assert torch.equal(model.cluster_probe.whitening.matrix, probe_file["whitening.matrix"])
     assert torch.equal(model.cluster_probe.whitening.mean, probe_file["whitening.mean"])
     # Step three saw the same head features in both runs; only the space differs.
     assert set(RunDirectory(head).load_tensors("probe.safetensors")) == {"centroids"} | {
         key for key in probe_file if key.startswith("linear_probe.")
     }
-    assert load_trained(RunDirectory(head), torch.device("cpu")).cluster_probe.whitening is None
+    head_probe = load_trained(RunDirectory(head), torch.device("cpu")).cluster_probe
+    assert head_probe.whitening is None and not head_probe.upsample_scores
     assert torch.equal(
         RunDirectory(head).load_tensors("head.safetensors")["teacher.projection.linear_branch.weight"],
         RunDirectory(whitened).load_tensors("head.safetensors")["teacher.projection.linear_branch.weight"],

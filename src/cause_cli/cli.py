@@ -401,6 +401,14 @@ def train(
             "never (off).",
         ),
     ] = "auto",
+    probe_upsampling: Annotated[
+        str,
+        typer.Option(
+            "--probe-upsampling",
+            help="How label maps reach pixel size: score every token and upsample the scores (scores), or "
+            "upsample the head's features and score every pixel (features, the paper's).",
+        ),
+    ] = "scores",
     cache_features: Annotated[
         bool,
         typer.Option(
@@ -520,6 +528,7 @@ def train(
         probe_restarts=probe_restarts,
         probe_consensus=probe_consensus,
         probe_spread=probe_spread,
+        probe_upsampling=probe_upsampling,
         cache_features=cache_features,
         checkpoint_seconds=checkpoint_every,
         precision=precision,

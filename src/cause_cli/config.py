@@ -13,6 +13,7 @@ HEADS = ("mlp", "tr")
 PROBE_INITS = ("kmeans", "random")
 PROBE_SPACES = ("whitened", "head")
 PROBE_SPREADS = ("auto", "on", "off")
+PROBE_UPSAMPLINGS = ("scores", "features")
 # Settings a finished or interrupted run may be continued with other values of: how fast it
 # goes and where, not what it learns (the feature cache keeps tokens in float16, which is as
 # close as mixed precision).
@@ -110,6 +111,10 @@ class TrainConfig:
     # Whether the k-means start's clusters get a spread (model/spread.py): "auto" where the
     # consensus' fits agree on less than 85 % of the points, "on" always, "off" never.
     probe_spread: str = "auto"
+    # How inference brings the cluster probe's verdict to pixels: "scores" (every token's
+    # scores, upsampled bilinearly, as the linear probe's logits are) or "features" (the
+    # head's features upsampled, then scored: the paper's). docs/quality.md says why.
+    probe_upsampling: str = "scores"
     cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     precision: str = "auto"  # mixed precision: see devices.PRECISIONS
@@ -157,6 +162,10 @@ class TrainConfig:
             raise CauseError(f"Unknown cluster-probe spread '{self.probe_spread}'; choose {', '.join(PROBE_SPREADS)}.")
         if self.probe_spread == "on" and (self.refines_probe or self.recipe == "reference"):
             raise CauseError("--probe-spread on needs the k-means start without modularity refinement.")
+        if self.probe_upsampling not in PROBE_UPSAMPLINGS:
+            raise CauseError(
+                f"Unknown cluster-probe upsampling '{self.probe_upsampling}'; choose {' or '.join(PROBE_UPSAMPLINGS)}."
+            )
         for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe", "min_updates"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -222,6 +231,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        # Runs from before the choice existed were evaluated the paper's way.
+        data = {"probe_upsampling": "features", **data}
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
@@ -254,4 +265,4 @@ def apply_reference_recipe(config: TrainConfig) -> None:
     config.epochs_clusterbook, config.epochs_front_door = 1, 2
     config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]
     config.probe_init, config.probe_refine, config.probe_space = "random", True, "head"
-    config.probe_spread = "off"
+    config.probe_spread, config.probe_upsampling = "off", "features"

@@ -182,6 +182,7 @@ def import_reference(
         clusterbook_size=clusterbook.shape[0],
         reduced_dim=reduced,
         projection_dim=projection,
+        probe_upsampling="features",  # the reference's inference
     )
     config.validate()
     heads = SegmentationHeads(dim, reduced, projection, num_classes, kind=files.head, num_queries=num_queries)

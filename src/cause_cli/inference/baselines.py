@@ -6,10 +6,10 @@ training added: spherical k-means with as many clusters as the run on
 
 Both are fitted on a sample of the *training* split without its labels (the same images the
 run trained on), then scored on the evaluated split by the same Hungarian protocol as the
-run, without the dense CRF (it would triple the CRF's cost). Head features are upsampled and
-then assigned, as the cluster probe's are; the backbone's tokens are assigned at their own
-resolution and the cosines upsampled, which needs ``C`` channels at pixel size instead of
-``D``.
+run, without the dense CRF (it would triple the CRF's cost). Head features reach pixel size
+as the run's cluster probe's do (by default their cosines are upsampled; the paper's way
+upsamples the features first); the backbone's tokens are assigned at their own resolution and
+the cosines upsampled, which needs ``C`` channels at pixel size instead of ``D``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
 from ..data.transforms import normalise_pixels
+from ..model.heads import ClusterProbe
 from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
@@ -83,11 +84,16 @@ def _rows(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def baseline_maps(
-    centroids: BaselineCentroids, tokens: torch.Tensor, head_map: torch.Tensor, size: tuple[int, int]
+    centroids: BaselineCentroids,
+    tokens: torch.Tensor,
+    head_map: torch.Tensor,
+    size: tuple[int, int],
+    upsample_scores: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster maps ``[B, H, W]`` of k-means on tokens ``[B, P, D]`` and on the head map ``[B, r, g, g]``."""
+    """Cluster maps ``[B, H, W]`` of k-means on tokens ``[B, P, D]`` and on the head map ``[B, r, g, g]``
+    (upsampled as a cluster probe with ``upsample_scores`` does)."""
     token_cosines = tokens_to_map(cosine_similarity_matrix(tokens, centroids.tokens.to(tokens.device)))
     on_tokens = F.interpolate(token_cosines, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
-    upsampled = F.interpolate(head_map, size=size, mode="bilinear", align_corners=False)
-    on_head = cosine_similarity_matrix(map_to_tokens(upsampled), centroids.head.to(head_map.device)).argmax(dim=-1)
-    return on_tokens, on_head.view(head_map.shape[0], *size)
+    head_probe = ClusterProbe(head_map.shape[1], len(centroids.head), upsample_scores=upsample_scores)
+    head_probe.centroids.data = centroids.head.to(head_map.device)
+    return on_tokens, head_probe.label_map(head_map, size)

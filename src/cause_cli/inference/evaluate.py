@@ -113,7 +113,9 @@ def evaluate_run(
                     clusters.update(predicted.clusters, labels)
                     linear.update(predicted.linear, labels)
                     if fitted is not None:
-                        on_tokens, on_head = baseline_maps(fitted, predicted.tokens, predicted.features, size)
+                        on_tokens, on_head = baseline_maps(
+                            fitted, predicted.tokens, predicted.features, size, model.cluster_probe.upsample_scores
+                        )
                         kmeans_tokens.update(on_tokens, labels)
                         kmeans_head.update(on_head, labels)
                     shown = _keep_samples(samples, images, labels, predicted.clusters)

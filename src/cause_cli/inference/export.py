@@ -3,8 +3,8 @@
 The graph takes normalised images ``float32 [B, 3, R, R]`` (R: the run's resolution; the
 batch is dynamic) through the backbone, the teacher head and the cluster probe (its whitening
 included) and gives ``scores [B, C, R, R]`` (the cosine of each pixel with each centroid, or
-its log-density where the probe has a spread; the head's features upsampled bilinearly first,
-as the toolkit does) and ``labels int64 [B, R, R]``
+its log-density where the probe has a spread; brought to pixel size as the run's probe does,
+:meth:`ClusterProbe.score_map`) and ``labels int64 [B, R, R]``
 (classes once the run was evaluated, clusters before). What it leaves out: the dense CRF (a
 CPU algorithm with no ONNX form), reading and resizing images (resize to R x R and normalise
 with ImageNet's mean and deviation, as ``export.json`` beside the graph says), and labels at
@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CauseError
-from ..model.ops import map_to_tokens, tokens_to_map
+from ..model.ops import tokens_to_map
 from ..paths import write_atomically, write_json
 from ..runs import open_run
 from .predict import TrainedModel, load_trained
@@ -53,10 +53,7 @@ class ExportedSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = tokens_to_map(self.head(self.backbone(images)))
-        upsampled = F.interpolate(features, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        per_token = self.cluster_probe.scores(map_to_tokens(upsampled))  # [B, R*R, C]
-        batch, _, height, width = upsampled.shape
-        scores = per_token.transpose(1, 2).reshape(batch, -1, height, width)
+        scores = self.cluster_probe.score_map(features, images.shape[-2:])
         table: torch.Tensor = self.cluster_to_label  # type: ignore[assignment]
         return scores, table[scores.argmax(dim=1)]
 

@@ -1,9 +1,11 @@
 """From images to cluster maps (METHOD.md section 4).
 
 The teacher head's features are upsampled bilinearly to the output size, then every pixel
-goes to the centroid of highest cosine. Optionally the image and its horizontal flip both go
-through backbone and head, and the two feature maps are averaged (the flipped one flipped
-back) before upsampling. For the dense CRF the unary is ``log_softmax(3 * cos)``.
+goes to the centroid of highest cosine (the paper's; by default the tokens are scored and
+their scores upsampled instead, see :meth:`ClusterProbe.score_map`). Optionally the image
+and its horizontal flip both go through backbone and head, and the two feature maps are
+averaged (the flipped one flipped back) before upsampling. For the dense CRF the unary is
+``log_softmax(3 * cos)``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
     probe_state = run.load_tensors(PROBE_FILE, device)
     whitening = FeatureWhitening(config.reduced_dim) if "whitening.matrix" in probe_state else None
     spread = "precision" in probe_state
-    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening, spread).to(device)
+    upsample_scores = config.probe_upsampling == "scores"
+    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening, spread, upsample_scores).to(device)
     cluster_probe.load_state_dict(
         {key: value for key, value in probe_state.items() if key in cluster_probe.state_dict()}
     )
@@ -102,20 +105,16 @@ def flip_averaged_feature_map(model: TrainedModel, images: torch.Tensor, feature
 
 @torch.no_grad()
 def cluster_scores(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Every pixel's upsampled feature's score for every cluster (its cosine with each
-    centroid, or with a spread its log-density): ``[B, C, H, W]``."""
-    upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-    scores = model.cluster_probe.scores(map_to_tokens(upsampled))  # [B, H*W, C]
-    return scores.transpose(1, 2).reshape(feature_map.shape[0], -1, *size)
+    """Every pixel's score for every cluster (a cosine with each centroid, or with a spread a
+    log-density), upsampled as the run says (:meth:`ClusterProbe.score_map`): ``[B, C, H, W]``."""
+    return model.cluster_probe.score_map(feature_map, size)
 
 
 @torch.no_grad()
 def cluster_labels(model: TrainedModel, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Every pixel's cluster of highest score, as ``cluster_scores(...).argmax(dim=1)`` gives
-    it, without computing the scores themselves: ``[B, H, W]``."""
-    upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-    ranking = model.cluster_probe.ranking(map_to_tokens(upsampled))  # [B, H*W, C]
-    return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
+    it: ``[B, H, W]``."""
+    return model.cluster_probe.label_map(feature_map, size)
 
 
 @torch.no_grad()

@@ -199,6 +199,11 @@ class ClusterProbe(nn.Module):
     shared diagonal covariance (its inverse in ``precision``) over the unit whitened features,
     and a token's scores are their log-densities up to a constant of the token
     (:mod:`.spread`, where step three's k-means fits disagree).
+
+    A map of features becomes pixel scores (:meth:`score_map`) by upsampling the features and
+    scoring every pixel (the paper's), or with ``upsample_scores`` by scoring every token and
+    upsampling the scores: a feature interpolated between two regions can land nearer a third
+    centroid than either, a score interpolated between two cannot.
     """
 
     precision: torch.Tensor | None
@@ -209,12 +214,14 @@ class ClusterProbe(nn.Module):
         num_clusters: int,
         whitening: FeatureWhitening | None = None,
         spread: bool = False,
+        upsample_scores: bool = False,
     ) -> None:
         super().__init__()
         self.centroids = nn.Parameter(torch.empty(num_clusters, reduced_dim))
         nn.init.uniform_(self.centroids, -1.0 / num_clusters, 1.0 / num_clusters)
         self.whitening = whitening
         self.register_buffer("precision", torch.ones(reduced_dim) if spread else None)
+        self.upsample_scores = upsample_scores
 
     @property
     def sharpness(self) -> float:
@@ -256,6 +263,30 @@ class ClusterProbe(nn.Module):
             return tokens @ directions.T
         folded = self.whitening.matrix @ directions.T
         return F.normalize(tokens, dim=-1) @ folded - self.whitening.mean @ folded
+
+    def score_map(self, feature_map: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Every pixel's :meth:`scores` at ``size`` from a map of head features ``[B, r, h, w]``:
+        ``[B, C, H, W]``."""
+        if self.upsample_scores:
+            return F.interpolate(self._scores_on_map(feature_map), size=size, mode="bilinear", align_corners=False)
+        upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+        return self._scores_on_map(upsampled)
+
+    def label_map(self, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Every pixel's cluster of highest score, as ``score_map(...).argmax(dim=1)`` gives it:
+        ``[B, H, W]``. Scoring pixels only needs the :meth:`ranking`; upsampled scores are not
+        ranked alike by it (a cosine's ranking drops a length that differs between tokens)."""
+        if self.upsample_scores:
+            return self.score_map(feature_map, size).argmax(dim=1)
+        upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+        ranking = self.ranking(upsampled.flatten(2).transpose(1, 2))  # [B, H*W, C]
+        return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
+
+    def _scores_on_map(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """:meth:`scores` of every position of ``[B, r, h, w]``: ``[B, C, h, w]``."""
+        batch, _, height, width = feature_map.shape
+        scores = self.scores(feature_map.flatten(2).transpose(1, 2))  # [B, h*w, C]
+        return scores.transpose(1, 2).reshape(batch, -1, height, width)
 
 
 def build_head(kind: str, dim: int, reduced_dim: int, num_queries: int | None, dropout: float) -> nn.Module:
