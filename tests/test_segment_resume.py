@@ -111,6 +111,7 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
 
     from cause_cli.data.transforms import normalise, resize_and_crop
     from cause_cli.inference.predict import cluster_scores, head_feature_map, load_trained
+    from cause_cli.inference.segment import labels_of
     from cause_cli.runs import open_run
 
     source, run = trained
@@ -134,6 +135,11 @@ def test_save_chooses_the_outputs_and_scores_hold_the_best_clusters_probability_
     top = torch.softmax(sharpness * scores, dim=0).topk(2, dim=0).values.numpy()
     np.testing.assert_allclose(confidence, top[0], atol=2e-3)
     np.testing.assert_allclose(margin, top[0] - top[1], atol=2e-3)
+    # The label map is the scores' best cluster, as the run names it (classes once evaluated).
+    mapping, _ = labels_of(open_run(run), model.num_classes)
+    best = scores.argmax(dim=0).numpy()
+    expected = best if mapping is None else mapping[best]
+    assert (np.asarray(Image.open(out / entry["label"])) == expected).mean() > 0.999
 
     refused = invoke("segment", image_path, "--run", run, "--out", tmp_path / "o2", "--save", "labels,masks")
     assert refused.exit_code == 1

@@ -196,7 +196,8 @@ class _Segmenter:
                 else None
             )
             if self.pool is None:
-                cluster_maps.append(cluster_labels(model, features, size)[0].cpu().numpy())
+                labels = cluster_labels(model, features, size) if scores_map is None else scores_map.argmax(dim=1)
+                cluster_maps.append(labels[0].cpu().numpy())
             else:
                 assert scores_map is not None
                 crf_images.append(crf_image(image, scores_map))
