@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cause_cli.inference.metrics import hungarian_mapping
+from cause_cli.model import kmeans as kmeans_module
 from cause_cli.model.kmeans import (
     Votes,
     assign,
@@ -149,6 +150,26 @@ def test_a_consensus_of_fits_recovers_known_clusters():
         points, truth = clustered_points(seed)
         result = consensus_kmeans(points, 5, torch.Generator().manual_seed(seed), fits=6)
         assert matched_points(points, truth, result.centroids) == len(truth)
+
+
+def test_every_fit_of_a_consensus_sees_its_own_random_share_of_the_points(monkeypatch):
+    points, truth = clustered_points(0)
+    seen = []
+    fit_once = kmeans_module.spherical_kmeans
+
+    def recording(features, *args, **kwargs):
+        seen.append(features.clone())
+        return fit_once(features, *args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "spherical_kmeans", recording)
+    result = consensus_kmeans(points, 5, torch.Generator().manual_seed(0), fits=4, share=0.5)
+    assert [len(subset) for subset in seen] == [round(len(points) / 2)] * 4
+    assert not torch.equal(seen[0], seen[1])
+    unit = F.normalize(points, dim=1)
+    for subset in seen:  # points of the sample, each at most once
+        rows = torch.cdist(subset, unit).argmin(dim=1)
+        assert len(rows.unique()) == len(subset)
+    assert matched_points(points, truth, result.centroids) == len(truth)  # the partitions cover every point
 
 
 def noisy_partitions(points: int, ids: int, fits: int, seed: int) -> list[torch.Tensor]:
