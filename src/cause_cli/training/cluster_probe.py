@@ -251,7 +251,8 @@ def kmeans_start(context: TrainingContext, points: torch.Tensor, whitening: Feat
         f"cluster probe: k-means start, {how}, mean cosine {result.mean_cosine:.4f} "
         f"after {result.iterations} iterations"
     )
-    spread = uses_spread(config.probe_spread, result.agreement)
+    # Modularity refines centroids that score by cosine; a spread's means are not such centroids.
+    spread = not config.refines_probe and uses_spread(config.probe_spread, result.agreement)
     probe = ClusterProbe(config.reduced_dim, context.num_classes, whitening, spread=spread)
     if not spread:
         probe.centroids.data.copy_(result.centroids)
