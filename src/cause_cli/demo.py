@@ -19,7 +19,7 @@ DEMO_SEGMENTED = 8
 
 
 def demo_config(data_dir: Path) -> TrainConfig:
-    """The default pipeline with fewer updates, so the demo runs in about a minute on a 2-core CPU.
+    """The default pipeline with fewer updates, so the demo runs in about a minute and a half on a 2-core CPU.
 
     12 front-door epochs (240 updates) instead of the 500 updates a folder gets by default, one
     clusterbook epoch, and the concept thresholds 0.5 / 0.3 that folders get by default (the toy
