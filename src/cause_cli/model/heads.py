@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import cosine_similarity_matrix, ema_update_, quantise, tokens_to_map
+from .ops import cosine_similarity_matrix, ema_update_, map_to_tokens, quantise, tokens_to_map
 from .spread import spread_ranking, spread_scores
 
 # The dense CRF starts from softmax(3 cos) of the cluster probe (METHOD.md section 4).
@@ -279,13 +279,13 @@ class ClusterProbe(nn.Module):
         if self.upsample_scores:
             return self.score_map(feature_map, size).argmax(dim=1)
         upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
-        ranking = self.ranking(upsampled.flatten(2).transpose(1, 2))  # [B, H*W, C]
+        ranking = self.ranking(map_to_tokens(upsampled))  # [B, H*W, C]
         return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
 
     def _scores_on_map(self, feature_map: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` of every position of ``[B, r, h, w]``: ``[B, C, h, w]``."""
         batch, _, height, width = feature_map.shape
-        scores = self.scores(feature_map.flatten(2).transpose(1, 2))  # [B, h*w, C]
+        scores = self.scores(map_to_tokens(feature_map))  # [B, h*w, C]
         return scores.transpose(1, 2).reshape(batch, -1, height, width)
 
 

@@ -22,7 +22,6 @@ from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
 from ..data.transforms import normalise_pixels
 from ..devices import autocast, loader_workers
 from ..errors import CauseError
-from ..interrupts import raise_if_interrupted
 from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
 from ..progress import Reporter
 from ..runs import LOG_FILE, RESUME_FILE, RunDirectory
@@ -185,7 +184,6 @@ class TrainingContext:
                     pass
                 batches = self.tokens_and_labels(raw, resolution)
                 for index, batch in zip(range(skip, per_epoch), batches, strict=False):
-                    raise_if_interrupted()
                     self.position = (epoch, index + 1)
                     self.sizes = self.group.batch_sizes(0 if batch is None else len(batch[0]), self.device)
                     # Processes train in step: where one has no readable image, all pass.
