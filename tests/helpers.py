@@ -87,6 +87,17 @@ def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def one_sentence(result, pattern: str) -> str:
+    """The command failed as a user's mistake should: exit code 1, no traceback, one line on
+    stderr that holds ``pattern``; that line."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
 def train_small_run(root: Path, num_val: int, seed: int, size_range: tuple[int, int] = (64, 72)) -> tuple[Path, Path]:
     """Synthetic scenes under ``root/scenes`` and a run trained on them in seconds (64 px, 16
     concepts, one front-door epoch) at ``root/run``: ``(scenes, run)``."""

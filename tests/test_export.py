@@ -31,7 +31,7 @@ def test_onnx_runtime_labels_the_shared_photos_as_the_toolkit_does(evaluated_run
     result = invoke("export", evaluated_run, "--out", target, "--json")
     assert result.exit_code == 0, result.output
     description = json.loads(result.stdout)
-    assert description == json.loads(target.with_suffix(".json").read_text())
+    assert description == json.loads(target.with_name(target.name + ".json").read_text())
     assert description["labels_are"] == "classes" and description["check"]["pixels_agreeing"] >= 0.999
 
     model = load_trained(open_run(evaluated_run), torch.device("cpu"))

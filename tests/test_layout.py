@@ -84,3 +84,17 @@ def test_no_module_is_longer_than_the_limit():
 def test_each_step_of_the_method_has_its_own_module():
     for step in ("clusterbook", "front_door", "cluster_probe"):
         assert (PACKAGE / "training" / f"{step}.py").is_file(), step
+
+
+def test_torch_is_required_at_a_version_whose_weights_only_loading_is_safe():
+    """torch.load(weights_only=True), which `cause import` and resuming rely on, could be made
+    to run code before torch 2.6 (CVE-2025-32434): the package never allows an older torch."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(line) for line in project["dependencies"] if Requirement(line).name == "torch")
+    assert not torch.specifier.contains(Version("2.5.1")), torch
+    assert torch.specifier.contains(Version("2.6.0")), torch

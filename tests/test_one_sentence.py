@@ -14,20 +14,13 @@ from typer.testing import CliRunner
 from cause_cli.cli import app
 from cause_cli.data.synthetic import write_scenes
 
+from .helpers import one_sentence
+
 runner = CliRunner()
 
 
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_sentence(result, pattern: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert pattern in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

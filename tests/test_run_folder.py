@@ -101,16 +101,17 @@ def test_metrics_are_strict_json_and_an_evaluation_of_nothing_keeps_them(scenes,
     assert None in printed["iou_per_class"].values()
     strict_json(stored.decode())
 
-    # Labels that ignore every pixel: no score is defined, and the JSON says null, not NaN.
+    # Labels that ignore every pixel: nothing is evaluated, said in one sentence, and the
+    # metrics already there are kept.
     ignored = tmp_path / "ignored"
     shutil.copytree(scenes, ignored)
     for label in (ignored / "labels" / "val").glob("*.png"):
         Image.fromarray(np.full_like(np.asarray(Image.open(label)), 255)).save(label)
     undefined = invoke("eval", "--run", run, "--data-dir", ignored, "--device", "cpu", "--no-crf", "--json")
-    assert undefined.exit_code == 0, undefined.output
-    assert strict_json(undefined.stdout)["miou"] is None
-    assert strict_json((run / "metrics.json").read_text())["pixel_accuracy"] is None
-    stored = (run / "metrics.json").read_bytes()
+    assert undefined.exit_code == 1, undefined.output
+    assert undefined.stdout == ""
+    assert len(undefined.stderr.strip().splitlines()) == 1 and "No pixel of the val split" in undefined.stderr
+    assert (run / "metrics.json").read_bytes() == stored
 
     unreadable = tmp_path / "unreadable"
     for split in ("train", "val"):
@@ -198,9 +199,11 @@ def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
     from cause_cli.inference.segment import SegmentSummary, _Input, _Segmenter
 
     model = SimpleNamespace(num_classes=clusters)
-    segmenter = _Segmenter(model, tmp_path, None, None, SegmentSummary(), OutputFolder(tmp_path))  # type: ignore[arg-type]
+    folder = OutputFolder(tmp_path)
+    segmenter = _Segmenter(model, tmp_path, None, None, SegmentSummary(), folder)  # type: ignore[arg-type]
     values = np.arange(12).reshape(3, 4) * (clusters - 1) // 11  # 0 to clusters - 1
-    segmenter.write(_Input(Path("x.jpg"), Path("x.png")), Image.new("RGB", (4, 3)), values)
+    with folder.owned.batch() as files:
+        segmenter.write(files, _Input(Path("x.jpg"), Path("x.png")), Image.new("RGB", (4, 3)), values)
     written = Image.open(tmp_path / "labels" / "x.png")
     np.testing.assert_array_equal(np.asarray(written), values)
     assert written.mode == ("P" if clusters <= 256 else "I;16")

@@ -25,6 +25,7 @@ from .devices import resolve_device
 from .errors import CauseError
 from .inference.crf import dense_crf, require_crf
 from .inference.figures import palette
+from .inference.outputs import OVERLAY_OPACITY, label_image, overlay_image
 from .inference.predict import (
     TrainedModel,
     cluster_labels,
@@ -34,7 +35,7 @@ from .inference.predict import (
     image_features,
     load_trained,
 )
-from .inference.segment import OVERLAY_OPACITY, label_image, labels_of, overlay_image
+from .inference.segment import labels_of
 from .runs import open_run
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -97,13 +98,21 @@ class CauseModel:
         """Segment one image or a batch: paths, PIL images, ``uint8`` arrays (``[H, W, 3]`` or
         grey ``[H, W]``; a ``[B, H, W, 3]`` array is a batch). With ``crf``, the image and its
         mirror are averaged and refined by the dense CRF, as ``cause segment --crf`` does."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise CauseError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
         single = not _is_batch(images)
         batch = cast("list[ImageInput]", [images] if single else list(images))  # type: ignore[arg-type]
         if crf:
             require_crf()
         pictures = [_as_image(image) for image in batch]
+        for picture in pictures:
+            if picture.width < 1 or picture.height < 1:
+                raise CauseError(
+                    f"Cannot segment an image of {picture.width} x {picture.height} pixels; give one at least 1 pixel "
+                    "wide and high."
+                )
         results = []
-        for start in range(0, len(pictures), max(1, batch_size)):
+        for start in range(0, len(pictures), batch_size):
             chunk = pictures[start : start + batch_size]
             with torch.no_grad():
                 for picture, (features, size) in zip(chunk, image_features(self.trained, chunk, crf), strict=True):

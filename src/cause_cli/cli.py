@@ -424,8 +424,9 @@ def train(
         bool,
         typer.Option(
             "--overwrite",
-            help="Train the --run folder over from the start: the files an earlier training and evaluation "
-            "wrote there are removed first (without it, a run trained with other settings is refused).",
+            help="Train the --run folder over from the start: once every option and input is checked, the "
+            "files an earlier training and evaluation wrote there are removed (only files cause recorded as "
+            "its own and that are unchanged since; without it, a run trained with other settings is refused).",
         ),
     ] = False,
     checkpoint_every: Annotated[
@@ -481,10 +482,6 @@ def train(
     if resume and overwrite:
         raise CauseError("--resume continues a run and --overwrite starts it over: give one of them.")
     process = from_environment()
-    if overwrite and run is not None and not process.distributed:  # before any process starts
-        from .runs import RunDirectory
-
-        RunDirectory(run).clear_training()
     if process.distributed and run is None:
         # Each process would number a folder of its own (on other machines, other numbers).
         raise CauseError("Processes started by torchrun write one run together: give it with --run.")
@@ -534,7 +531,9 @@ def train(
         precision=precision,
     )
     run_path = run or next_numbered_folder(runs_home(), "train")
-    _print_training(train_run(config, run_path, device, _reporter(quiet or json_output)), json_output)
+    _print_training(
+        train_run(config, run_path, device, _reporter(quiet or json_output), overwrite=overwrite), json_output
+    )
 
 
 def _print_training(run: Any, json_output: bool) -> None:
@@ -561,7 +560,7 @@ def _launch_training(ctx: typer.Context, processes: int, run: Path, device: str)
 
     if ctx.params.get("recipe") == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
-    _relaunch(ctx, processes, device, ["--run", str(run)], passed_on_elsewhere=("run", "overwrite"), what="Training")
+    _relaunch(ctx, processes, device, ["--run", str(run)], passed_on_elsewhere=("run",), what="Training")
 
 
 def _relaunch(
@@ -834,7 +833,8 @@ def segment(
     require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers)
     from .devices import use_precision
     from .inference.crf import default_workers
-    from .inference.segment import parse_save, segment_images
+    from .inference.outputs import parse_save
+    from .inference.segment import segment_images
     from .paths import next_numbered_folder, runs_home
     from .training.distributed import from_environment
 
@@ -926,12 +926,12 @@ def export(
     """Export a run (backbone, head and cluster probe) as one ONNX graph: normalised images in,
     cluster scores and labels out, with a dynamic batch; checked in ONNX Runtime before it is kept.
 
-    Not exported: the dense CRF, image reading and resizing (export.json says how to prepare
+    Not exported: the dense CRF, image reading and resizing (GRAPH.json, beside the graph, says how to prepare
     the input). Needs the export extra: pip install "cause-cli[export]".
 
     Example: cause export runs/photos --out photos.onnx
     """
-    from .inference.export import export_run
+    from .inference.export import description_path, export_run
 
     target = out or run / f"model.{export_format}"
     description = export_run(run, target, export_format)
@@ -942,7 +942,7 @@ def export(
     stdout.print(
         f"{target}: {description['bytes'] / 2**20:.1f} MiB, {description['resolution']} px, "
         f"agrees with the toolkit on {check['pixels_agreeing']:.4%} of the check's pixels; "
-        f"described in {target.with_suffix('.json')}",
+        f"described in {description_path(target)}",
         highlight=False,
         soft_wrap=True,
     )

@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .errors import CauseError
 from .model.heads import SegmentationHeads
 from .model.reference import convert_heads, load_reference_file
+from .paths import refuse_unusable_folder
 from .runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
 
 
@@ -130,6 +131,7 @@ def import_reference(
 ) -> RunDirectory:
     """Convert the reference's files into a run folder at ``run_path`` (which must not exist)."""
     run = RunDirectory(Path(run_path))
+    refuse_unusable_folder(run.path, "--run")
     if run.path.exists() and any(run.path.iterdir()):
         raise CauseError(f"{run.path} already exists and is not empty; import into a new folder.")
     backbone = reference_backbone(backbone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import CauseError
 
 CACHE_ENV = "CAUSE_HOME"
 
@@ -95,6 +98,20 @@ def next_numbered_folder(parent: Path, stem: str) -> Path:
     return candidate
 
 
+def refuse_unusable_folder(path: Path, option: str) -> None:
+    """One sentence when ``path`` cannot be a folder the toolkit writes into: a file, a
+    symbolic link (what it writes would land elsewhere), or a path below a file."""
+    if path.is_symlink():
+        raise CauseError(f"{option} {path} is a symbolic link; give the folder it points to, or another folder.")
+    if path.exists() and not path.is_dir():
+        raise CauseError(f"{option} {path} is a file, not a folder; give a folder.")
+    for above in path.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise CauseError(f"{option} {path} lies below {above}, which is a file; give a folder.")
+            return
+
+
 def _process_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -143,6 +160,14 @@ def json_text(data: Any, indent: int | None = None) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomically(path, lambda target: target.write_text(json_text(data, indent=2) + "\n"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def readable_size(size: int) -> str:

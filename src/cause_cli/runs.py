@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,11 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from .config import HEADS, RECIPES, TrainConfig
+from . import run_checks
+from .config import TrainConfig
 from .errors import CauseError
-from .paths import write_atomically, write_json
+from .owned import LEDGER_FILE, OwnedFolder, Writer
+from .paths import json_text
 
 CLUSTERBOOK_FILE = "clusterbook.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -44,30 +45,18 @@ METRICS_FILE = "metrics.json"
 RESUME_FILE = "resume.pt"  # the unfinished step's training state; gone once the step is done
 LOG_FILE = "train.log"
 LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; says who that is
-# What a training and its evaluation write, removed by `cause train --overwrite` (the log and
-# the feature cache, whose folder names the backbone and images it holds, are kept).
-TRAINING_OUTPUTS = (
-    RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, FRONT_DOOR_HEAD_FILE, PROBE_FILE, RESUME_FILE, METRICS_FILE,
-    "confusion.png", "samples.png",
-)  # fmt: skip
+# What a training writes, and what its evaluation adds: `cause train --overwrite` removes them
+# where the run's ledger records them as the toolkit's (the log and the feature cache, whose
+# folder names the backbone and images it holds, are kept).
+TRAINED_FILES = (RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, FRONT_DOOR_HEAD_FILE, PROBE_FILE, RESUME_FILE)
+EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png")
+TRAINING_OUTPUTS = (*TRAINED_FILES, *EVALUATION_FILES)
 
 
 def _run_info_problem(info: Any) -> str | None:
-    """What makes ``info`` (a parsed run.json) unusable, in a few words; None if nothing."""
-    if not isinstance(info, dict):
-        return f"it holds a {type(info).__name__}, not an object"
-    config = info.get("config")
-    if not isinstance(config, dict):
-        return "its 'config' is missing or not an object"
-    if "num_classes" in info and (not isinstance(info["num_classes"], int) or info["num_classes"] < 1):
-        return f"its class count {info['num_classes']!r} is not a positive whole number"
-    if config.get("head", "mlp") not in HEADS:
-        return f"it names an unknown head {config.get('head')!r} (this version offers {', '.join(HEADS)})"
-    if config.get("recipe", "default") not in RECIPES:
-        return f"it names an unknown recipe {config.get('recipe')!r}"
-    if not isinstance(config.get("data_dir"), str):
-        return "its 'config' has no data folder"
-    return None
+    """What makes ``info`` (a parsed run.json) unusable, in a few words; None if nothing
+    (every field checked by type and range: run_checks.py)."""
+    return run_checks.run_info_problem(info)
 
 
 @dataclass
@@ -77,6 +66,7 @@ class RunDirectory:
     writes: bool = True
     # "hf-hub:OWNER/NAME[@REVISION]" for a run downloaded from the Hub (its folder is the cache's).
     hub_id: str | None = None
+    _owned: OwnedFolder | None = field(default=None, init=False, repr=False, compare=False)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -118,11 +108,51 @@ class RunDirectory:
         finally:
             handle.close()  # closing releases the lock
 
-    def clear_training(self) -> None:
-        """Remove what training and evaluation wrote, so the folder can be trained over."""
-        for name in TRAINING_OUTPUTS:
-            self.file(name).unlink(missing_ok=True)
+    @property
+    def owned(self) -> OwnedFolder:
+        if self._owned is None:
+            self._owned = OwnedFolder(self.path)
+        return self._owned
+
+    def refuse_foreign_files(self, overwrite: bool) -> None:
+        """Before training writes anything: every file training may replace here (and, with
+        ``overwrite``, every file it would remove) must be one the toolkit wrote."""
+        names = TRAINING_OUTPUTS if overwrite else TRAINED_FILES
+        self.owned.refuse_unless_ours(
+            names, "move it away, or give another --run (cause trains only into folders it made)"
+        )
+
+    def clear_training(self) -> list[str]:
+        """Remove what training and evaluation wrote here (the files the run's ledger records,
+        unchanged since), so the folder can be trained over; the sentences for files left."""
+        left = self.owned.remove(TRAINING_OUTPUTS)
         self.log("overwritten: the earlier training's files were removed")
+        for problem in left:
+            self.log(f"left in place: {problem}")
+        return left
+
+    def remove_if_bookkeeping_only(self) -> None:
+        """Remove the folder when it holds nothing but the lock, the log and the ledger: what a
+        training refused before its first result leaves in a folder it made."""
+        bookkeeping = {LOCK_FILE, LOG_FILE, LEDGER_FILE}
+        if not self.path.is_dir() or not {entry.name for entry in self.path.iterdir()} <= bookkeeping:
+            return
+        for name in bookkeeping:
+            self.file(name).unlink(missing_ok=True)
+        self.path.rmdir()
+
+    def write_file(self, name: str, write: Writer) -> None:
+        """The file ``name`` of the run, made by ``write(temporary_path)``, recorded as the run's own."""
+        if self.writes:
+            self.owned.write(name, write)
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_file(name, lambda target: target.write_text(json_text(data, indent=2) + "\n"))
+
+    def remove_file(self, name: str) -> None:
+        """Remove the run's own file ``name`` (a file the toolkit did not write is left)."""
+        if self.writes:
+            self.owned.remove([name])
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -130,7 +160,7 @@ class RunDirectory:
         if not self.writes:
             return
         contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        write_atomically(self.file(name), lambda target: save_file(contiguous, str(target)))
+        self.write_file(name, lambda target: save_file(contiguous, str(target)))
 
     def load_tensors(self, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -139,15 +169,21 @@ class RunDirectory:
         if not path.is_file():
             raise CauseError(f"Run {self.path} has no {name}; train it first with 'cause train --run {self.path}'.")
         try:
-            return load_file(str(path), device=str(device))
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise CauseError(f"{path} is damaged or not a safetensors file.") from error
+            tensors = load_file(str(path), device=str(device))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        # safetensors raises its own error types for damaged files, and a header it cannot
+        # follow can end in a Rust panic, which Python sees as a BaseException.
+        except BaseException as error:
+            raise CauseError(f"{path} is damaged or not a safetensors file; {run_checks.RUN_REMEDY}.") from error
+        run_checks.check_weights(path, tensors)  # floating-point and finite, every tensor
+        return tensors
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         """Training state (tensors, numbers, nested dicts) that only this toolkit reads back."""
         if not self.writes:
             return
-        write_atomically(self.file(name), lambda target: torch.save(state, target))
+        self.write_file(name, lambda target: torch.save(state, target))
 
     def load_state(self, name: str) -> dict[str, Any]:
         try:
@@ -156,21 +192,18 @@ class RunDirectory:
             raise CauseError(f"{self.file(name)} is damaged; delete it to start the step over.") from error
 
     def write_run_info(self, info: dict[str, Any]) -> None:
-        if not self.writes:
-            return
-        write_json(self.file(RUN_FILE), info)
+        self.write_json(RUN_FILE, info)
 
     def read_run_info(self) -> dict[str, Any]:
         path = self.file(RUN_FILE)
         if not path.is_file():
             raise CauseError(f"{self.path} is not a run folder (it has no {RUN_FILE}).")
-        try:
-            info = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CauseError(f"{path} is damaged: {getattr(error, 'msg', error)}.") from error
+        info, damage = run_checks.read_json(path, run_checks.MAX_RUN_JSON_BYTES)
+        if damage:
+            raise CauseError(f"{path} is damaged: {damage}; {run_checks.RUN_REMEDY}.")
         problem = _run_info_problem(info)
         if problem:
-            raise CauseError(f"{path} is not a run description this toolkit wrote: {problem}.")
+            raise CauseError(f"{path} is not a run description this toolkit wrote: {problem}; {run_checks.RUN_REMEDY}.")
         return info
 
     def config(self) -> TrainConfig:

@@ -8,15 +8,21 @@ caches, the training log (it names the training images) or any image of the data
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from .backbones import REGISTRY, file_sha256
+from safetensors.torch import load as safetensors_load
+
+from .backbones import REGISTRY, hub
 from .backbones.hub import hub_settings
+from .config import TrainConfig
 from .errors import CauseError
 from .paths import json_text
-from .runs import HUB_RUN_FILES, METRICS_FILE, RUN_FILE, WEIGHT_FILES, WEIGHTS_SHA256, open_run
+from .run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, parse_json
+from .runs import METRICS_FILE, RUN_FILE, WEIGHT_FILES, WEIGHTS_SHA256, RunDirectory, open_run
 
 PICTURES = ("confusion.png", "samples.png")
 CARD_FILE = "README.md"
@@ -35,7 +41,8 @@ def restricted(licence: str) -> bool:
 
 def model_card(info: dict[str, Any], metrics: dict[str, Any] | None, repo_id: str, pictures: list[str]) -> str:
     """README.md for the Hub: YAML metadata, what the run is, its scores, how to use it."""
-    config, backbone = info["config"], info.get("backbone", {})
+    # Fields a run.json may leave out (runs from before them) take their defaults here too.
+    config, backbone = TrainConfig.from_dict({"data_dir": "", **info["config"]}).to_dict(), info.get("backbone", {})
     licence = backbone_licence(str(backbone.get("name", config["backbone"])))
     metadata = [
         "---",
@@ -121,6 +128,8 @@ def push_run(
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
+    if not hub.is_repo_id(repo_id):
+        raise CauseError(f"'{repo_id}' is not a Hub repository id; write OWNER/NAME.")
     run = open_run(run_path)
     info = run.read_run_info()
     name = str(info.get("backbone", {}).get("name", info["config"]["backbone"]))
@@ -130,16 +139,23 @@ def push_run(
             f"The run's backbone {name} is licensed {licence}, which limits how the weights trained on it may be "
             "used; give --accept-backbone-licence to push anyway (the model card says so)."
         )
-    metrics = json.loads(run.file(METRICS_FILE).read_text()) if run.has(METRICS_FILE) else None
-    pictures = [picture for picture in PICTURES if run.has(picture)]
-    uploads = [*HUB_RUN_FILES, *([METRICS_FILE] if metrics is not None else []), *pictures]
-    operations = [
-        CommitOperationAdd(path_in_repo=file, path_or_fileobj=str(run.file(file)))
-        for file in uploads
-        if file != RUN_FILE
-    ]
+    present = [name for name in (METRICS_FILE, *PICTURES) if run.file(name).exists() or run.file(name).is_symlink()]
+    # Read once, without following links, and checked for what its name says: what is sent is
+    # what was checked, and a link cannot send a file from elsewhere.
+    contents = {file: run_file_bytes(run, file) for file in [*WEIGHT_FILES, *present]}
+    metrics = None
+    if METRICS_FILE in contents:
+        metrics, problem = parse_json(contents[METRICS_FILE])
+        problem = problem or metrics_problem(metrics, info["num_classes"])  # every field the card reads, checked
+        if problem:
+            raise CauseError(
+                f"{run.file(METRICS_FILE)} is damaged; run cause eval on the run again (or delete the file to push "
+                f"the run without scores): {problem}."
+            )
+    pictures = [name for name in PICTURES if name in contents]
+    operations = [CommitOperationAdd(path_in_repo=file, path_or_fileobj=data) for file, data in contents.items()]
     # The Hub's copy of run.json records the weights' SHA-256, which a download checks.
-    described = {**info, WEIGHTS_SHA256: {name: file_sha256(run.file(name)) for name in WEIGHT_FILES}}
+    described = {**info, WEIGHTS_SHA256: {name: hashlib.sha256(contents[name]).hexdigest() for name in WEIGHT_FILES}}
     operations.insert(0, CommitOperationAdd(path_in_repo=RUN_FILE, path_or_fileobj=json_text(described, 2).encode()))
     card = model_card(info, metrics, repo_id, pictures).encode()
     operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
@@ -172,4 +188,50 @@ def push_run(
                 "use a token with write access."
             ) from error
         raise CauseError(f"The Hub refused the push to {repo_id}: {error}.") from error
+    except Exception as error:
+        if not _is_connection_error(error):
+            raise
+        raise CauseError(
+            f"The Hub at {hub_settings().endpoint} could not be reached to push to {repo_id} "
+            f"({error.__class__.__name__}); check the network (or HF_ENDPOINT) and push again."
+        ) from error
     return str(commit.commit_url)
+
+
+# The HTTP clients huggingface_hub has used name their failures to connect so (requests,
+# httpx and its forks, urllib3); none of them is an error of the Hub's.
+_CONNECTION_ERRORS = {"ConnectionError", "TransportError", "NetworkError", "TimeoutException", "Timeout"}
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) or any(kind.__name__ in _CONNECTION_ERRORS for kind in type(error).__mro__)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_file_bytes(run: RunDirectory, name: str) -> bytes:
+    """The bytes of the run's own regular file ``name``, checked to be what its name says, or
+    one sentence why not (missing, a link, another kind of file)."""
+    path = run.file(name)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise CauseError(f"{path} is missing; train the run to the end before pushing it.") from None
+    except OSError as error:
+        reason = "a symbolic link" if path.is_symlink() else f"not readable ({error.strerror})"
+        raise CauseError(f"{path} is {reason}; cause pushes only the run's own files.") from error
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CauseError(f"{path} is not a regular file; cause pushes only the run's own files.")
+        if name == METRICS_FILE and os.fstat(handle.fileno()).st_size > MAX_METRICS_JSON_BYTES:
+            raise CauseError(f"{path} is damaged: it is larger than any metrics.json cause writes.")
+        data = handle.read()
+    if name.endswith(".png") and not data.startswith(PNG_SIGNATURE):
+        raise CauseError(f"{path} is not a PNG picture; run cause eval on the run again, or delete it.")
+    if name.endswith(".safetensors"):
+        try:
+            safetensors_load(data)
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise CauseError(f"{path} is damaged or not a safetensors file; train the run again.") from error
+    return data

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..paths import file_sha256
 from .cache import (
     METADATA_FILE,
     WEIGHTS_FILE,
     backbone_folder,
-    file_sha256,
     is_cached,
     metadata_path,
     read_metadata,

@@ -8,7 +8,6 @@ backbones/<name>/backbone.json       the registry entry, where the weights came 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -41,14 +40,6 @@ def weights_path(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
 
 def metadata_path(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
     return backbone_folder(spec, cache_dir) / METADATA_FILE
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CauseError
-from ..paths import write_json
+from ..paths import file_sha256, write_json
 from ..progress import Reporter
 from .cache import (
     METADATA_FILE,
-    file_sha256,
     folder_name,
     is_cached,
     metadata_path,

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..devices import autocast
 from ..errors import CauseError
-from ..paths import write_json
+from ..paths import file_sha256, write_json
 from ..progress import Reporter
 from .building import model_for_loading
-from .cache import file_sha256, metadata_path, read_metadata, weights_path
+from .cache import metadata_path, read_metadata, weights_path
 from .fetching import fetch
 from .pos_embed import POS_EMBED_CHOICES, install_pos_embed_rule
 from .registry import BackboneSpec, resolve_spec, weights_spec

@@ -55,9 +55,12 @@ def read_image(path: Path, upright: bool = False) -> Image.Image:
     """The image at ``path`` as 8-bit RGB, fully decoded; ``upright`` applies its EXIF rotation
     (not for dataset images, whose labels follow the stored pixels)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # leaving it closes the file, the pixels stay
             opened.load()
-            return as_rgb(ImageOps.exif_transpose(opened) if upright else opened)
+            if upright:
+                ImageOps.exif_transpose(opened, in_place=True)  # not copied when it is upright already
+            # An 8-bit RGB image decoded into memory of its own is kept as it is: convert would copy it.
+            return opened if opened.mode == "RGB" and not opened.readonly else as_rgb(opened)
     except _READ_ERRORS as error:
         raise UnreadableFile(path, str(error) or type(error).__name__) from error
 

@@ -51,7 +51,11 @@ def read_class_names(root: Path) -> list[str] | None:
     names_file = root / "classes.txt"
     if not names_file.is_file():
         return None
-    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    try:
+        text = names_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CauseError(f"{names_file} is not UTF-8 text; save it as UTF-8, one class name a line.") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     return names or None
 
 

@@ -83,7 +83,11 @@ def _require_file(path: Path, layout: str) -> None:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CauseError(f"Split file {path} is not UTF-8 text; it lists one image id a line.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _mismatch(root: Path, images: int, labels: int, missing: Path, listed: str = "") -> CauseError:

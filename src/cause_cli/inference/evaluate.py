@@ -24,12 +24,11 @@ from ..data.loading import LoadReport, iterate_batches
 from ..data.transforms import denormalise_to_uint8, normalise_pixels
 from ..devices import loader_workers, resolve_device
 from ..errors import CauseError
-from ..paths import write_json
 from ..progress import Reporter
-from ..runs import METRICS_FILE, open_run
+from ..runs import EVALUATION_FILES, METRICS_FILE, RunDirectory, open_run
 from .baselines import baseline_maps, fit_baselines
 from .crf import CRFPool, CRFQueue, crf_available, require_crf
-from .figures import colourise, confusion_picture, palette, samples_picture, save_png
+from .figures import colourise, confusion_picture, palette, png_writer, samples_picture
 from .metrics import MetricAccumulator, SegmentationScores
 from .predict import load_trained, predict_batch, stack_label_maps
 
@@ -67,6 +66,10 @@ def evaluate_run(
         )
     # The run folder is locked while this evaluation reads and writes it.
     with run.writing("eval") if write else contextlib.nullcontext():
+        if write:  # before anything is computed: the files it will write must be the run's own
+            run.owned.refuse_unless_ours(
+                EVALUATION_FILES, f"move it away, or evaluate a copy of {run.path} (cause writes only its own files)"
+            )
         if crf is None:
             crf = crf_available()
         elif crf:
@@ -137,13 +140,18 @@ def evaluate_run(
                 f"ignored {ignored['pixels']:,} labelled pixel(s) with class ids at or above {model.num_classes}"
             )
         if len(report.skipped) >= len(data):
-            kept = (
-                f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
-            )
             raise CauseError(
                 f"None of the {len(data)} images of the {split} split of {root} could be read, so nothing was "
-                f"evaluated and {kept}."
+                f"evaluated and {_kept(run)}."
             )
+        if float(clusters.histogram.sum()) == 0:
+            raise CauseError(
+                f"No pixel of the {split} split of {root} is labelled (every label is 255, ignore, or the class "
+                f"ids are all at or above {model.num_classes}), so nothing was evaluated and {_kept(run)}."
+            )
+        # What was skipped is said even with --quiet (or --json: on stderr), never passed over.
+        for path, reason in [*sorted(report.skipped.items()), *data.unreachable]:
+            reporter.quiet_summary(f"skipped {path}: {reason}")
         names = list(model.class_names or data.class_names or [])[: model.num_classes]
         # More clusters than named classes (--num-classes above the data's): the rest by number.
         names += [str(index) for index in range(len(names), model.num_classes)]
@@ -176,14 +184,18 @@ def evaluate_run(
             "evaluated_at": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         if write:
-            write_json(run.file(METRICS_FILE), result)
+            run.write_json(METRICS_FILE, result)
             final = refined.scores(match=True) if crf else cluster_scores
-            save_png(
-                confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names), run.file("confusion.png")
-            )
+            confusion = confusion_picture(clusters.histogram.numpy(), cluster_scores.mapping, names)
+            run.write_file("confusion.png", png_writer(confusion))
             if samples:
-                save_png(_samples_figure(samples, final.mapping, crf, names), run.file("samples.png"))
+                run.write_file("samples.png", png_writer(_samples_figure(samples, final.mapping, crf, names)))
         return result
+
+
+def _kept(run: RunDirectory) -> str:
+    """What became of the run's metrics when nothing was evaluated."""
+    return f"{run.file(METRICS_FILE)} was left as it was" if run.has(METRICS_FILE) else "no metrics were written"
 
 
 def _summary(scores: SegmentationScores, names: list[str]) -> dict[str, Any]:

@@ -7,13 +7,16 @@ its log-density where the probe has a spread; brought to pixel size as the run's
 :meth:`ClusterProbe.score_map`) and ``labels int64 [B, R, R]``
 (classes once the run was evaluated, clusters before). What it leaves out: the dense CRF (a
 CPU algorithm with no ONNX form), reading and resizing images (resize to R x R and normalise
-with ImageNet's mean and deviation, as ``export.json`` beside the graph says), and labels at
+with ImageNet's mean and deviation, as the description beside the graph, ``<graph>.json``, says), and labels at
 an image's own size (resize the label map with nearest neighbours).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
 import time
 import types
 import warnings
@@ -28,7 +31,7 @@ from torch import nn
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CauseError
 from ..model.ops import tokens_to_map
-from ..paths import write_atomically, write_json
+from ..paths import UMASK, file_sha256, refuse_unusable_folder, write_json
 from ..runs import open_run
 from .predict import TrainedModel, load_trained
 from .segment import labels_of
@@ -79,66 +82,116 @@ def _fix_positions(vit: nn.Module, grid: int) -> None:
     vit._pos_embed = types.MethodType(fixed, vit)  # type: ignore[method-assign,assignment]
 
 
+def description_path(graph: Path) -> Path:
+    """Where the description of ``graph`` goes: beside it, its whole name plus ``.json``, so
+    that the two can never be one file (``model.onnx.json``; ``model.json.json``)."""
+    return graph.with_name(graph.name + ".json")
+
+
+def _recorded_graph_hash(description: Path) -> str | None:
+    """The graph's SHA-256 that a description cause wrote records; None for any other file."""
+    try:
+        recorded = json.loads(description.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(recorded, dict) and recorded.get("format") in FORMATS and isinstance(recorded.get("sha256"), str):
+        return recorded["sha256"]
+    return None
+
+
+def refuse_replacing_other_files(graph: Path) -> None:
+    """The graph and its description may replace only an earlier export's graph and
+    description: never a run's file, a user's file, or one that is a link."""
+    refuse_unusable_folder(graph.parent, "The folder of --out")
+    description = description_path(graph)
+    for path in (graph, description):
+        if path.is_symlink():
+            raise CauseError(f"{path} is a symbolic link; give another --out.")
+        if path.exists() and not path.is_file():
+            raise CauseError(f"{path} is not a file; give the path of the graph to write with --out.")
+    if graph.exists():
+        if _recorded_graph_hash(description) != file_sha256(graph):
+            raise CauseError(
+                f"{graph} exists and is not a graph cause exported (no description beside it records it); cause "
+                "replaces only files it wrote: give another --out, or move the file away."
+            )
+    elif description.exists() and _recorded_graph_hash(description) is None:
+        raise CauseError(
+            f"{description} exists and is not a description cause wrote; give another --out, or move the file away."
+        )
+
+
 def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx") -> dict[str, Any]:
-    """Write the run as ``out`` (ONNX) and ``out``'s ``.json`` description; checked by running
-    the file in ONNX Runtime on a random batch against the toolkit's own output."""
+    """Write the run as ``out`` (ONNX) and its description beside it (:func:`description_path`);
+    checked by running the graph in ONNX Runtime on a random batch against the toolkit's own
+    output before either is put in place."""
     if export_format not in FORMATS:
         raise CauseError(f"Unknown export format '{export_format}'; this version writes {', '.join(FORMATS)}.")
     try:
         import onnxruntime
     except ImportError as error:
         raise CauseError('Exporting needs onnx and onnxruntime: pip install "cause-cli[export]".') from error
+    out = Path(out)
+    refuse_replacing_other_files(out)
     run = open_run(run_path)
     model = load_trained(run, torch.device("cpu"))
     mapping, names = labels_of(run, model.num_classes)
     module = ExportedSegmenter(model, mapping).eval()
-    out = Path(out)
     size = model.resolution
     example = torch.randn(2, 3, size, size)
-
-    def write(target: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
         # The tracer notes that the resolution becomes a constant: it is meant to (dynamic batch only).
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
                 (example,),
-                str(target),
+                str(temporary),
                 input_names=["images"],
                 output_names=["scores", "labels"],
                 dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "labels": {0: "batch"}},
                 opset_version=OPSET,
                 dynamo=False,
             )
-
-    write_atomically(out, write)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    check = torch.randn(3, 3, size, size)
-    with torch.no_grad():  # the toolkit's own forward, positions resized as it resizes them
-        expected = ExportedSegmenter(model, mapping, for_export=False).eval()(check)[1].numpy()
-    started = time.perf_counter()
-    labels = session.run(["labels"], {"images": check.numpy()})[0]
-    seconds = time.perf_counter() - started
-    agreement = float((labels == expected).mean())
-    if agreement < 0.999:
-        out.unlink()
-        raise CauseError(f"The exported graph agrees with the toolkit on only {agreement:.2%} of pixels; not kept.")
-    description = {
-        "format": export_format,
-        "file": out.name,
-        "run": str(run.path),
-        "backbone": model.config.backbone,
-        "resolution": size,
-        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
-                  "normalise": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"}},
-        "outputs": {"scores": ["batch", len(names), size, size], "labels": ["batch", size, size]},
-        "labels_are": "classes" if mapping is not None else "clusters",
-        "scores_are": "cosines" if model.cluster_probe.precision is None else "log-densities",
-        "crf_starts_from": f"softmax({model.cluster_probe.sharpness:g} * scores)",
-        "names": names,
-        "not_exported": ["the dense CRF", "reading and resizing images", "labels at the image's own size"],
-        "bytes": out.stat().st_size,
-        "check": {"images": int(check.shape[0]), "pixels_agreeing": agreement, "onnxruntime_seconds": seconds},
-    }  # fmt: skip
-    write_json(out.with_suffix(".json"), description)
+        session = onnxruntime.InferenceSession(str(temporary), providers=["CPUExecutionProvider"])
+        check = torch.randn(3, 3, size, size)
+        with torch.no_grad():  # the toolkit's own forward, positions resized as it resizes them
+            expected = ExportedSegmenter(model, mapping, for_export=False).eval()(check)[1].numpy()
+        started = time.perf_counter()
+        labels = session.run(["labels"], {"images": check.numpy()})[0]
+        seconds = time.perf_counter() - started
+        agreement = float((labels == expected).mean())
+        if agreement < 0.999:
+            raise CauseError(
+                f"The exported graph agrees with the toolkit on only {agreement:.2%} of pixels; not kept."
+            )
+        description = {
+            "format": export_format,
+            "file": out.name,
+            "sha256": file_sha256(temporary),
+            "run": str(run.path),
+            "backbone": model.config.backbone,
+            "resolution": size,
+            "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
+                      "normalise": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"}},
+            "outputs": {"scores": ["batch", len(names), size, size], "labels": ["batch", size, size]},
+            "labels_are": "classes" if mapping is not None else "clusters",
+            "scores_are": "cosines" if model.cluster_probe.precision is None else "log-densities",
+            "crf_starts_from": f"softmax({model.cluster_probe.sharpness:g} * scores)",
+            "names": names,
+            "not_exported": ["the dense CRF", "reading and resizing images", "labels at the image's own size"],
+            "bytes": temporary.stat().st_size,
+            "check": {"images": int(check.shape[0]), "pixels_agreeing": agreement, "onnxruntime_seconds": seconds},
+        }  # fmt: skip
+        # The description first: a stop between the two leaves an earlier graph no description
+        # records, which the next export refuses to replace rather than guess about.
+        write_json(description_path(out), description)
+        os.chmod(temporary, 0o666 & ~UMASK)
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
     return description

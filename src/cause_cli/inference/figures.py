@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,13 @@ def colourise(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return out
 
 
+def png_writer(image: Image.Image) -> Callable[[Path], None]:
+    """What writes ``image`` as a PNG to the path it is given."""
+    return lambda target: image.save(target, format="PNG")
+
+
 def save_png(image: Image.Image, path: Path) -> None:
-    write_atomically(path, lambda target: image.save(target, format="PNG"))
+    write_atomically(path, png_writer(image))
 
 
 def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

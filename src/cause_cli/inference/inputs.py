@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.base import UnreadableFile, read_image
@@ -28,6 +29,7 @@ from ..interrupts import raise_if_interrupted
 from ..paths import dangling_link, walk_folders
 
 LIST_SUFFIXES = {".txt", ".lst"}
+PIXEL_BAND_PIXELS = 1 << 20  # a big image's pixels are copied this many (whole rows) at a time
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,19 @@ def pending_inputs(
     return pending, total, left
 
 
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """The ``uint8 [H, W, 3]`` pixels of an RGB image, copied a band of rows at a time from a
+    big one (``np.asarray`` would hold its pixels twice more while it copies them)."""
+    width, height = image.size
+    rows = max(1, PIXEL_BAND_PIXELS // max(1, width))
+    if rows >= height:
+        return np.asarray(image)
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, rows):
+        pixels[top : top + rows] = np.asarray(image.crop((0, top, width, min(height, top + rows))))
+    return pixels
+
+
 class _Decoded(IterableDataset):
     """The pending inputs, each with its decoded image; worker ``i`` of ``n`` decodes entries
     ``i, i + n, ...``, which the loader's round-robin puts back in order."""
@@ -204,7 +219,7 @@ class _Decoded(IterableDataset):
                 yield entry, None, entry.problem
                 continue
             try:
-                yield entry, np.asarray(read_image(entry.path, upright=True)), None
+                yield entry, rgb_pixels(read_image(entry.path, upright=True)), None
             except UnreadableFile as error:
                 yield entry, None, error.reason
 

@@ -22,9 +22,11 @@ from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
 from ..data.transforms import denormalise_to_uint8, normalise, resize_and_crop
 from ..devices import autocast
+from ..errors import CauseError
 from ..model.heads import CRF_SHARPNESS, ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
-from ..runs import PROBE_FILE, RunDirectory
+from ..run_checks import check_state
+from ..runs import PROBE_FILE, RUN_FILE, RunDirectory
 from ..training import load_heads
 from .crf import CRFPool, PendingResults
 
@@ -56,13 +58,31 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
         refuse_other_backbone(run.path, info, backbone)
     loaded_backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
     refuse_other_backbone(run.path, info, loaded_backbone)
-    num_classes = int(info["num_classes"])
+    num_classes = int(info["num_classes"])  # checked with the rest of run.json: run_checks.py
+    assert config.resolution is not None  # idem
+    if config.resolution % loaded_backbone.patch_size:
+        raise CauseError(
+            f"{run.file(RUN_FILE)} is not a run description this toolkit wrote: its config's 'resolution' "
+            f"{config.resolution} is not a multiple of the patch size {loaded_backbone.patch_size} of backbone "
+            f"'{config.backbone}'; train the run again."
+        )
     heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
     probe_state = run.load_tensors(PROBE_FILE, device)
-    whitening = FeatureWhitening(config.reduced_dim) if "whitening.matrix" in probe_state else None
+    whitening = "whitening.mean" in probe_state or "whitening.matrix" in probe_state
     spread = "precision" in probe_state
     upsample_scores = config.probe_upsampling == "scores"
-    cluster_probe = ClusterProbe(config.reduced_dim, num_classes, whitening, spread, upsample_scores).to(device)
+
+    def build_probe() -> ClusterProbe:
+        space = FeatureWhitening(config.reduced_dim) if whitening else None
+        return ClusterProbe(config.reduced_dim, num_classes, space, spread, upsample_scores)
+
+    # The file's tensors against the probes the run describes, built where nothing is allocated.
+    with torch.device("meta"):
+        expected = dict(build_probe().state_dict())
+        if any(key.startswith("linear_probe.") for key in probe_state):
+            expected.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
+    check_state(run.file(PROBE_FILE), expected, probe_state)
+    cluster_probe = build_probe().to(device)
     cluster_probe.load_state_dict(
         {key: value for key, value in probe_state.items() if key in cluster_probe.state_dict()}
     )

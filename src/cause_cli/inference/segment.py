@@ -11,8 +11,8 @@ clusters to classes). Files that are not readable images are skipped and listed,
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,14 +26,25 @@ from PIL import Image
 from ..devices import loader_workers as workers_for
 from ..devices import resolve_device
 from ..errors import CauseError
-from ..paths import write_atomically, write_json
+from ..owned import WriteBatch
+from ..paths import refuse_unusable_folder
 from ..progress import Reporter
+from ..run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, read_json
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from ..training.distributed import ProcessGroup, from_environment, start, stop
 from .crf import CRFPool, CRFQueue, require_crf
-from .figures import legend_picture, palette, save_png
+from .figures import legend_picture, palette, png_writer
 from .inputs import decoded_inputs, pending_inputs
-from .manifest import MANIFEST_FILE, SUMMARY_FILE, OutputFolder, run_fingerprint
+from .manifest import (
+    LEGEND_FILE,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    OutputFolder,
+    check_before_writing,
+    refuse_outputs_among_inputs,
+    run_fingerprint,
+)
+from .outputs import DEFAULT_SAVE, PALETTE_IDS, label_image, overlay_image, save_scores
 from .predict import (
     TrainedModel,
     cluster_labels,
@@ -44,21 +55,6 @@ from .predict import (
     image_features,
     load_trained,
 )
-
-OVERLAY_OPACITY = 0.5
-PALETTE_IDS = 256  # the ids a palette PNG holds; more clusters get 16-bit greyscale label maps
-OUTPUT_KINDS = ("labels", "overlays", "scores")
-DEFAULT_SAVE = ("labels", "overlays")
-
-
-def parse_save(text: str) -> tuple[str, ...]:
-    """``"labels,scores"`` as the outputs to write, in their fixed order; one sentence for a
-    name that is not an output."""
-    wanted = {part.strip() for part in text.split(",") if part.strip()}
-    unknown = sorted(wanted - set(OUTPUT_KINDS))
-    if unknown or not wanted:
-        raise CauseError(f"--save takes a comma-separated list of {', '.join(OUTPUT_KINDS)}, not '{text}'.")
-    return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
 
 
 @dataclass
@@ -75,7 +71,11 @@ class SegmentSummary:
         the few inputs that were skipped or renamed (never a list as long as the inputs)."""
         written = 0
         skipped, renamed = [], []
+        seen: set[str] = set()  # an input recorded twice (by two segmentations at once, before the lock) counts once
         for entry in finished:
+            if entry["input"] in seen:
+                continue
+            seen.add(entry["input"])
             if "skipped" in entry:
                 skipped.append({"input": entry["input"], "reason": entry["skipped"]})
                 continue
@@ -97,27 +97,6 @@ class SegmentSummary:
         }
 
 
-def label_image(
-    values: np.ndarray, size: tuple[int, int], num_classes: int, flat_palette: list[int] | None = None
-) -> Image.Image:
-    """A label map as the PNG ``cause segment`` writes, at ``size`` (width, height): palette
-    colours up to 256 ids, 16-bit greyscale past them (a palette holds 256)."""
-    if num_classes <= PALETTE_IDS:
-        label = Image.fromarray(values.astype(np.uint8), "P")
-        label.putpalette(flat_palette if flat_palette is not None else palette().reshape(-1).tolist())
-    else:
-        label = Image.fromarray(values.astype(np.uint16))
-    return label.resize(size, Image.Resampling.NEAREST)
-
-
-def overlay_image(
-    image: Image.Image, labels: np.ndarray, colours: np.ndarray, opacity: float = OVERLAY_OPACITY
-) -> Image.Image:
-    """``image`` with the colour of each pixel's label (``[H, W]`` ids) blended in."""
-    tint = Image.fromarray(colours[labels % len(colours)].astype(np.uint8), "RGB")
-    return Image.blend(image, tint, opacity)
-
-
 def labels_of(run: RunDirectory, num_clusters: int) -> tuple[np.ndarray | None, list[str]]:
     """What a run's label maps hold: the matching of clusters to classes and the class names
     once it has been evaluated; before, no matching and the clusters' names."""
@@ -131,22 +110,15 @@ def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
         return None
     path = run.file(METRICS_FILE)
     damaged = f"{path} is damaged; run cause eval on the run again (or delete the file to write cluster ids)"
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CauseError(f"{damaged}.") from error
-    if not isinstance(metrics, dict):
-        raise CauseError(f"{damaged}.")
+    clusters = int(run.read_run_info()["num_classes"])
+    metrics, problem = read_json(path, MAX_METRICS_JSON_BYTES)
+    if problem is None:
+        problem = metrics_problem(metrics, clusters)  # every field by type and range
+    if problem:
+        raise CauseError(f"{damaged}: {problem}.")
     mapping, names = metrics.get("cluster_to_class"), metrics.get("class_names")
     if not mapping or not names:
         return None
-    clusters = int(run.read_run_info()["num_classes"])
-    if (
-        not isinstance(mapping, list)
-        or len(mapping) != clusters
-        or not all(isinstance(value, int) and 0 <= value < len(names) for value in mapping)
-    ):
-        raise CauseError(f"{damaged}: its cluster_to_class does not map the run's {clusters} clusters to its classes.")
     return np.asarray(mapping, dtype=np.int64), list(names)
 
 
@@ -220,47 +192,44 @@ class _Segmenter:
     ) -> None:
         finished = []
         results = iter(zip(cluster_maps, scores, strict=True))
-        for item, image, problem in pending:
-            if image is None:
-                finished.append({"input": item.relative.as_posix(), "skipped": problem or "unreadable"})
-                continue
-            clusters, image_scores = next(results)
-            values = self.mapping[clusters] if self.mapping is not None else clusters
-            finished.append(self.write(item, image, values, image_scores))
+        with self.folder.owned.batch() as files:
+            for item, image, problem in pending:
+                if image is None:
+                    finished.append({"input": item.relative.as_posix(), "skipped": problem or "unreadable"})
+                    continue
+                clusters, image_scores = next(results)
+                values = self.mapping[clusters] if self.mapping is not None else clusters
+                finished.append(self.write(files, item, image, values, image_scores))
         self.folder.record(finished)  # after the files are complete: a kill in between redoes them
 
     def write(
         self,
+        files: WriteBatch,
         item: _Input,
         image: Image.Image,
         values: np.ndarray,
         scores: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """The input's outputs, each complete before this returns; its manifest entry."""
+        """The input's outputs, each made in ``files`` (in place once the batch is); its
+        manifest entry."""
         label = label_image(values, image.size, self.model.num_classes, self.flat_palette)
         entry: dict[str, Any] = {"input": item.relative.as_posix()}
         if item.output != item.relative.with_suffix(".png"):
             entry["renamed"] = True
         name = item.output.as_posix()
         if "labels" in self.save:
-            save_png(label, self.out / "labels" / item.output)
             entry["label"] = f"labels/{name}"
+            files.write(entry["label"], png_writer(label))
         if "overlays" in self.save:
-            overlay = overlay_image(image, np.asarray(label, dtype=np.int64), self.colours)
-            save_png(overlay, self.out / "overlays" / item.output)
+            overlay = overlay_image(image, label, self.colours, in_place=True)  # the image is not needed after
             entry["overlay"] = f"overlays/{name}"
+            files.write(entry["overlay"], png_writer(overlay))
         if scores is not None:
             confidence, margin = scores
-            scores_name = item.output.with_suffix(".npz")
-            write_atomically(self.out / "scores" / scores_name, partial(_save_scores, confidence, margin))
-            entry["scores"] = f"scores/{scores_name.as_posix()}"
+            entry["scores"] = f"scores/{item.output.with_suffix('.npz').as_posix()}"
+            files.write(entry["scores"], partial(save_scores, confidence, margin))
         self.summary.written += 1
         return entry
-
-
-def _save_scores(confidence: np.ndarray, margin: np.ndarray, target: Path) -> None:
-    with target.open("wb") as handle:  # a handle: given a path, numpy would add ".npz" to the temporary name
-        np.savez_compressed(handle, confidence=confidence, margin=margin)
 
 
 def segment_images(
@@ -311,6 +280,8 @@ def _segment(
     run = open_run(run_path)
     if not Path(source).exists() and not glob.has_magic(str(source)):
         raise CauseError(f"{source} does not exist.")
+    refuse_unusable_folder(out, "--out")
+    refuse_outputs_among_inputs(source, out)
     if crf:
         require_crf()
     torch_device = start(group, resolve_device(device))
@@ -328,67 +299,72 @@ def _segment(
         "save": list(save),
         "processes": group.world_size,
     }
-    if group.is_main:  # the others wait until the folder is cleared and claimed
-        if overwrite:
-            folder.clear()
-        folder.claim(settings)
-    group.barrier()
-    if not group.is_main:
-        folder.claim(settings)
-    finished = (entry["input"] for entry in folder.finished())
-    pending, total, left = pending_inputs(source, out, finished, group.rank, group.world_size)
-    mine = len(range(group.rank, total, group.world_size))
-    summary = SegmentSummary(inputs=total, done_before=mine - left)
-    if summary.done_before:
-        reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
-    started = time.perf_counter()
-    pool = CRFPool(crf_workers) if crf else None
-    if pool is not None:
-        pool.start()
-    segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
-    batch: list[tuple[_Input, Image.Image | None, str | None]] = []
-    try:
-        # The first process's bar stands for all of them: each of its images is one of theirs.
-        with reporter.task("segmenting", left * group.world_size, unit="images") as bar:
-
-            def advance(images: int) -> None:
-                bar(images * group.world_size)
-
-            for entry, pixels, problem in decoded_inputs(pending, workers_for(loader_workers, torch_device)):
-                image = Image.fromarray(pixels) if pixels is not None else None
-                batch.append((_Input(entry.relative, entry.output), image, problem))
-                if len(batch) >= batch_size:
-                    segmenter.batch(batch)
-                    batch = []
-                advance(1)
-            if batch:
-                segmenter.batch(batch)
-            segmenter.finish()
-    finally:
+    with contextlib.ExitStack() as held:
+        if group.is_main:  # the others wait until the folder is checked, cleared and claimed
+            held.enter_context(folder.locked())
+            check_before_writing(folder, source, settings, save, legend, overwrite)
+            if overwrite:
+                for problem in folder.clear():
+                    reporter.message(f"left in place: {problem}")
+            folder.claim(settings)
+        group.barrier()
+        if not group.is_main:
+            folder.claim(settings)
+        finished = (entry["input"] for entry in folder.finished())
+        pending, total, left = pending_inputs(source, out, finished, group.rank, group.world_size)
+        mine = len(range(group.rank, total, group.world_size))
+        summary = SegmentSummary(inputs=total, done_before=mine - left)
+        if summary.done_before:
+            reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
+        started = time.perf_counter()
+        pool = CRFPool(crf_workers) if crf else None
         if pool is not None:
-            pool.close()
-        folder.close()
-    summary.seconds = time.perf_counter() - started
-    counts = cast(
-        "list[tuple[int, int, float]]",
-        group.gather_objects((summary.done_before, summary.written, summary.seconds)),
-    )
-    group.barrier()  # every part is complete before the first process reads them
-    if not group.is_main:
-        return {}
-    summary.done_before = sum(done for done, _, _ in counts)
-    summary.written = sum(written for _, written, _ in counts)
-    summary.seconds = max(seconds for _, _, seconds in counts)
-    if legend:
-        save_png(legend_picture(names, segmenter.colours), out / "legend.png")
-    result = summary.as_dict(entry for part in folder.parts() for entry in folder.finished(part))
-    result.update(
-        {
-            "labels_are": labels_are,
-            "run": str(run.path),
-            "backbone": model.config.backbone,
-            "label_format": label_format,
-        }
-    )
-    write_json(out / SUMMARY_FILE, result)
-    return result
+            pool.start()
+        segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
+        batch: list[tuple[_Input, Image.Image | None, str | None]] = []
+        try:
+            # The first process's bar stands for all of them: each of its images is one of theirs.
+            with reporter.task("segmenting", left * group.world_size, unit="images") as bar:
+
+                def advance(images: int) -> None:
+                    bar(images * group.world_size)
+
+                for entry, pixels, problem in decoded_inputs(pending, workers_for(loader_workers, torch_device)):
+                    image = Image.fromarray(pixels) if pixels is not None else None
+                    del pixels  # the image holds a copy: a big photo's pixels are not kept twice
+                    batch.append((_Input(entry.relative, entry.output), image, problem))
+                    if len(batch) >= batch_size:
+                        segmenter.batch(batch)
+                        batch = []
+                    advance(1)
+                if batch:
+                    segmenter.batch(batch)
+                segmenter.finish()
+        finally:
+            if pool is not None:
+                pool.close()
+            folder.close()
+        summary.seconds = time.perf_counter() - started
+        counts = cast(
+            "list[tuple[int, int, float]]",
+            group.gather_objects((summary.done_before, summary.written, summary.seconds)),
+        )
+        group.barrier()  # every part is complete before the first process reads them
+        if not group.is_main:
+            return {}
+        summary.done_before = sum(done for done, _, _ in counts)
+        summary.written = sum(written for _, written, _ in counts)
+        summary.seconds = max(seconds for _, _, seconds in counts)
+        if legend:
+            folder.write_file(LEGEND_FILE, png_writer(legend_picture(names, segmenter.colours)))
+        result = summary.as_dict(entry for part in folder.parts() for entry in folder.finished(part))
+        result.update(
+            {
+                "labels_are": labels_are,
+                "run": str(run.path),
+                "backbone": model.config.backbone,
+                "label_format": label_format,
+            }
+        )
+        folder.write_json(SUMMARY_FILE, result)
+        return result

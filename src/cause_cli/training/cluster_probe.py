@@ -36,7 +36,6 @@ from ..model.kmeans import (
 )
 from ..model.modularity import ModularityObjective
 from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread, uses_spread
-from ..paths import write_atomically
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
 from .context import TrainingContext
 from .front_door import load_heads
@@ -58,7 +57,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     if reference:
         if context.run.writes and not context.run.has(FRONT_DOOR_HEAD_FILE):
             front_door = context.run.file(HEAD_FILE)
-            write_atomically(context.run.file(FRONT_DOOR_HEAD_FILE), lambda target: shutil.copyfile(front_door, target))
+            context.run.write_file(FRONT_DOOR_HEAD_FILE, lambda target: shutil.copyfile(front_door, target))
         source = FRONT_DOOR_HEAD_FILE
     context.group.barrier()
     heads = load_heads(

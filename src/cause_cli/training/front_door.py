@@ -17,6 +17,7 @@ from ..model.bank import ConceptBank
 from ..model.contrastive import ContrastiveSettings, concept_contrastive_terms
 from ..model.heads import SegmentationHeads
 from ..model.ops import nearest_code
+from ..run_checks import check_state
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, RunDirectory
 from .context import TrainingContext
 from .linear_probe import linear_probe_loss, step_linear_probe
@@ -154,10 +155,22 @@ def load_heads(
     device: torch.device,
     file_name: str = HEAD_FILE,
 ) -> SegmentationHeads:
-    heads = build_heads(config, dim, patch_size, num_classes).to(device)
-    if heads.kind == "tr":
-        heads.set_clusterbook(run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"])
     state = run.load_tensors(file_name, device)
+    # The file's tensors are checked against the heads the configuration builds, built first
+    # where nothing is allocated: a configuration that asks for huge heads meets a file that
+    # does not hold them before it costs any memory.
+    with torch.device("meta"):
+        expected = build_heads(config, dim, patch_size, num_classes)
+    check_state(run.file(file_name), expected.state_dict(), state)
+    clusterbook = None
+    if expected.kind == "tr":
+        book = run.load_tensors(CLUSTERBOOK_FILE, device)
+        wanted = {"clusterbook": torch.empty(config.clusterbook_size, dim, device="meta")}
+        check_state(run.file(CLUSTERBOOK_FILE), wanted, book)
+        clusterbook = book["clusterbook"]
+    heads = build_heads(config, dim, patch_size, num_classes).to(device)
+    if clusterbook is not None:
+        heads.set_clusterbook(clusterbook)
     try:
         heads.load_state_dict(state)
     except RuntimeError as error:

@@ -25,6 +25,7 @@ from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
 from ..errors import CauseError, Interrupted
 from ..interrupts import raise_if_interrupted
+from ..paths import refuse_unusable_folder
 from ..progress import Reporter
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
@@ -42,15 +43,17 @@ def prepare(
     device_name: str,
     reporter: Reporter,
     group: ProcessGroup = SINGLE_PROCESS,
+    overwrite: bool = False,
 ) -> TrainingContext:
-    """Check the configuration against the data and the run folder; load the backbone."""
+    """Check the configuration against the data and the run folder; load the backbone. With
+    ``overwrite``, the earlier training's files are removed once everything has been checked."""
     config.validate()
     if group.distributed and config.recipe == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
     if group.distributed and config.cache_features and not group.single_node:
         raise CauseError("--cache-features works with the processes of one machine only, not across machines.")
     device = join_processes(group, resolve_device(device_name))
-    if run.has("run.json"):  # a run made with another backbone is refused before anything loads
+    if run.has("run.json") and not overwrite:  # a run made with another backbone is refused before anything loads
         refuse_other_backbone(run.path, run.read_run_info(), config.backbone)
     backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
     if config.resolution is None:
@@ -88,7 +91,8 @@ def prepare(
         raise CauseError("--recipe reference trains with labels (the reference's linear probe); this data has none.")
     if len(train_set) < group.world_size:
         raise CauseError(f"{len(train_set)} training images cannot be shared among {group.world_size} processes.")
-    if run.has("run.json"):
+    refuse_more_clusters_than_tokens(num_classes, len(train_set), config.resolution // backbone.patch_size)
+    if run.has("run.json") and not overwrite:
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
     global_batches = ShuffledBatches(len(train_set), config.batch_size, config.seed, 0, group.world_size)
     batches_per_epoch = max(1, math.ceil(len(global_batches) * config.epoch_fraction))
@@ -100,6 +104,9 @@ def prepare(
         for step, plan in schedule.items()
     )
     message += f"; concept thresholds {config.positive_threshold} / {config.negative_threshold}"
+    if overwrite and run.writes:  # everything is checked: the earlier training can go
+        for problem in run.clear_training():
+            reporter.message(f"left in place: {problem}")
     reporter.message(message)
     run.log(message)
     if run.has("run.json"):
@@ -116,6 +123,24 @@ def prepare(
     )
     generator = torch.Generator().manual_seed(config.seed)
     return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
+
+
+# Step three scores every pixel against every cluster and matches clusters to classes with a
+# C x C cost: far past this, memory runs out long before a result.
+MOST_CLUSTERS = 4096
+
+
+def refuse_more_clusters_than_tokens(num_classes: int, images: int, grid: int) -> None:
+    """One sentence, before anything is allocated, for more clusters than there are tokens to
+    put in them (or than any label map can usefully hold)."""
+    tokens = images * grid * grid
+    if num_classes > min(tokens, MOST_CLUSTERS):
+        limit = (
+            f"the {tokens:,} patch tokens of {images:,} training image(s)"
+            if tokens < MOST_CLUSTERS
+            else f"the {MOST_CLUSTERS:,} clusters cause trains at most"
+        )
+        raise CauseError(f"--num-classes {num_classes:,} is more than {limit}; give fewer.")
 
 
 def refuse_other_settings(run: RunDirectory, config: TrainConfig) -> None:
@@ -137,26 +162,39 @@ def train(
     device: str = "auto",
     reporter: Reporter | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> RunDirectory:
     """Run the three steps into ``run_path``, skipping the steps already done there; with
-    ``resume``, an interrupted step continues from its last checkpoint.
+    ``resume``, an interrupted step continues from its last checkpoint; with ``overwrite``, the
+    files an earlier training and evaluation wrote there are removed once every option and
+    input has been checked (files the toolkit did not write are never removed).
 
     Started by torchrun, the process trains together with the others (see
     :mod:`cause_cli.training.distributed`); rank 0 reports and writes.
     """
     config.validate()  # before anything is written
+    if resume and overwrite:
+        raise CauseError("--resume continues a run and --overwrite starts it over: give one of them.")
     group = from_environment()
     reporter = (reporter or Reporter()) if group.is_main else Reporter()
     run = RunDirectory(Path(run_path), writes=group.is_main)
+    refuse_unusable_folder(run.path, "--run")
+    if run.writes:
+        run.refuse_foreign_files(overwrite)
+    made_here = run.writes and not run.path.exists()
     try:
         with run.writing("train"), use_precision(config.precision):
             try:
-                return _train_steps(config, run, device, reporter, resume, group)
+                return _train_steps(config, run, device, reporter, resume, group, overwrite)
             except KeyboardInterrupt:
                 advice = f"continue with: {resume_command(run.path)}"
                 if run.path.is_dir():
                     run.log(f"interrupted; {advice}")
                 raise Interrupted(advice) from None
+    except CauseError:
+        if made_here:  # refused before any result: the folder it made for the run goes too
+            run.remove_if_bookkeeping_only()
+        raise
     finally:
         leave_processes(group)
 
@@ -167,9 +205,15 @@ def resume_command(run_path: Path) -> str:
 
 
 def _train_steps(
-    config: TrainConfig, run: RunDirectory, device: str, reporter: Reporter, resume: bool, group: ProcessGroup
+    config: TrainConfig,
+    run: RunDirectory,
+    device: str,
+    reporter: Reporter,
+    resume: bool,
+    group: ProcessGroup,
+    overwrite: bool,
 ) -> RunDirectory:
-    context = prepare(config, run, device, reporter, group)
+    context = prepare(config, run, device, reporter, group, overwrite)
     group.barrier()
     context.resume = resume
     if run.has(RESUME_FILE) and not resume:
@@ -191,8 +235,7 @@ def _train_steps(
         raise_if_interrupted()
         started = time.perf_counter()
         step(context, title)
-        if run.writes:
-            run.file(RESUME_FILE).unlink(missing_ok=True)
+        run.remove_file(RESUME_FILE)
         group.barrier()  # the step's file is written before any process reads it
         elapsed = time.perf_counter() - started
         run.log(f"{title}: done in {elapsed:.1f}s")

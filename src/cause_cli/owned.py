@@ -1,0 +1,221 @@
+"""Files have owners: the toolkit replaces or removes only the files it recorded as its own.
+
+Every folder the toolkit writes into (a run, the output folder of ``cause segment``) holds a
+ledger, ``.cause-files.jsonl``: one line for each file written there, with the SHA-256 of the
+bytes written. The line is appended and put on disk *before* the file is renamed into place,
+so a kill at any moment leaves, at worst, a line for a file that never appeared: every file
+the toolkit put in a folder is in its ledger. A file may be replaced or removed only when its
+bytes are bytes the toolkit wrote under that name; anything else (a dataset's ground truth, a
+hand-corrected label map, a user's notes that share a name with an output) is refused in one
+sentence that names it. Logs the toolkit appends to (a manifest) are recorded as such: their
+bytes change as they grow, their name alone is the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .errors import CauseError
+from .paths import UMASK, file_sha256
+
+LEDGER_FILE = ".cause-files.jsonl"
+APPENDED = "appended"  # in place of a hash: a log the toolkit appends to
+
+Writer = Callable[[Path], object]
+
+
+def _read_ledger(path: Path) -> dict[str, set[str]]:
+    """Each recorded file's name and every hash recorded for it (a line cut short by a kill, or
+    one that is not a record, is passed over: it can only make fewer files the toolkit's)."""
+    records: dict[str, set[str]] = {}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return records
+    except OSError as error:
+        raise CauseError(f"{path} could not be read ({error.strerror}).") from error
+    for raw in data.split(b"\n"):
+        try:
+            entry = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(entry, dict):
+            continue
+        name, digest = entry.get("file"), entry.get("sha256")
+        if isinstance(name, str) and isinstance(digest, str):
+            records.setdefault(name, set()).add(digest)
+    return records
+
+
+def _ledger_lines(records: Iterable[tuple[str, str]]) -> bytes:
+    return "".join(json.dumps({"file": name, "sha256": digest}) + "\n" for name, digest in records).encode()
+
+
+class OwnedFolder:
+    """One folder the toolkit writes into, and the ledger of the files it wrote there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records: dict[str, set[str]] | None = None
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / LEDGER_FILE
+
+    def records(self) -> dict[str, set[str]]:
+        if self._records is None:
+            self._records = _read_ledger(self.ledger)
+        return self._records
+
+    def is_recorded(self, name: str) -> bool:
+        return name in self.records()
+
+    def why_not_ours(self, name: str) -> str | None:
+        """Why the file ``name`` (a POSIX path below the folder) may not be replaced or removed,
+        in a few words that start with its path; None when it may: it does not exist, or its
+        bytes are bytes the toolkit wrote under that name."""
+        path = self.path / name
+        below = self.path
+        for part in Path(name).parts:
+            below = below / part
+            if below.is_symlink():
+                return f"{below} is a symbolic link"
+        if not path.exists():
+            return None
+        if not path.is_file():
+            return f"{path} is not a file"
+        hashes = self.records().get(name)
+        if hashes is None:
+            return f"{path} was not written by cause (it is not in {self.ledger.name}, the folder's record)"
+        if APPENDED in hashes or file_sha256(path) in hashes:
+            return None
+        return f"{path} was changed since cause wrote it"
+
+    def refuse_unless_ours(self, names: Iterable[str], advice: str) -> None:
+        """One sentence for the first of ``names`` that may not be replaced, ending in ``advice``."""
+        for name in names:
+            problem = self.why_not_ours(name)
+            if problem:
+                raise CauseError(f"{problem}; cause replaces only files it wrote: {advice}.")
+
+    def write(self, name: str, write: Writer) -> None:
+        with self.batch() as batch:
+            batch.write(name, write)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[WriteBatch]:
+        """Files written together: each is made at once in a temporary file (so what it was
+        made from can go), and when the block ends all are recorded in one append to the
+        ledger, put on disk, then renamed into place. An error leaves none of them."""
+        batch = WriteBatch(self)
+        try:
+            yield batch
+            self._append([(name, file_sha256(temporary)) for temporary, _, name in batch.made])
+            for temporary, target, _ in batch.made:
+                os.replace(temporary, target)
+        except BaseException:
+            for temporary, _, _ in batch.made:
+                temporary.unlink(missing_ok=True)
+            raise
+
+    def record_appended(self, name: str) -> None:
+        """Record ``name`` as a log the toolkit appends to, before it is first created."""
+        if APPENDED not in self.records().get(name, set()):
+            problem = self.why_not_ours(name)
+            if problem:
+                raise CauseError(f"{problem}; cause replaces only files it wrote, and this one was left as it was.")
+            self._append([(name, APPENDED)])
+
+    def _append(self, records: list[tuple[str, str]]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        # One write of whole lines to a file opened for appending: processes writing one folder
+        # together (segment --gpus N) never interleave within a line.
+        descriptor = os.open(self.ledger, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            _cut_torn_line(descriptor)
+            os.write(descriptor, _ledger_lines(records))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        for name, digest in records:
+            self.records().setdefault(name, set()).add(digest)
+
+    def remove(self, names: Iterable[str] | None = None) -> list[str]:
+        """Remove the recorded files (or those of ``names`` that are recorded) whose bytes are
+        still bytes the toolkit wrote, and the folders that leaves empty; the sentence for each
+        file left in place (changed since, or now a link), which the caller names to the user."""
+        records = self.records()
+        wanted = sorted(records) if names is None else sorted(set(names) & set(records))
+        left, gone = [], set()
+        for name in wanted:
+            path = self.path / name
+            problem = self.why_not_ours(name)
+            if problem:
+                if path.exists() or path.is_symlink():
+                    left.append(problem)
+                    continue
+            elif path.exists():
+                path.unlink()
+                self._remove_empty_folders(path.parent)
+            gone.add(name)
+        if gone:
+            kept = [(name, digest) for name in records if name not in gone for digest in sorted(records[name])]
+            _replace_ledger(self.ledger, _ledger_lines(kept))
+            self._records = {name: digests for name, digests in records.items() if name not in gone}
+        return left
+
+    def _remove_empty_folders(self, folder: Path) -> None:
+        while folder != self.path and folder.is_relative_to(self.path):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): the folders above it are not either
+                return
+            folder = folder.parent
+
+
+class WriteBatch:
+    """The files of one :meth:`OwnedFolder.batch`, made but not yet in place."""
+
+    def __init__(self, folder: OwnedFolder) -> None:
+        self.folder = folder
+        self.made: list[tuple[Path, Path, str]] = []
+
+    def write(self, name: str, write: Writer) -> None:
+        problem = self.folder.why_not_ours(name)
+        if problem:
+            raise CauseError(f"{problem}; cause replaces only files it wrote, and this one was left as it was.")
+        target = self.folder.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(handle)
+        self.made.append((Path(temporary), target, name))
+        write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~UMASK)
+
+
+def _cut_torn_line(descriptor: int) -> None:
+    """Drop a last line a killed process left unfinished, so the next record starts clean."""
+    size = os.fstat(descriptor).st_size
+    if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
+        return
+    data = os.pread(descriptor, size, 0)
+    os.ftruncate(descriptor, data.rfind(b"\n") + 1)
+
+
+def _replace_ledger(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as output:
+            output.write(data)
+            output.flush()
+            os.fsync(output.fileno())
+        os.chmod(temporary, 0o666 & ~UMASK)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,368 @@
+"""What a run folder holds is checked before it is believed (docs/safety.md).
+
+A run folder may come from anywhere: another machine, the Hub, a disk that failed, a hand that
+edited it. Before a tensor is allocated from what it says, ``run.json`` is checked field by
+field (types, ranges, known names), ``metrics.json`` likewise, and every weight file tensor by
+tensor (its name, dtype and shape against the modules the run's configuration builds, and
+that every value is finite). Whatever does not pass is one sentence naming the file and the
+field; nothing here raises anything but :class:`CauseError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import HEADS, PROBE_INITS, PROBE_SPACES, PROBE_SPREADS, PROBE_UPSAMPLINGS, RECIPES
+from .devices import PRECISIONS
+from .errors import CauseError
+
+# The largest input side a run may ask for. Every image is resized to R x R for the backbone
+# (3 R^2 floats) and its (R / patch)^2 tokens pass through every attention layer: at 4096 px
+# that is 200 MiB of input and 262,144 tokens for a patch of 8, far past anything trained (the
+# paper's 320 px) yet within memory, as attention runs fused, in memory linear in the tokens
+# (segmenting with the toy backbone on a CPU peaked at 1.1 GB at 1,024 px, 1.4 GB at 2,048 px).
+# A larger number is a damaged file, not a setting: 100,000 px would be a 30 GB resized image
+# and a 120 GB input tensor before the backbone even starts.
+MAX_RESOLUTION = 4096
+# Label maps hold up to 65,536 ids (16-bit greyscale past 256: inference/segment.py).
+MAX_CLASSES = 65_536
+# Widths of the head's features and projections: far above any trained (90 and 2048).
+MAX_REDUCED_DIM = 4096
+MAX_PROJECTION_DIM = 16_384
+MAX_CLUSTERBOOK_SIZE = 65_536
+MAX_PATCH_SIZE = 1024
+MAX_COUNT = 1_000_000_000  # epochs, updates and other counts: anything larger is not a setting
+# run.json is a few kilobytes and metrics.json grows with the images it could not read; a
+# file larger than these is not one the toolkit wrote, and is not read into memory.
+MAX_RUN_JSON_BYTES = 16 * 2**20
+MAX_METRICS_JSON_BYTES = 256 * 2**20
+# A safetensors file's weights are read only in these types (what training saves, and the
+# types a converted checkpoint may have); their values must all be finite.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+RUN_REMEDY = "train the run again (or download it again)"
+WEIGHTS_REMEDY = "the run is damaged: train it again"
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` as a message shows it: its repr, cut short, on one line."""
+    try:
+        text = repr(value)
+    except RecursionError:  # nested about as deeply as the JSON parser follows
+        return f"a {type(value).__name__} nested too deeply to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_json(path: Path, max_bytes: int) -> tuple[Any, str | None]:
+    """The JSON value in ``path`` and None, or None and what makes the file unreadable, in a
+    few words. A file that hits a parser limit (nesting too deep, a number too long) is a
+    damaged file like any other."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return None, f"it holds {size:,} bytes, more than any such file this toolkit writes ({max_bytes:,})"
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"it cannot be read ({error.strerror or error})"
+    return parse_json(data)
+
+
+def parse_json(data: bytes) -> tuple[Any, str | None]:
+    """The JSON value in ``data`` and None, or None and what makes it unreadable (see
+    :func:`read_json`)."""
+    try:
+        return json.loads(data.decode("utf-8")), None
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
+    except json.JSONDecodeError as error:
+        return None, f"{error.msg} (line {error.lineno})"
+    except RecursionError:
+        return None, "it nests more deeply than a JSON parser follows"
+    except ValueError:  # Python's limit on the digits of an integer it parses
+        return None, "it holds a number longer than a JSON parser reads"
+
+
+# A rule takes a value and says what is wrong with it (after "is ... , not"), or None.
+Rule = Callable[[Any], str | None]
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite number a float holds (JSON's integers may be longer than any float)."""
+    if _is_integer(value):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def integer(low: int, high: int, optional: bool = False) -> Rule:
+    def rule(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if _is_integer(value) and low <= value <= high:
+            return None
+        return f"a whole number from {low:,} to {high:,}" + (" (or null)" if optional else "")
+
+    return rule
+
+
+def number(low: float, high: float, optional: bool = False, low_open: bool = False, high_open: bool = False) -> Rule:
+    def rule(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if _is_number(value):
+            above = value > low if low_open else value >= low
+            below = value < high if high_open else value <= high
+            if above and below:
+                return None
+        if math.isinf(high):
+            expected = f"a finite number {'above' if low_open else 'of at least'} {low}"
+        else:
+            expected = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return expected + (" (or null)" if optional else "")
+
+    return rule
+
+
+def flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def text(value: Any) -> str | None:
+    return None if isinstance(value, str) else "a string"
+
+
+def name(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a name"
+
+
+def mapping(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "an object"
+
+
+def choice(options: tuple[str, ...]) -> Rule:
+    def rule(value: Any) -> str | None:
+        return None if isinstance(value, str) and value in options else f"one of {', '.join(options)}"
+
+    return rule
+
+
+# The choices among the settings, with the name the messages give each.
+CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pos_embed": ("position-embedding rule", ("reference", "timm")),
+    "head": ("head", HEADS),
+    "recipe": ("recipe", RECIPES),
+    "probe_init": ("cluster-probe start", PROBE_INITS),
+    "probe_space": ("cluster-probe space", PROBE_SPACES),
+    "probe_spread": ("cluster-probe spread", PROBE_SPREADS),
+    "probe_upsampling": ("cluster-probe upsampling", PROBE_UPSAMPLINGS),
+    "precision": ("precision", PRECISIONS),
+}
+
+
+# Every field of TrainConfig, with what a run.json may hold for it (a field that is absent
+# takes its default, as in runs written before it existed).
+CONFIG_RULES: dict[str, Rule] = {
+    "data_dir": text,
+    "dataset": name,
+    "backbone": name,
+    "pos_embed": choice(CHOICES["pos_embed"][1]),
+    "head": choice(CHOICES["head"][1]),
+    "resolution": integer(1, MAX_RESOLUTION),
+    "num_classes": integer(1, MAX_CLASSES, optional=True),
+    "clusterbook_size": integer(2, MAX_CLUSTERBOOK_SIZE),
+    "reduced_dim": integer(1, MAX_REDUCED_DIM),
+    "projection_dim": integer(1, MAX_PROJECTION_DIM),
+    "batch_size": integer(1, MAX_CLUSTERBOOK_SIZE),
+    "learning_rate": number(0.0, math.inf),
+    "weight_decay": number(0.0, math.inf),
+    "grad_clip": number(0.0, math.inf),
+    "epochs_clusterbook": integer(0, MAX_COUNT, optional=True),
+    "epochs_front_door": integer(0, MAX_COUNT, optional=True),
+    "epochs_cluster_probe": integer(0, MAX_COUNT, optional=True),
+    "min_updates": integer(0, MAX_COUNT),
+    "grid_sampling": flag,
+    "grid_window": integer(1, MAX_RESOLUTION),
+    "modularity_temperature": number(0.0, math.inf, low_open=True),
+    "contrastive_temperature": number(0.0, math.inf, low_open=True),
+    "positive_threshold": number(-1.0, 1.0, optional=True),
+    "negative_threshold": number(-1.0, 1.0, optional=True),
+    "bank_capacity": integer(0, MAX_COUNT),
+    "use_bank": flag,
+    "ema_momentum": number(0.0, 1.0),
+    "dropout": number(0.0, 1.0, high_open=True),
+    "seed": integer(-(2**63), 2**64 - 1),  # what torch.manual_seed takes
+    "val_fraction": number(0.0, 1.0),
+    "workers": integer(0, 4096, optional=True),
+    "recipe": choice(CHOICES["recipe"][1]),
+    "reference_gpus": integer(1, 4096),
+    "front_door_resolution": integer(1, MAX_RESOLUTION, optional=True),
+    "epoch_fraction": number(0.0, 1.0, low_open=True),
+    "probe_init": choice(CHOICES["probe_init"][1]),
+    "probe_refine": flag,
+    "probe_space": choice(CHOICES["probe_space"][1]),
+    "probe_restarts": integer(1, 1_000_000, optional=True),
+    "probe_consensus": integer(0, 1_000_000, optional=True),
+    "probe_spread": choice(CHOICES["probe_spread"][1]),
+    "probe_upsampling": choice(CHOICES["probe_upsampling"][1]),
+    "cache_features": flag,
+    "checkpoint_seconds": number(0.0, math.inf),
+    "precision": choice(CHOICES["precision"][1]),
+    "extra": mapping,
+}
+# What run.json records about the backbone, where it records it.
+BACKBONE_RULES: dict[str, Rule] = {
+    "name": name,
+    "sha256": text,
+    "pos_embed": text,
+    "hub_repo": text,
+    "dim": integer(1, 2**20),
+    "patch_size": integer(1, MAX_PATCH_SIZE),
+}
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    for key, rule in CONFIG_RULES.items():
+        if key not in config:
+            if key == "data_dir":
+                return "its 'config' has no data folder ('data_dir')"
+            if key == "resolution":
+                return "its 'config' has no 'resolution'"
+            continue
+        value = config[key]
+        expected = rule(value)
+        if expected is None:
+            continue
+        if key in CHOICES and isinstance(value, str):
+            what, options = CHOICES[key]
+            known = ", ".join(options)
+            return f"its config's '{key}' names an unknown {what} {shown(value)} (this version knows {known})"
+        return f"its config's '{key}' is {shown(value)}, not {expected}"
+    return None
+
+
+def _usable_class_names(names: Any) -> bool:
+    """Whether ``names`` is absent or a list of at most MAX_CLASSES class names."""
+    return names is None or (
+        isinstance(names, list) and len(names) <= MAX_CLASSES and all(isinstance(entry, str) for entry in names)
+    )
+
+
+def run_info_problem(info: Any) -> str | None:
+    """What makes ``info`` (a parsed run.json) unusable, in a few words; None if nothing."""
+    if not isinstance(info, dict):
+        return f"it holds a {type(info).__name__}, not an object"
+    config = info.get("config")
+    if not isinstance(config, dict):
+        return "its 'config' is missing or not an object"
+    count = info.get("num_classes")
+    if integer(1, MAX_CLASSES)(count) is not None:
+        return f"its class count {shown(count)} is not a positive whole number up to {MAX_CLASSES:,}"
+    problem = _config_problem(config)
+    if problem:
+        return problem
+    if config.get("num_classes") not in (None, count):
+        return f"its class count {count} differs from its config's 'num_classes' {shown(config['num_classes'])}"
+    names = info.get("class_names")
+    if not _usable_class_names(names):
+        return f"its 'class_names' is {shown(names)}, not a list of at most {MAX_CLASSES:,} names"
+    backbone = info.get("backbone")
+    if "backbone" in info:  # absent in runs from before it was recorded; never null
+        if not isinstance(backbone, dict):
+            return f"its 'backbone' is {shown(backbone)}, not an object"
+        for key, rule in BACKBONE_RULES.items():
+            if key in backbone and (expected := rule(backbone[key])) is not None:
+                return f"its backbone's '{key}' is {shown(backbone[key])}, not {expected}"
+        patch = backbone.get("patch_size")
+        resolution = config["resolution"]
+        if patch is not None and resolution % patch:
+            return f"its config's 'resolution' {resolution} is not a multiple of its backbone's patch size {patch}"
+    hashes = info.get("weights_sha256")
+    if hashes is not None and (
+        not isinstance(hashes, dict) or not all(isinstance(value, str) for value in hashes.values())
+    ):
+        return f"its 'weights_sha256' is {shown(hashes)}, not an object of file names and hashes"
+    return None
+
+
+def metrics_problem(metrics: Any, num_classes: int) -> str | None:
+    """What makes ``metrics`` (a parsed metrics.json of a run of ``num_classes`` clusters)
+    unusable, in a few words; None if nothing."""
+    if not isinstance(metrics, dict):
+        return f"it holds a {type(metrics).__name__}, not an object"
+    names = metrics.get("class_names")
+    if not _usable_class_names(names):
+        return f"its class_names {shown(names)} is not a list of at most {MAX_CLASSES:,} names"
+    mapped = metrics.get("cluster_to_class")
+    if mapped is not None and mapped != []:
+        if not isinstance(mapped, list) or not all(_is_integer(value) for value in mapped):
+            return f"its cluster_to_class {shown(mapped)} is not a list of class numbers"
+        if len(mapped) != num_classes or not names or not all(0 <= value < len(names) for value in mapped):
+            return f"its cluster_to_class does not map the run's {num_classes} clusters to its classes"
+    for key in ("split", "dataset", "head", "backbone"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], str):
+            return f"its {key} {shown(metrics[key])} is not a string"
+    if metrics.get("images") is not None and not _is_integer(metrics["images"]):
+        return f"its images {shown(metrics['images'])} is not a whole number"
+    scored = [("", metrics)]
+    for key in ("crf", "linear_probe", "baselines"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], dict):
+            return f"its {key} {shown(metrics[key])} is not an object"
+        scored.append((f"{key}.", metrics.get(key) or {}))
+    for key in ("kmeans_tokens", "kmeans_head"):
+        value = (metrics.get("baselines") or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"its baselines.{key} {shown(value)} is not an object"
+        scored.append((f"baselines.{key}.", value or {}))
+    for prefix, scores in scored:
+        for key in ("miou", "pixel_accuracy"):
+            value = scores.get(key)
+            if value is not None and not _is_number(value):
+                return f"its {prefix}{key} {shown(value)} is not a finite number"
+    return None
+
+
+def weights_problem(name: str, tensor: torch.Tensor) -> str | None:
+    """What makes the tensor ``name`` of a weight file unusable, in a few words; None if nothing."""
+    if tensor.dtype not in WEIGHT_DTYPES:
+        return f"holds {name} as {str(tensor.dtype).removeprefix('torch.')}, not as floating-point weights"
+    if not bool(torch.isfinite(tensor).all()):
+        return f"holds non-finite values (NaN or infinity) in {name}"
+    return None
+
+
+def check_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of the weight file ``path`` in a floating-point type and finite."""
+    for key, tensor in tensors.items():
+        problem = weights_problem(key, tensor)
+        if problem:
+            raise CauseError(f"{path} {problem}; {WEIGHTS_REMEDY}.")
+
+
+def check_state(
+    path: Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], strict: bool = True
+) -> None:
+    """The tensors ``found`` in the weight file ``path`` are those of ``expected`` (a module's
+    state dict, built on the meta device so that nothing is allocated): every name there, in
+    its shape, and (``strict``) no other."""
+    for key, wanted in expected.items():
+        if key not in found:
+            raise CauseError(f"{path} has no tensor {key}, which this run's configuration needs; {WEIGHTS_REMEDY}.")
+        if tuple(found[key].shape) != tuple(wanted.shape):
+            raise CauseError(
+                f"{path} holds {key} of shape {list(found[key].shape)}, where this run's configuration needs "
+                f"{list(wanted.shape)}; {WEIGHTS_REMEDY}."
+            )
+    unknown = sorted(set(found) - set(expected))
+    if strict and unknown:
+        raise CauseError(
+            f"{path} holds a tensor {shown(unknown[0])} this run's configuration has no place for; {WEIGHTS_REMEDY}."
+        )
