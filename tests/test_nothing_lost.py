@@ -126,6 +126,11 @@ def segment_into_a_symlinked_out(home: Path) -> list[object]:
     return ["segment", home / "data" / "images" / "val", "--run", home / "run", "--out", home / "linked"]
 
 
+def segment_where_an_output_folder_is_a_file(home: Path) -> list[object]:
+    _write(home / "mine" / "overlays", b"my file called overlays")
+    return ["segment", home / "data" / "images" / "val", "--run", home / "run", "--out", home / "mine"]
+
+
 def segment_out_below_a_file(home: Path) -> list[object]:
     _write(home / "notes.txt", b"notes")
     return ["segment", home / "data" / "images" / "val", "--run", home / "run", "--out", home / "notes.txt" / "out"]
@@ -211,6 +216,8 @@ CASES = [
     Case("segment its own outputs into their folder", segment_the_outputs_labels, "where cause segment writes"),
     Case("segment into a symlinked labels folder", segment_into_a_symlinked_labels_folder, "is a symbolic link"),
     Case("segment into a symlinked --out", segment_into_a_symlinked_out, "is a symbolic link"),
+    Case("segment where an output folder is a file", segment_where_an_output_folder_is_a_file,
+         "is a file where cause writes a folder"),
     Case("segment --out below a file", segment_out_below_a_file, "which is a file"),
     Case("train --overwrite with a bad option", train_overwrite_with_a_bad_option, "--num-classes must be at least 2"),
     Case("train --overwrite in a folder that never was a run", train_overwrite_in_a_folder_that_never_was_a_run,

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -275,6 +276,39 @@ TR_CLUSTERBOOK = [
 )
 def test_a_tr_run_checks_its_clusterbook(trained, tr_run, tmp_path, mutate, fragment):
     one_sentence(segment_copy(trained, tmp_path, mutate, source=tr_run), fragment)
+
+
+EVERY_COMMAND_CASES = [
+    ("probe-nan", tensors("probe.safetensors", poison("centroids", math.nan)), "holds non-finite values"),
+    ("resolution-100000", config("resolution", 100_000), "'resolution' is 100000, not a whole number"),
+]
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "api"])
+@pytest.mark.parametrize(
+    ("mutate", "fragment"), [case[1:] for case in EVERY_COMMAND_CASES], ids=[case[0] for case in EVERY_COMMAND_CASES]
+)
+def test_every_command_that_reads_a_run_checks_it(trained, tmp_path, command, mutate, fragment):
+    """eval, export and the Python API believe a run no sooner than segment does."""
+    from cause_cli import load_run
+    from cause_cli.errors import CauseError
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    mutate(copy)
+    before = fingerprint(copy)
+    if command == "api":
+        with pytest.raises(CauseError, match=re.escape(fragment)):
+            load_run(copy, device="cpu")
+    elif command == "eval":
+        one_sentence(invoke("eval", "--run", copy, "--no-crf", "--no-baselines", "--device", "cpu"), fragment)
+    else:
+        one_sentence(invoke("export", copy, "--out", tmp_path / "model.onnx"), fragment)
+        assert not (tmp_path / "model.onnx").exists()
+    after = fingerprint(copy)
+    # eval holds the run's lock while it reads, and the lock file names the process holding it.
+    after.pop(".lock", None), before.pop(".lock", None)
+    assert after == before
 
 
 @pytest.mark.parametrize("source", ["mlp", "tr"])

@@ -81,10 +81,13 @@ class OwnedFolder:
         bytes are bytes the toolkit wrote under that name."""
         path = self.path / name
         below = self.path
-        for part in Path(name).parts:
+        parts = Path(name).parts
+        for depth, part in enumerate(parts, start=1):
             below = below / part
             if below.is_symlink():
                 return f"{below} is a symbolic link"
+            if depth < len(parts) and below.exists() and not below.is_dir():
+                return f"{below} is a file where cause writes a folder"
         if not path.exists():
             return None
         if not path.is_file():
@@ -135,7 +138,9 @@ class OwnedFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         # One write of whole lines to a file opened for appending: processes writing one folder
         # together (segment --gpus N) never interleave within a line.
-        descriptor = os.open(self.ledger, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        if self.ledger.is_symlink():
+            raise CauseError(f"{self.ledger} is a symbolic link; cause keeps its record of a folder's files in a file.")
+        descriptor = os.open(self.ledger, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             _cut_torn_line(descriptor)
             os.write(descriptor, _ledger_lines(records))
