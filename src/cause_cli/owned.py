@@ -18,10 +18,11 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 from .errors import CauseError
-from .paths import UMASK, file_sha256
+from .paths import UMASK, file_sha256, write_atomically
 
 LEDGER_FILE = ".cause-files.jsonl"
 APPENDED = "appended"  # in place of a hash: a log the toolkit appends to
@@ -142,7 +143,7 @@ class OwnedFolder:
             raise CauseError(f"{self.ledger} is a symbolic link; cause keeps its record of a folder's files in a file.")
         descriptor = os.open(self.ledger, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
-            _cut_torn_line(descriptor)
+            cut_torn_line(descriptor)
             os.write(descriptor, _ledger_lines(records))
             os.fsync(descriptor)
         finally:
@@ -170,7 +171,7 @@ class OwnedFolder:
             gone.add(name)
         if gone:
             kept = [(name, digest) for name in records if name not in gone for digest in sorted(records[name])]
-            _replace_ledger(self.ledger, _ledger_lines(kept))
+            write_atomically(self.ledger, partial(_write_synced, _ledger_lines(kept)))
             self._records = {name: digests for name, digests in records.items() if name not in gone}
         return left
 
@@ -203,7 +204,7 @@ class WriteBatch:
         os.chmod(temporary, 0o666 & ~UMASK)
 
 
-def _cut_torn_line(descriptor: int) -> None:
+def cut_torn_line(descriptor: int) -> None:
     """Drop a last line a killed process left unfinished, so the next record starts clean."""
     size = os.fstat(descriptor).st_size
     if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
@@ -212,15 +213,8 @@ def _cut_torn_line(descriptor: int) -> None:
     os.ftruncate(descriptor, data.rfind(b"\n") + 1)
 
 
-def _replace_ledger(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as output:
-            output.write(data)
-            output.flush()
-            os.fsync(output.fileno())
-        os.chmod(temporary, 0o666 & ~UMASK)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+def _write_synced(data: bytes, target: Path) -> None:
+    with target.open("wb") as output:
+        output.write(data)
+        output.flush()
+        os.fsync(output.fileno())

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 import types
 import warnings
@@ -31,7 +29,7 @@ from torch import nn
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CauseError
 from ..model.ops import tokens_to_map
-from ..paths import UMASK, file_sha256, refuse_unusable_folder, write_json
+from ..paths import file_sha256, refuse_unusable_folder, write_atomically, write_json
 from ..runs import open_run
 from .predict import TrainedModel, load_trained
 from .segment import labels_of
@@ -139,11 +137,11 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
     module = ExportedSegmenter(model, mapping).eval()
     size = model.resolution
     example = torch.randn(2, 3, size, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
+    description: dict[str, Any] = {}
+
+    def write_and_check(temporary: Path) -> None:
+        """The graph into ``temporary``, checked; its description written beside ``out``
+        before the graph is renamed into place."""
         # The tracer notes that the resolution becomes a constant: it is meant to (dynamic batch only).
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -169,7 +167,7 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
             raise CauseError(
                 f"The exported graph agrees with the toolkit on only {agreement:.2%} of pixels; not kept."
             )
-        description = {
+        description.update({
             "format": export_format,
             "file": out.name,
             "sha256": file_sha256(temporary),
@@ -186,12 +184,10 @@ def export_run(run_path: Path | str, out: Path | str, export_format: str = "onnx
             "not_exported": ["the dense CRF", "reading and resizing images", "labels at the image's own size"],
             "bytes": temporary.stat().st_size,
             "check": {"images": int(check.shape[0]), "pixels_agreeing": agreement, "onnxruntime_seconds": seconds},
-        }  # fmt: skip
+        })
         # The description first: a stop between the two leaves an earlier graph no description
         # records, which the next export refuses to replace rather than guess about.
         write_json(description_path(out), description)
-        os.chmod(temporary, 0o666 & ~UMASK)
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    write_atomically(out, write_and_check)
     return description

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from ..backbones import file_sha256
 from ..errors import CauseError
-from ..owned import OwnedFolder, Writer
+from ..owned import OwnedFolder, Writer, cut_torn_line
 from ..paths import json_text
 from ..run_checks import MAX_METRICS_JSON_BYTES, read_json
 
@@ -59,13 +59,18 @@ def run_fingerprint(run: RunDirectory) -> str:
     return digest.hexdigest()
 
 
+def manifest_name(rank: int, processes: int) -> str:
+    """The manifest part process ``rank`` of ``processes`` appends to (one part each)."""
+    return MANIFEST_FILE if processes == 1 else f"manifest.{rank}-of-{processes}.jsonl"
+
+
 class OutputFolder:
     """The output folder of one segmentation, across the processes and reruns that fill it."""
 
     def __init__(self, path: Path, rank: int = 0, processes: int = 1) -> None:
         self.path = path
         # One manifest per process, each appended by its process alone.
-        self.manifest_name = MANIFEST_FILE if processes == 1 else f"manifest.{rank}-of-{processes}.jsonl"
+        self.manifest_name = manifest_name(rank, processes)
         self.processes = processes
         self._manifest: IO[str] | None = None
         self.owned = OwnedFolder(path)
@@ -102,9 +107,7 @@ class OutputFolder:
 
     def own_files(self, legend: bool) -> list[str]:
         """The folder's own files a segmentation writes, beside the outputs of its inputs."""
-        manifests = [MANIFEST_FILE] if self.processes == 1 else [
-            f"manifest.{rank}-of-{self.processes}.jsonl" for rank in range(self.processes)
-        ]  # fmt: skip
+        manifests = [manifest_name(rank, self.processes) for rank in range(self.processes)]
         return [SETTINGS_FILE, SUMMARY_FILE, *manifests, *([LEGEND_FILE] if legend else [])]
 
     def clear(self) -> list[str]:
@@ -174,8 +177,8 @@ class OutputFolder:
         if self._manifest is None:
             path = self.path / self.manifest_name
             self.owned.record_appended(self.manifest_name)
-            _cut_torn_line(path)
-            self._manifest = path.open("a", encoding="utf-8")
+            self._manifest = path.open("a+", encoding="utf-8")
+            cut_torn_line(self._manifest.fileno())
         self._manifest.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
@@ -222,17 +225,6 @@ def check_before_writing(
     finished = iter(()) if overwrite else (entry["input"] for part in folder.parts() for entry in folder.finished(part))
     pending, _, _ = pending_inputs(source, folder.path, finished)
     folder.refuse_foreign(name for entry in pending if entry.problem is None for name in output_names(entry, save))
-
-
-def _cut_torn_line(path: Path) -> None:
-    """Drop a last line a killed process left unfinished, so the next line starts clean."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    with path.open("r+b") as handle:
-        handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _differences(recorded: Any, settings: dict[str, Any]) -> str:
