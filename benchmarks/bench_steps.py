@@ -166,10 +166,12 @@ def bench_front_door(
             teacher = heads.teacher_projection(heads.teacher(features))
         if form == "by-code":  # as step two computes it
             by_code = ring.by_code(normalised)
-            student, inputs, through = branch(features, by_code.features.flatten(0, 1))
-            by_code = by_code.through(through)
+            candidates = [F.normalize(teacher.flatten(0, 1), dim=-1), by_code.features.flatten(0, 1)]
+            student, inputs, through = branch(features, candidates)
+            assert through is not None
+            by_code = by_code.through(through[1])
             values, defined = concept_contrastive_terms(
-                student, normalised[codes], teacher, normalised[codes], 0, by_code, settings, inputs
+                student, normalised[codes], teacher, normalised[codes], 0, by_code, settings, inputs, through[0]
             )
             loss = values[defined].mean()
         elif form == "entrywise":

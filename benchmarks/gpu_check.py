@@ -76,7 +76,7 @@ class TimingReporter(Reporter):
     tasks: list[TaskTiming] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+    def task(self, description: str, total: int | None, unit: str = "it", done: int = 0) -> Iterator[Advance]:
         timing = TaskTiming(description, total)
         self.tasks.append(timing)
 
@@ -181,7 +181,7 @@ def train_part(
         probe_refine=True,  # the probe's own training runs too, with its loss scaling
         precision=precision,
         checkpoint_seconds=30.0,
-        cache_features=cache_features,
+        cache_features="on" if cache_features else "off",
     )
     reporter = TimingReporter(device)
     train(config, run, str(device), reporter)

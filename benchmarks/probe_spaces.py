@@ -44,9 +44,9 @@ from cause_cli.data.loading import LoadReport, iterate_batches
 from cause_cli.data.transforms import normalise_pixels
 from cause_cli.inference.metrics import confusion_histogram, scores_from_histogram
 from cause_cli.inference.predict import TrainedModel, backbone_and_head, load_trained
-from cause_cli.model.heads import FeatureWhitening
 from cause_cli.model.kmeans import consensus_of, partition_agreement, spherical_kmeans
 from cause_cli.model.ops import map_to_tokens
+from cause_cli.model.whitening import FeatureWhitening
 from cause_cli.runs import open_run
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # tokens, head features, labels

@@ -210,7 +210,7 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
         {"probe_refine": True},
         {"probe_init": "random", "probe_restarts": 2},
         {"head": "tr", "reduced_dim": 24},
-        {"cache_features": True},
+        {"cache_features": "off"},  # the default caches the tokens (auto); this path does not
         {"probe_spread": "on"},  # Gaussians of a shared spread from the consensus partition
     ],
     ids=[
@@ -220,7 +220,7 @@ def test_bad_input_is_one_sentence_and_exit_1(trained_run, tmp_path, arguments, 
         "kmeans-refined",
         "random",
         "tr-head",
-        "feature-cache",
+        "no-feature-cache",
         "kmeans-spread",
     ],
 )

@@ -15,6 +15,7 @@ from cause_cli.model.contrastive import (
     concept_contrastive_terms,
 )
 from cause_cli.model.heads import SegmentationHeads
+from cause_cli.model.ops import draw_grid_choice, grid_positions, nearest_code, take_tokens
 from cause_cli.model.slow import LoopBank, entrywise_contrastive_loss, loop_contrastive_loss
 
 
@@ -25,12 +26,15 @@ def chronological(bank: ConceptBank, code: int) -> torch.Tensor:
     return bank.features[code].roll(-int(bank.next_slot[code]), dims=0)
 
 
+@pytest.mark.parametrize("grows", [True, False])
 @pytest.mark.parametrize(
     ("codes", "capacity", "steps", "tokens"), [(16, 100, 3, 64), (8, 5, 12, 80), (2048, 100, 4, 512)]
 )
-def test_ring_buffer_equals_growing_tensors(codes, capacity, steps, tokens):
+def test_ring_buffer_equals_growing_tensors(codes, capacity, steps, tokens, grows):
+    """Every code's ring holds what the reference's growing tensors hold, whether the blocks
+    are given as codes first keep entries (the CPU's form) or are all there (the GPU's)."""
     torch.manual_seed(codes + capacity)
-    ring = ConceptBank(codes, 12, capacity)
+    ring = ConceptBank(codes, 12, capacity, grows=grows)
     loop = LoopBank(codes, capacity)
     for _ in range(steps):
         code = torch.randint(0, codes, (tokens,))
@@ -190,24 +194,27 @@ def test_a_row_without_candidates_sends_back_no_nan():
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
 
 
-def _partly_filled_bank(seed: int) -> tuple[ConceptBank, torch.Tensor]:
+def _partly_filled_bank(seed: int, grows: bool = True) -> tuple[ConceptBank, torch.Tensor]:
     """A ring bank of 6 codes x 5 slots: two codes full, two partly filled, two empty, and
     garbage in the slots that hold nothing (they must not count)."""
     generator = torch.Generator().manual_seed(seed)
-    bank = ConceptBank(6, 8, capacity=5)
-    codes = torch.tensor([0] * 14 + [1] * 10 + [2] * 4 + [3] * 6)
-    bank.update(codes, torch.randn(len(codes), 8, generator=generator), torch.rand(len(codes), generator=generator))
+    bank = ConceptBank(6, 8, capacity=5, grows=grows)
+    # Codes 3 and 2 keep entries first, so the blocks are not in code order.
+    for codes in (torch.tensor([3] * 6 + [2] * 4), torch.tensor([0] * 14 + [1] * 10)):
+        features = torch.randn(len(codes), 8, generator=generator)
+        bank.update(codes, features, torch.rand(len(codes), generator=generator))
     assert bank.filled.tolist() == [5, 5, 2, 3, 0, 0]
-    empty_slots = torch.arange(5) >= bank.filled[:, None]
-    bank.features[empty_slots] = torch.randn(int(empty_slots.sum()), 8, generator=generator) * 3
+    empty_slots = ~bank.valid_slots()
+    read = bank.blocks[: len(empty_slots)]
+    read[empty_slots] = torch.randn(int(empty_slots.sum()), 8, generator=generator) * 3
     code_vectors = F.normalize(torch.randn(6, 4, generator=generator), dim=1)
     return bank, code_vectors
 
 
-@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize(("compact", "grows"), [(False, True), (False, False), (True, True)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bank_by_code_equals_the_entrywise_matrices(seed, compact):
-    bank, code_vectors = _partly_filled_bank(seed)
+def test_bank_by_code_equals_the_entrywise_matrices(seed, compact, grows):
+    bank, code_vectors = _partly_filled_bank(seed, grows)
     generator = torch.Generator().manual_seed(10 + seed)
     token_codes = torch.randint(0, 6, (3, 7), generator=generator)
     student = torch.randn(3, 7, 8, generator=generator, requires_grad=True)
@@ -256,9 +263,9 @@ def test_considered_log_sum_exp_gradient_is_the_analytic_one():
 
 @pytest.mark.parametrize("per_token", [True, False])
 def test_the_bank_through_the_projection_gives_the_same_loss_and_gradients(per_token):
-    """The student branch hands the loss the projection's inputs and the bank taken back
-    through the projection; loss and every parameter's gradient equal those of the plain
-    similarities ``a_i . b`` in E dimensions."""
+    """The student branch hands the loss the projection's inputs, and the teacher's tokens and
+    the bank taken back through the projection; loss and every parameter's gradient equal
+    those of the plain similarities ``a_i . b`` in E dimensions."""
     torch.manual_seed(7)
     heads = SegmentationHeads(dim=12, reduced_dim=6, projection_dim=10, num_classes=3, dropout=0.0,
                               kind="mlp" if per_token else "tr", num_queries=9)  # fmt: skip
@@ -273,11 +280,12 @@ def test_the_bank_through_the_projection_gives_the_same_loss_and_gradients(per_t
     by_code = bank.by_code(code_vectors)
 
     def loss_and_gradients(through: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        student, inputs, projected_bank = branch(tokens, by_code.features.flatten(0, 1) if through else None)
-        used = by_code.through(projected_bank)
+        candidates = [F.normalize(teacher.flatten(0, 1), dim=-1), by_code.features.flatten(0, 1)]
+        student, inputs, projected = branch(tokens, candidates if through else ())
+        used = by_code.through(None if projected is None else projected[1])
         values, defined = concept_contrastive_terms(
             student, code_vectors[token_codes], teacher, code_vectors[token_codes], 0, used, settings,
-            inputs if through else None,
+            inputs if through else None, None if projected is None else projected[0],
         )  # fmt: skip
         loss = values[defined].mean()
         return loss, torch.autograd.grad(loss, heads.student_parameters())
@@ -293,7 +301,7 @@ def test_an_empty_bank_through_the_projection_adds_no_term():
     heads = SegmentationHeads(dim=12, reduced_dim=6, projection_dim=10, num_classes=3, dropout=0.0)
     code_vectors = F.normalize(torch.randn(6, 4), dim=1)
     empty = ConceptBank(6, 10, capacity=5).by_code(code_vectors, compact=True)
-    student, inputs, projected_bank = heads.student_branch()(torch.randn(2, 9, 12), empty.features.flatten(0, 1))
+    student, inputs, (projected_bank,) = heads.student_branch()(torch.randn(2, 9, 12), [empty.features.flatten(0, 1)])
     token_codes = torch.randint(0, 6, (2, 9))
     values, _ = concept_contrastive_terms(
         student, code_vectors[token_codes], torch.randn(2, 9, 10), code_vectors[token_codes], 0,
@@ -341,7 +349,7 @@ def test_the_banks_checkpoint_holds_its_entries_only_and_restores_it_exactly():
     state = bank.state_dict()
     assert state["entries"].shape == (len(bank), 16) and "features" not in state  # not 50 x 10 x 16
     restored = ConceptBank(num_codes=50, feature_dim=16, capacity=10)
-    restored.features.fill_(7.0)  # whatever a fresh bank held is overwritten
+    restored.update(torch.arange(50).repeat(4), torch.randn(200, 16, generator=generator))  # overwritten
     restored.load_state_dict(state)
     assert torch.equal(restored.features, bank.features)
     assert torch.equal(restored.filled, bank.filled) and torch.equal(restored.next_slot, bank.next_slot)
@@ -351,3 +359,24 @@ def test_the_banks_checkpoint_holds_its_entries_only_and_restores_it_exactly():
     bank.update(codes, features, keys)
     restored.update(codes, features, keys)
     assert torch.equal(restored.features, bank.features)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tr"])
+def test_a_head_at_sampled_positions_gives_those_rows_of_its_full_output(kind):
+    """Step two computes the heads at the grid-sampled tokens only; every token still attends
+    to all the others in the TR head, so the rows equal the full output's at those positions."""
+    torch.manual_seed(3)
+    side, window, dim = 8, 4, 12
+    heads = SegmentationHeads(dim=dim, reduced_dim=6, projection_dim=10, num_classes=3, dropout=0.1,
+                              kind=kind, num_queries=side * side)  # fmt: skip
+    heads.set_clusterbook(torch.randn(7, dim))
+    heads.eval()
+    tokens = torch.randn(3, side * side, dim)
+    positions = grid_positions(draw_grid_choice(3, side, window), 3, side * side, window)
+    assert positions.shape == (3, (side // window) ** 2)
+    full = heads.student(tokens)
+    at_positions = heads.student(tokens, positions=positions)
+    torch.testing.assert_close(at_positions, take_tokens(full, positions), rtol=1e-5, atol=1e-6)
+    codes = nearest_code(tokens, heads.student.clusterbook) if kind == "tr" else None
+    given_codes = heads.student(tokens, positions=positions, token_codes=codes)
+    torch.testing.assert_close(given_codes, at_positions)

@@ -73,9 +73,9 @@ def test_reference_recipe_trains_a_quarter_of_each_epoch(scenes, tmp_path):
         def __init__(self) -> None:
             self.totals: dict[str, int | None] = {}
 
-        def task(self, description, total):
+        def task(self, description, total, unit="it", done=0):
             self.totals[description] = total
-            return super().task(description, total)
+            return super().task(description, total, unit, done)
 
     counting = Counting()
     train(small(scenes, recipe="reference", head="tr"), tmp_path / "quarter", "cpu", counting)

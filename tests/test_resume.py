@@ -33,11 +33,12 @@ def cause(*args: object) -> list[str]:
 
 def train_args(scenes, run) -> list[object]:
     # A random probe start refined by modularity, with two restarts, so that step three has
-    # batches, schedulers and restarts to resume.
+    # batches, schedulers and restarts to resume; no feature cache, so that every batch a
+    # process trains goes through the backbone and the log counts what it redid.
     return ["train", "--data-dir", scenes, "--run", run, "--resolution", "64", "--clusterbook-size", "32",
             "--batch-size", BATCH, "--epochs-clusterbook", EPOCHS["clusterbook"],
             "--epochs-front-door", EPOCHS["front_door"], "--epochs-cluster-probe", EPOCHS["cluster_probe"],
-            "--probe-init", "random", "--probe-restarts", "2",
+            "--probe-init", "random", "--probe-restarts", "2", "--cache-features", "off",
             "--checkpoint-every", "0", "--device", "cpu", "--quiet"]  # fmt: skip
 
 

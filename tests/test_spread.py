@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_cli.model.heads import CRF_SHARPNESS, ClusterProbe, FeatureWhitening
+from cause_cli.model.heads import CRF_SHARPNESS, ClusterProbe
 from cause_cli.model.kmeans import mean_agreement, partition_agreement
 from cause_cli.model.spread import AGREEMENT_THRESHOLD, fit_shared_spread, spread_scores, uses_spread
+from cause_cli.model.whitening import FeatureWhitening
 
 
 def slow_shared_spread(unit, labels, k, iterations, shrinkage):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from cause_cli.config import TrainConfig, apply_reference_recipe
 from cause_cli.errors import CauseError
 from cause_cli.inference.baselines import BaselineCentroids, baseline_maps
-from cause_cli.model.heads import ClusterProbe, FeatureWhitening
+from cause_cli.model.heads import ClusterProbe
+from cause_cli.model.whitening import FeatureWhitening
 
 # A 2 x 2 map upsampled to 4 x 4 (bilinear, half-pixel centres): output pixel (1, 1) sits a
 # quarter of the way from token (0, 0) towards token (1, 1) in both directions.

@@ -13,8 +13,9 @@ from cause_cli.config import DEFAULT_PROBE_CONSENSUS, TrainConfig, apply_referen
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 from cause_cli.inference.predict import load_trained
-from cause_cli.model.heads import ClusterProbe, FeatureWhitening
+from cause_cli.model.heads import ClusterProbe
 from cause_cli.model.ops import cosine_similarity_matrix
+from cause_cli.model.whitening import FeatureWhitening
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 

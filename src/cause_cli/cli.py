@@ -410,12 +410,13 @@ def train(
         ),
     ] = "scores",
     cache_features: Annotated[
-        bool,
+        str,
         typer.Option(
             "--cache-features",
-            help="Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps.",
+            help="Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps: auto "
+            "(when they are read more than once and fit on the disk; on a GPU, in memory), on or off.",
         ),
-    ] = False,
+    ] = "auto",
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (needs only --run)."),
@@ -488,6 +489,9 @@ def train(
     if gpus > 1 and not process.distributed:
         _launch_training(ctx, gpus, run or next_numbered_folder(runs_home(), "train"), device)
         return
+    from .devices import keep_freed_memory
+
+    keep_freed_memory()  # this process is the training's own: its allocator may keep what it frees
     if resume:
         assert run is not None
         from .runs import open_run

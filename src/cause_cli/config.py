@@ -14,6 +14,7 @@ PROBE_INITS = ("kmeans", "random")
 PROBE_SPACES = ("whitened", "head")
 PROBE_SPREADS = ("auto", "on", "off")
 PROBE_UPSAMPLINGS = ("scores", "features")
+FEATURE_CACHE_CHOICES = ("auto", "on", "off")
 # Settings a finished or interrupted run may be continued with other values of: how fast it
 # goes and where, not what it learns (the feature cache keeps tokens in float16, which is as
 # close as mixed precision).
@@ -115,7 +116,9 @@ class TrainConfig:
     # scores, upsampled bilinearly, as the linear probe's logits are) or "features" (the
     # head's features upsampled, then scored: the paper's). docs/quality.md says why.
     probe_upsampling: str = "scores"
-    cache_features: bool = False  # keep the backbone's training tokens on disk (float16)
+    # Keep the backbone's training tokens on disk (float16) and read them back in every later
+    # epoch and step: "auto" where they are read more than once and fit (feature_cache.py).
+    cache_features: str = "auto"
     checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
     precision: str = "auto"  # mixed precision: see devices.PRECISIONS
     extra: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +169,10 @@ class TrainConfig:
             raise CauseError(
                 f"Unknown cluster-probe upsampling '{self.probe_upsampling}'; choose {' or '.join(PROBE_UPSAMPLINGS)}."
             )
+        if self.cache_features not in FEATURE_CACHE_CHOICES:
+            raise CauseError(
+                f"Unknown feature-cache choice '{self.cache_features}'; choose {', '.join(FEATURE_CACHE_CHOICES)}."
+            )
         for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe", "min_updates"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -213,6 +220,19 @@ class TrainConfig:
             schedule[step] = {"epochs": epochs, "updates": epochs * batches_per_epoch, "from": source}
         return schedule
 
+    def passes_over_images(self) -> dict[int, float]:
+        """How many times the resolved schedule reads each training image's tokens, by input
+        resolution: every epoch of the three steps (the share of it they train on) and the
+        pass that samples the teacher's features for step three's start or whitening."""
+        assert self.resolution is not None, "the resolution is resolved when the run is prepared"
+        later = self.front_door_resolution or self.resolution
+        passes = {self.resolution: 0.0, later: 0.0}
+        passes[self.resolution] += (self.epochs_clusterbook or 0) * self.epoch_fraction
+        passes[later] += ((self.epochs_front_door or 0) + (self.epochs_cluster_probe or 0)) * self.epoch_fraction
+        if self.probe_init == "kmeans" or self.probe_space == "whitened":
+            passes[later] += 1
+        return passes
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -233,6 +253,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         # Runs from before the choice existed were evaluated the paper's way.
         data = {"probe_upsampling": "features", **data}
+        if isinstance(data.get("cache_features"), bool):  # runs from before "auto": on or off
+            data["cache_features"] = "on" if data["cache_features"] else "off"
         return cls(**{key: value for key, value in data.items() if key in known})
 
 

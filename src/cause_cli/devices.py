@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +121,41 @@ def load_tensors_only(path: Path, allowed: tuple[type, ...] = ()) -> Any:
     with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable, else the
+    free pages), or None where neither can be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# glibc's mallopt parameters (malloc.h): memory freed below the trim threshold stays with the
+# process; blocks above the mmap threshold are mapped afresh on every allocation.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEPT_BYTES = 2**31 - 1  # the largest value mallopt's int takes
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse the large blocks a training step frees instead of giving them back to
+    the system: by default each block above 32 MiB (the front door's ``[rows, entries]``
+    tensors) is mapped anew and its pages faulted in at every update, a fifth of a CPU
+    update's time (docs/performance.md). Returns whether it could (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEPT_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEPT_BYTES))

@@ -49,8 +49,9 @@ class Reporter:
     """Silent by default; :class:`RichReporter` draws bars on stderr."""
 
     @contextmanager
-    def task(self, description: str, total: int | None, unit: str = "it") -> Iterator[Advance]:
-        """Progress of ``total`` steps (``unit`` names them in the rate shown)."""
+    def task(self, description: str, total: int | None, unit: str = "it", done: int = 0) -> Iterator[Advance]:
+        """Progress of ``total`` steps (``unit`` names them in the rate shown), ``done`` of them
+        before (a resumed step: they count toward the bar, not toward the pace)."""
         yield _ignore_progress
 
     @contextmanager
@@ -71,19 +72,20 @@ class RichReporter(Reporter):
         self.quiet = quiet
 
     @contextmanager
-    def _bar(self, description: str, total: int | None, *columns: ProgressColumn) -> Iterator[Advance]:
+    def _bar(self, description: str, total: int | None, *columns: ProgressColumn, done: int = 0) -> Iterator[Advance]:
         if self.quiet:
             yield _ignore_progress
             return
         layout = (TextColumn("{task.description}"), BarColumn(), *columns, TextColumn("eta"), TimeRemainingColumn())
         with Progress(*layout, console=self.console, transient=False) as progress:
-            task_id = progress.add_task(description, total=total)
+            # Done before, not advanced: the pace, and so the time left, counts this run's steps only.
+            task_id = progress.add_task(description, total=total, completed=done)
             yield lambda steps=1: progress.advance(task_id, steps)  # type: ignore[misc]
 
     @contextmanager
-    def task(self, description: str, total: int | None, unit: str = "it") -> Iterator[Advance]:
-        columns = (MofNCompleteColumn(), RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn())
-        with self._bar(description, total, *columns) as advance:
+    def task(self, description: str, total: int | None, unit: str = "it", done: int = 0) -> Iterator[Advance]:
+        columns = (MofNCompleteColumn(), RateColumn(unit), TimeElapsedColumn())
+        with self._bar(description, total, *columns, done=done) as advance:
             yield advance
 
     @contextmanager

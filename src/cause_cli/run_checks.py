@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import HEADS, PROBE_INITS, PROBE_SPACES, PROBE_SPREADS, PROBE_UPSAMPLINGS, RECIPES
+from .config import FEATURE_CACHE_CHOICES, HEADS, PROBE_INITS, PROBE_SPACES, PROBE_SPREADS, PROBE_UPSAMPLINGS, RECIPES
 from .devices import PRECISIONS
 from .errors import CauseError
 
@@ -155,6 +155,16 @@ def choice(options: tuple[str, ...]) -> Rule:
     return rule
 
 
+def either(*rules: Rule) -> Rule:
+    """A value any of ``rules`` accepts."""
+
+    def rule(value: Any) -> str | None:
+        problems = [rule(value) for rule in rules]
+        return None if None in problems else " or ".join(str(problem) for problem in problems)
+
+    return rule
+
+
 # The choices among the settings, with the name the messages give each.
 CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pos_embed": ("position-embedding rule", ("reference", "timm")),
@@ -165,6 +175,7 @@ CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "probe_spread": ("cluster-probe spread", PROBE_SPREADS),
     "probe_upsampling": ("cluster-probe upsampling", PROBE_UPSAMPLINGS),
     "precision": ("precision", PRECISIONS),
+    "cache_features": ("feature-cache choice", FEATURE_CACHE_CHOICES),
 }
 
 
@@ -213,7 +224,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "probe_consensus": integer(0, 1_000_000, optional=True),
     "probe_spread": choice(CHOICES["probe_spread"][1]),
     "probe_upsampling": choice(CHOICES["probe_upsampling"][1]),
-    "cache_features": flag,
+    "cache_features": either(choice(CHOICES["cache_features"][1]), flag),  # a flag in runs from before "auto"
     "checkpoint_seconds": number(0.0, math.inf),
     "precision": choice(CHOICES["precision"][1]),
     "extra": mapping,

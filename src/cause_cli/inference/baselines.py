@@ -15,6 +15,7 @@ the cosines upsampled, which needs ``C`` channels at pixel size instead of ``D``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ import torch.nn.functional as F
 from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
 from ..data.transforms import normalise_pixels
+from ..devices import autocast
 from ..model.heads import ClusterProbe
 from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
+from ..training.feature_cache import FeatureCache, cache_folder, open_existing_cache
 from .predict import TrainedModel, backbone_and_head
 
 BASELINE_IMAGES = 256
@@ -44,9 +47,16 @@ class BaselineCentroids:
 
 @torch.no_grad()
 def fit_baselines(
-    model: TrainedModel, batch_size: int = 16, workers: int = 0, reporter: Reporter | None = None, seed: int = 0
+    model: TrainedModel,
+    batch_size: int = 16,
+    workers: int = 0,
+    reporter: Reporter | None = None,
+    seed: int = 0,
+    run_path: Path | None = None,
 ) -> BaselineCentroids:
-    """k-means centroids on up to ``BASELINE_IMAGES`` training images spread over the split."""
+    """k-means centroids on up to ``BASELINE_IMAGES`` training images spread over the split.
+    The tokens the run's training cached (in ``run_path``) are read instead of running the
+    backbone again; the images they belong to are not even decoded."""
     reporter = reporter or Reporter()
     config = model.config
     data = open_dataset(config.dataset, config.data_dir, "train", model.resolution, config.val_fraction, crops=True)
@@ -58,11 +68,16 @@ def fit_baselines(
     chooser = torch.Generator().manual_seed(seed)
     token_rows: list[torch.Tensor] = []
     head_rows: list[torch.Tensor] = []
+    cache = None
+    if run_path is not None:
+        folder = cache_folder(run_path, model.resolution, model.backbone.sha256, getattr(data, "samples", []))
+        cache = open_existing_cache(folder, len(data), tokens, model.backbone.dim)
+    data.pixels_not_needed = cache.snapshot() if cache is not None else None
     loaded = iterate_batches(data, batch_size, LoadReport(), batches=batches, workers=workers)  # type: ignore[arg-type]
     with reporter.task("baselines: k-means on the training split", len(batches)) as advance:
         for batch in loaded:
             if batch:
-                backbone_tokens, head_map = backbone_and_head(model, normalise_pixels(batch["image"], model.device))
+                backbone_tokens, head_map = _tokens_and_head(model, batch, cache)
                 picked = draw_tokens(backbone_tokens.shape[0], backbone_tokens.shape[1], per_image, chooser)
                 token_rows.append(_rows(backbone_tokens, picked))
                 head_rows.append(_rows(map_to_tokens(head_map), picked))
@@ -75,6 +90,23 @@ def fit_baselines(
     on_head = spherical_kmeans(torch.cat(head_rows), classes, generator, BASELINE_RESTARTS)
     points = sum(len(rows) for rows in token_rows)
     return BaselineCentroids(on_tokens.centroids, on_head.centroids, len(chosen), points)
+
+
+def _tokens_and_head(
+    model: TrainedModel, batch: dict[str, torch.Tensor], cache: FeatureCache | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's backbone tokens (from the cache where it has them, whose images were not
+    decoded) and the teacher head's feature map."""
+    cached = torch.from_numpy(cache.has(batch["index"])) if cache is not None else None
+    if cache is None or cached is None or not cached.any():
+        return backbone_and_head(model, normalise_pixels(batch["image"], model.device))
+    tokens = cache.tokens_of(batch["index"], cached).to(model.device)
+    if not cached.all():
+        with autocast(model.device):
+            tokens[~cached] = model.backbone(normalise_pixels(batch["image"][~cached], model.device)).float()
+    with autocast(model.device):
+        head_map = tokens_to_map(model.heads.teacher(tokens).float())
+    return tokens, head_map.float()
 
 
 def _rows(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def evaluate_run(
         data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
         if not data.has_labels:
             raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
-        fitted = fit_baselines(model, batch_size, workers, reporter, config.seed) if baselines else None
+        fitted = fit_baselines(model, batch_size, workers, reporter, config.seed, run.path) if baselines else None
         report = LoadReport()
         batches = iterate_batches(
             data,

@@ -23,8 +23,9 @@ from ..config import TrainConfig
 from ..data.transforms import denormalise_to_uint8, normalise, resize_and_crop
 from ..devices import autocast
 from ..errors import CauseError
-from ..model.heads import CRF_SHARPNESS, ClusterProbe, FeatureWhitening, LinearProbe, SegmentationHeads
+from ..model.heads import CRF_SHARPNESS, ClusterProbe, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
+from ..model.whitening import FeatureWhitening
 from ..run_checks import check_state
 from ..runs import PROBE_FILE, RUN_FILE, RunDirectory
 from ..training import load_heads

@@ -16,7 +16,14 @@ from .contrastive import BankByCode
 
 
 class ConceptBank:
-    """Ring buffers of L2-normalised teacher projections, one per clusterbook code."""
+    """Ring buffers of L2-normalised teacher projections, one per clusterbook code.
+
+    A code's ring is a block of ``capacity`` rows, given when the code first keeps an entry;
+    blocks are handed out in that order, so the codes in use hold the first blocks of the
+    storage. On the CPU the storage grows with them (a folder's images use a few hundred of
+    2048 codes) and the loss reads the blocks in use as they lie, with no copy; on GPUs every
+    block is there from the start, so an update never waits for the host.
+    """
 
     def __init__(
         self,
@@ -25,18 +32,44 @@ class ConceptBank:
         capacity: int = 100,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        grows: bool | None = None,
     ) -> None:
         self.num_codes = num_codes
         self.capacity = capacity
-        # One slot more than the ring buffers hold: writes that must not land go there, so an
-        # update needs no boolean indexing (which waits for the GPU).
-        self._storage = torch.zeros(num_codes * capacity + 1, feature_dim, device=device, dtype=dtype)
-        self.features = self._storage[:-1].view(num_codes, capacity, feature_dim)
+        self.feature_dim = feature_dim
+        device = torch.device(device)
+        self.grows = device.type == "cpu" if grows is None else grows  # else every block from the start
         self.filled = torch.zeros(num_codes, dtype=torch.long, device=device)
         self.next_slot = torch.zeros(num_codes, dtype=torch.long, device=device)
+        self.block_of_code = torch.full((num_codes,), -1, dtype=torch.long, device=device)
+        # One entry more than there are blocks: where codes given no block now write.
+        self.code_of_block = torch.zeros(num_codes + 1, dtype=torch.long, device=device)
+        self.blocks_used = torch.zeros((), dtype=torch.long, device=device)
+        self._allocate(0 if self.grows else num_codes, dtype, device)
+
+    def _allocate(self, blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        # One row more than the blocks hold: writes that must not land go there, so an update
+        # needs no boolean indexing (which waits for the GPU).
+        storage = torch.zeros(blocks * self.capacity + 1, self.feature_dim, device=device, dtype=dtype)
+        if hasattr(self, "_storage"):
+            kept = min(len(self._storage), len(storage)) - 1
+            storage[:kept] = self._storage[:kept]
+        self._storage = storage
+        self.blocks = storage[:-1].view(blocks, self.capacity, self.feature_dim)
 
     def __len__(self) -> int:
         return int(self.filled.sum())
+
+    @property
+    def features(self) -> torch.Tensor:
+        """Every code's ring, ``[K, capacity, E]`` (a copy: the blocks are in order of first use)."""
+        rings = self.blocks.new_zeros(self.num_codes, self.capacity, self.feature_dim)
+        used = self._used_blocks()
+        rings[self.code_of_block[:used]] = self.blocks[:used]
+        return rings
+
+    def _used_blocks(self) -> int:
+        return int(self.blocks_used)
 
     def update(
         self,
@@ -64,53 +97,80 @@ class ConceptBank:
         group_start = torch.cumsum(per_code, 0) - per_code
         rank = torch.arange(codes.numel(), device=codes.device) - group_start[sorted_codes]
         kept_per_code = per_code // 2
+        self._give_blocks(kept_per_code > 0)
         kept = kept_per_code[sorted_codes]
         # Of more than `capacity` new entries only the newest survive, so older ones are not written.
         write = (rank < kept) & (rank >= kept - self.capacity)
         slot = (self.next_slot[sorted_codes] + rank) % self.capacity
-        nowhere = self.num_codes * self.capacity  # the spare slot
-        targets = torch.where(write, sorted_codes * self.capacity + slot, nowhere)
+        nowhere = len(self._storage) - 1  # the spare row
+        targets = torch.where(write, self.block_of_code[sorted_codes].clamp_min(0) * self.capacity + slot, nowhere)
         self._storage.index_copy_(0, targets, features[order].to(self._storage.dtype))
 
         self.next_slot = (self.next_slot + kept_per_code) % self.capacity
         self.filled = torch.clamp(self.filled + kept_per_code, max=self.capacity)
 
+    def _give_blocks(self, keeping: torch.Tensor) -> None:
+        """A block for every code that keeps entries now and had none, in code order."""
+        new = keeping & (self.block_of_code < 0)
+        numbers = self.blocks_used + torch.cumsum(new.long(), 0) - 1
+        self.block_of_code = torch.where(new, numbers, self.block_of_code)
+        codes = torch.arange(self.num_codes, device=new.device)
+        self.code_of_block[torch.where(new, numbers, self.num_codes)] = codes
+        self.blocks_used = self.blocks_used + new.sum()
+        if self.grows and self._used_blocks() > len(self.blocks):
+            wanted = min(self.num_codes, max(self._used_blocks(), 2 * len(self.blocks)))
+            self._allocate(wanted, self._storage.dtype, self._storage.device)
+
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored features ``[N, E]`` and their codes ``[N]`` (order carries no meaning)."""
-        valid = self._valid()
-        codes = torch.arange(self.num_codes, device=self.filled.device).unsqueeze(1).expand_as(valid)
-        return self.features[valid], codes[valid]
+        valid = self.valid_slots()
+        codes = self.code_of_block[: len(valid)].unsqueeze(1).expand_as(valid)
+        return self.blocks[: len(valid)][valid], codes[valid]
 
     def by_code(self, code_vectors: torch.Tensor, compact: bool | None = None) -> BankByCode:
         """The bank as the loss reads it, with each code's normalised vector ``code_vectors
-        [K, D]``.
-
-        Not ``compact``, it is the ring buffer itself, every slot, with no copy and no host
-        synchronisation: its cost is the same empty or full (the default on GPUs). ``compact``,
-        it is the entries alone, each a group of one with its code: cheaper while most slots
-        are empty (the default on the CPU while the bank is less than half full).
-        """
+        [K, D]``: its blocks as they lie (on the CPU those in use, on GPUs all of them, with no
+        copy and no host synchronisation), or ``compact``, its entries alone, each a group of
+        one with its code. By default compact on the CPU while a tenth of the slots of the
+        blocks in use or more are empty: an empty slot costs the loss as much as an entry,
+        about ten times what copying an entry costs."""
+        valid = self.valid_slots()
         if compact is None:
-            compact = self.features.device.type == "cpu" and 2 * len(self) < self.features.shape[0] * self.capacity
-        if not compact:
-            return BankByCode(self.features, self._valid(), code_vectors)
-        entries, codes = self.entries()
-        return BankByCode.of_entries(entries, code_vectors, codes)
+            compact = self.grows and 10 * len(self) < 9 * valid.numel()
+        if compact:
+            entries, codes = self.entries()
+            return BankByCode.of_entries(entries, code_vectors, codes)
+        return BankByCode(self.blocks[: len(valid)], valid, code_vectors, group_codes=self.code_of_block[: len(valid)])
 
-    def _valid(self) -> torch.Tensor:
-        """``bool [K, capacity]``: the slots in use (a code's ring fills its slots in order)."""
-        return torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
+    def valid_slots(self) -> torch.Tensor:
+        """``bool [blocks, capacity]``: the slots in use of the blocks read (a ring fills its
+        slots in order; a block not given yet has none)."""
+        blocks = self._used_blocks() if self.grows else len(self.blocks)
+        given = torch.arange(blocks, device=self.filled.device) < self.blocks_used
+        filled = torch.where(given, self.filled[self.code_of_block[:blocks]], 0)
+        return torch.arange(self.capacity, device=self.filled.device) < filled.unsqueeze(1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The slots in use only: a checkpoint's size follows what the bank holds, not the
-        ``K x capacity x E`` it could (1.7 GB at the paper's sizes)."""
-        return {"entries": self.features[self._valid()], "filled": self.filled, "next_slot": self.next_slot}
+        """The slots in use only, code by code: a checkpoint's size follows what the bank
+        holds, not the ``K x capacity x E`` it could (1.7 GB at the paper's sizes)."""
+        rings_valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
+        return {"entries": self.features[rings_valid], "filled": self.filled, "next_slot": self.next_slot}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.filled = state["filled"].to(self.filled.device)
-        self.next_slot = state["next_slot"].to(self.next_slot.device)
-        if "features" in state:  # a checkpoint of an earlier version: every slot
-            self.features.copy_(state["features"])
-            return
-        self.features.zero_()
-        self.features[self._valid()] = state["entries"].to(self.features.device, self.features.dtype)
+        device, dtype = self._storage.device, self._storage.dtype
+        self.filled = state["filled"].to(device)
+        self.next_slot = state["next_slot"].to(device)
+        rings_valid = torch.arange(self.capacity, device=device) < self.filled.unsqueeze(1)
+        if "features" in state:  # a checkpoint of an earlier version: every slot of every ring
+            rings = state["features"].to(device, dtype)
+        else:
+            rings = torch.zeros(self.num_codes, self.capacity, self.feature_dim, device=device, dtype=dtype)
+            rings[rings_valid] = state["entries"].to(device, dtype)
+        holding = self.filled > 0
+        self.block_of_code = torch.where(holding, torch.cumsum(holding.long(), 0) - 1, -1)
+        self.blocks_used = holding.sum()
+        self.code_of_block = torch.zeros_like(self.code_of_block)
+        self.code_of_block[: self._used_blocks()] = torch.nonzero(holding).flatten()
+        self._allocate(self._used_blocks() if self.grows else self.num_codes, dtype, device)
+        self.blocks.zero_()
+        self.blocks[: self._used_blocks()] = rings[holding]

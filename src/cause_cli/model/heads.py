@@ -9,13 +9,15 @@ linear weight ``[out, in]``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import cosine_similarity_matrix, ema_update_, map_to_tokens, quantise, tokens_to_map
+from .ops import cosine_similarity_matrix, ema_update_, map_to_tokens, nearest_code, take_tokens, tokens_to_map
 from .spread import spread_ranking, spread_scores
+from .whitening import FeatureWhitening
 
 # The dense CRF starts from softmax(3 cos) of the cluster probe (METHOD.md section 4).
 CRF_SHARPNESS = 3.0
@@ -48,7 +50,17 @@ class MLPHead(nn.Module):
         self.projection = DualProjection(dim, reduced_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor, use_dropout: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        use_dropout: bool = False,
+        positions: torch.Tensor | None = None,
+        token_codes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The features of every token, or of the tokens at ``positions [B, S]`` (each token
+        on its own: the others are not read). ``token_codes`` is for the TR head's signature."""
+        if positions is not None:
+            tokens = take_tokens(tokens, positions)
         return self.projection(tokens, self.dropout if use_dropout else None)
 
 
@@ -87,20 +99,40 @@ class TRHead(nn.Module):
     def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
         self.clusterbook = clusterbook.detach().to(self.query_pos.device, self.query_pos.dtype)
 
-    def decode(self, tokens: torch.Tensor, attention_weights: bool = True) -> dict[str, torch.Tensor | None]:
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        attention_weights: bool = True,
+        positions: torch.Tensor | None = None,
+        token_codes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """Every intermediate of the decoder layer, for inspection and tests. Without
         ``attention_weights`` the attention runs fused (``scaled_dot_product_attention``: flash
-        or memory-efficient kernels on GPUs) and the weights come back as None."""
+        or memory-efficient kernels on GPUs) and the weights come back as None.
+
+        With ``positions [B, S]``, only the queries at those positions are decoded: every
+        query still attends to all the queries and tokens, and everything after the
+        attention acts on each query alone, so the result is those rows of the full decoding
+        (at a fraction of its cost when S is a sixteenth of P, as in training).
+        ``token_codes [B, P]``, the nearest clusterbook code of every token, saves finding
+        them again when the caller has them."""
         if self.clusterbook.shape[0] == 0:
             raise RuntimeError("TRHead needs its clusterbook: call set_clusterbook first")
         if tokens.shape[1] != self.query_pos.shape[0]:
             raise ValueError(f"TRHead was built for {self.query_pos.shape[0]} tokens per image, got {tokens.shape[1]}")
-        queries = quantise(tokens, self.clusterbook)
+        if token_codes is None:
+            token_codes = nearest_code(tokens, self.clusterbook)
+        queries = self.clusterbook[token_codes]
         with_pos = queries + self.query_pos
-        self_out, self_weights = self.self_attn(with_pos, with_pos, queries, need_weights=attention_weights)
-        norm1_out = self.norm1(queries + self.dropout1(self_out))
+        if positions is None:
+            asking, asking_queries, asking_pos, own_tokens = with_pos, queries, self.query_pos, tokens
+        else:
+            asking, asking_queries = take_tokens(with_pos, positions), take_tokens(queries, positions)
+            asking_pos, own_tokens = self.query_pos[positions.to(tokens.device)], take_tokens(tokens, positions)
+        self_out, self_weights = self.self_attn(asking, with_pos, queries, need_weights=attention_weights)
+        norm1_out = self.norm1(asking_queries + self.dropout1(self_out))
         cross_out, cross_weights = self.cross_attn(
-            norm1_out + self.query_pos, tokens, tokens, need_weights=attention_weights
+            norm1_out + asking_pos, tokens, tokens, need_weights=attention_weights
         )
         norm2_out = self.norm2(norm1_out + self.dropout2(cross_out))
         linear2_out = self.linear2(self.ffn_dropout(torch.relu(self.linear1(norm2_out))))
@@ -114,11 +146,18 @@ class TRHead(nn.Module):
             "norm2_out": norm2_out,
             "linear2_out": linear2_out,
             "norm3_out": norm3_out,
-            "output": tokens + norm3_out,
+            "output": own_tokens + norm3_out,
         }
 
-    def forward(self, tokens: torch.Tensor, use_dropout: bool = False) -> torch.Tensor:
-        decoded = self.decode(tokens, attention_weights=False)["output"]
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        use_dropout: bool = False,
+        positions: torch.Tensor | None = None,
+        token_codes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The features of every token, or of the tokens at ``positions [B, S]`` (see :meth:`decode`)."""
+        decoded = self.decode(tokens, False, positions, token_codes)["output"]
         assert decoded is not None
         return self.projection(decoded, self.dropout if use_dropout else None)
 
@@ -146,49 +185,6 @@ class LinearProbe(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens_to_map(self.linear(tokens))
-
-
-# The smallest variance whitening divides by, as a share of the largest: directions the head
-# keeps almost nothing in are not blown up into noise (1e-2 to 1e-4 measured alike).
-WHITENING_FLOOR = 1e-3
-
-
-class FeatureWhitening(nn.Module):
-    """ZCA whitening of unit-length features: ``x -> (x / |x| - mu) V diag(1 / sqrt(lambda)) V^T``.
-
-    Fitted without labels on a sample of the teacher head's features, it gives every direction
-    of the head's feature space the same variance. The front door concentrates the features in
-    a narrow cone (mean cosine to their cluster's centre above 0.98) where the directions that
-    separate similar classes carry little variance; spherical k-means on the whitened features
-    finds them (docs/quality.md).
-    """
-
-    mean: torch.Tensor
-    matrix: torch.Tensor
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("matrix", torch.eye(dim))
-
-    @classmethod
-    def fit(cls, features: torch.Tensor, floor: float = WHITENING_FLOOR) -> FeatureWhitening:
-        """The whitening of ``features [N, r]`` (float64 arithmetic, float32 result)."""
-        unit = F.normalize(features.double(), dim=-1)
-        mean = unit.mean(dim=0)
-        centred = unit - mean
-        covariance = centred.T @ centred / max(1, len(unit) - 1)
-        variances, directions = torch.linalg.eigh(covariance)
-        variances = variances.clamp_min(0) + floor * variances.max().clamp_min(torch.finfo(torch.float64).tiny)
-        whitening = cls(features.shape[-1])
-        whitening.mean.copy_(mean.float())
-        # ZCA form: the result does not depend on the signs (or, for equal variances, the
-        # rotation) of the eigenvectors, so runs that sample the same features agree on it.
-        whitening.matrix.copy_(((directions / variances.sqrt()) @ directions.T).float())
-        return whitening
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(features, dim=-1) - self.mean) @ self.matrix
 
 
 class ClusterProbe(nn.Module):
@@ -350,16 +346,17 @@ class SegmentationHeads(nn.Module):
 
 
 class StudentBranch(nn.Module):
-    """Tokens ``[B, P, D]`` to the student's projections ``[B, P, E]``, with the input
-    dropout of training: what step two differentiates, as one module for data-parallel
-    training (so every use of a parameter happens in its forward).
+    """Tokens ``[B, P, D]`` to the student's projections ``[B, S, E]`` (of the tokens at
+    ``positions [B, S]``, or of all), with the input dropout of training: what step two
+    differentiates, as one module for data-parallel training (so every use of a parameter
+    happens in its forward).
 
-    Returns the projections, the head's features ``[B, P, r]`` they were projected from, and,
-    given the concept bank's entries ``[N, E]``, those entries taken back through the
-    projection, ``[N, r + 1]`` (``b W`` and ``b . bias``; None when ``r + 1 >= E``): the
-    bank's similarities then cost ``r + 1`` multiply-adds each instead of ``E`` (see
-    :mod:`.contrastive`). The projection runs in float32 whatever the autocast around it, like
-    the loss it feeds.
+    Returns the projections, the head's features ``[B, S, r]`` they were projected from, and,
+    given ``candidates`` (tensors of unit vectors ``[N, E]`` the projections are compared with:
+    the teacher's projections, the concept bank's entries), each taken back through the
+    projection, ``[N, r + 1]`` (``c W`` and ``c . bias``; None when ``r + 1 >= E``): a
+    similarity then costs ``r + 1`` multiply-adds instead of ``E`` (see :mod:`.contrastive`).
+    The projection runs in float32 whatever the autocast around it, like the loss it feeds.
     """
 
     def __init__(self, head: nn.Module, projection: ProjectionHead) -> None:
@@ -368,16 +365,20 @@ class StudentBranch(nn.Module):
         self.projection = projection
 
     def forward(
-        self, tokens: torch.Tensor, bank_entries: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        features = self.head(tokens, use_dropout=True)
+        self,
+        tokens: torch.Tensor,
+        candidates: Sequence[torch.Tensor] = (),
+        positions: torch.Tensor | None = None,
+        token_codes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        features = self.head(tokens, use_dropout=True, positions=positions, token_codes=token_codes)
         linear = self.projection.linear
         with torch.autocast(tokens.device.type, enabled=False):
             features = features.float()
             projected = F.linear(features, linear.weight, linear.bias)
             through_projection = None
             reduced, projected_width = linear.in_features, linear.out_features
-            if bank_entries is not None and reduced + 1 < projected_width:  # else no cheaper
-                entries = bank_entries.float()
-                through_projection = torch.cat([entries @ linear.weight, (entries @ linear.bias)[:, None]], dim=1)
+            if candidates and reduced + 1 < projected_width:  # else no cheaper
+                weight_and_bias = torch.cat([linear.weight, linear.bias[:, None]], dim=1)  # one pass over each
+                through_projection = [vectors.float() @ weight_and_bias for vectors in candidates]
         return projected, features, through_projection

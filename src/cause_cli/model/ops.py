@@ -63,24 +63,34 @@ def draw_grid_choice(batch: int, side: int, window: int = 4, generator: torch.Ge
     return torch.randint(window * window, (windows,), generator=generator)
 
 
+def grid_positions(choice: torch.Tensor, batch: int, num_tokens: int, window: int = 4) -> torch.Tensor:
+    """The token indices a grid choice keeps, ``[B, (g // window)**2]`` int64, in row-major
+    window order: what :func:`grid_sample_tokens` picks from each image."""
+    side = grid_side(num_tokens)
+    per_side = side // window
+    if per_side == 0:
+        raise ValueError(f"a {side}x{side} token grid is smaller than one {window}x{window} window")
+    # Tokens past the last whole window are never kept, as an unfold with stride = size does.
+    window_row = torch.arange(per_side, device=choice.device).repeat_interleave(per_side)
+    window_col = torch.arange(per_side, device=choice.device).repeat(per_side)
+    inside = choice.reshape(batch, per_side * per_side)
+    rows = window_row * window + torch.div(inside, window, rounding_mode="floor")
+    return rows * side + window_col * window + inside % window
+
+
+def take_tokens(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``tokens [B, P, ...]`` at ``positions [B, S]``: ``[B, S, ...]``."""
+    index = positions.to(tokens.device).reshape(*positions.shape, *([1] * (tokens.dim() - 2)))
+    return tokens.gather(1, index.expand(*positions.shape, *tokens.shape[2:]))
+
+
 def grid_sample_tokens(tokens: torch.Tensor, choice: torch.Tensor, window: int = 4) -> torch.Tensor:
     """Keep one token per non-overlapping ``window x window`` window of the token grid.
 
     ``tokens`` is ``[B, P, D]`` on a ``g x g`` grid; the result is ``[B, (g // window)**2, D]``
     in row-major window order. ``choice`` comes from :func:`draw_grid_choice`.
     """
-    batch, num_tokens, dim = tokens.shape
-    side = grid_side(num_tokens)
-    per_side = side // window
-    if per_side == 0:
-        raise ValueError(f"a {side}x{side} token grid is smaller than one {window}x{window} window")
-    # Tokens past the last whole window are dropped, as an unfold with stride = size does.
-    grid = tokens.reshape(batch, side, side, dim)[:, : per_side * window, : per_side * window]
-    windows = grid.reshape(batch, per_side, window, per_side, window, dim)
-    windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(batch * per_side * per_side, window * window, dim)
-    choice = choice.to(tokens.device)
-    picked = windows[torch.arange(windows.shape[0], device=tokens.device), choice]
-    return picked.reshape(batch, per_side * per_side, dim)
+    return take_tokens(tokens, grid_positions(choice.to(tokens.device), tokens.shape[0], tokens.shape[1], window))
 
 
 def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..devices import autocast, gradient_scaler
-from ..model.heads import ClusterProbe, FeatureWhitening, SegmentationHeads
+from ..model.heads import ClusterProbe, SegmentationHeads
 from ..model.kmeans import (
     assign,
     consensus_kmeans,
@@ -36,6 +36,7 @@ from ..model.kmeans import (
 )
 from ..model.modularity import ModularityObjective
 from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread, uses_spread
+from ..model.whitening import FeatureWhitening
 from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
 from .context import TrainingContext
 from .front_door import load_heads

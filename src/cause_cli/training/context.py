@@ -3,7 +3,6 @@ checkpoints for resuming, and the process group that several processes train in.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -22,11 +21,11 @@ from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
 from ..data.transforms import normalise_pixels
 from ..devices import autocast, loader_workers
 from ..errors import CauseError
-from ..model.ops import draw_grid_choice, grid_sample_tokens, grid_side
+from ..model.ops import draw_grid_choice, grid_positions, grid_side, take_tokens
 from ..progress import Reporter
 from ..runs import LOG_FILE, RESUME_FILE, RunDirectory
 from .distributed import SINGLE_PROCESS, ProcessGroup
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, cache_folder
 
 
 @dataclass
@@ -46,9 +45,11 @@ class TrainingContext:
     start: tuple[int, int] = (0, 0)  # where the running step (re)starts
     last_checkpoint: float = field(default_factory=time.monotonic)
     caches: dict[int, FeatureCache] = field(default_factory=dict)
+    cached_resolutions: set[int] = field(default_factory=set)  # whose tokens are cached (prepare decides)
     group: ProcessGroup = SINGLE_PROCESS
     sizes: list[int] = field(default_factory=list)  # every process's images in this step
     backbone_passes: int = 0  # batches this process sent through the backbone
+    updates: tuple[int, int] = (0, 0)  # (batches done, batches in all) of the running step
 
     @property
     def has_labels(self) -> bool:
@@ -103,16 +104,13 @@ class TrainingContext:
         )
 
     def feature_cache(self, resolution: int) -> FeatureCache | None:
-        """The token cache for the training images at ``resolution`` (None without --cache-features)."""
-        if not self.config.cache_features:
+        """The token cache for the training images at ``resolution`` (None where they are not cached)."""
+        if resolution not in self.cached_resolutions:
             return None
         if resolution not in self.caches:
             tokens = (resolution // self.backbone.patch_size) ** 2
             data = self.data_at(resolution)
-            # The folder names the images it holds, so other data never reads these tokens.
-            listing = "\n".join(str(sample) for sample in getattr(data, "samples", []))
-            fingerprint = hashlib.sha1(f"{self.backbone.sha256}\n{listing}".encode()).hexdigest()[:12]
-            folder = self.run.path / "feature-cache" / f"{resolution}-{fingerprint}"
+            folder = cache_folder(self.run.path, resolution, self.backbone.sha256, getattr(data, "samples", []))
             cache = FeatureCache(folder, len(data), tokens, self.backbone.dim)
             message = f"feature cache: {cache.size_bytes / 2**20:.0f} MiB in {cache.path}"
             if cache.damaged:
@@ -164,9 +162,9 @@ class TrainingContext:
         epoch (a learning-rate schedule)."""
         per_epoch = max(1, math.ceil(len(self.shuffled_batches(resolution)) * self.config.epoch_fraction))
         first_epoch, done = self.start
-        if self.config.cache_features and self.group.distributed:
+        assert self.config.resolution is not None
+        if (resolution or self.config.resolution) in self.cached_resolutions and self.group.distributed:
             # Rank 0 makes the cache's files; every process then fills in its own images.
-            assert self.config.resolution is not None
             if self.group.is_main:
                 self.feature_cache(resolution or self.config.resolution)
             self.group.barrier()
@@ -174,8 +172,7 @@ class TrainingContext:
         already_done = min(total, first_epoch * per_epoch + done)
         trained = 0
         passes_before = self.backbone_passes
-        with self.reporter.task(title, total) as advance:
-            advance(already_done)
+        with self.reporter.task(title, total, done=already_done) as advance:
             for epoch in range(first_epoch, epochs):
                 raw = self.batches(epoch, resolution)
                 skip = done if epoch == first_epoch else 0
@@ -185,6 +182,7 @@ class TrainingContext:
                 batches = self.tokens_and_labels(raw, resolution)
                 for index, batch in zip(range(skip, per_epoch), batches, strict=False):
                     self.position = (epoch, index + 1)
+                    self.updates = (epoch * per_epoch + index + 1, total)
                     self.sizes = self.group.batch_sizes(0 if batch is None else len(batch[0]), self.device)
                     # Processes train in step: where one has no readable image, all pass.
                     if min(self.sizes) > 0:
@@ -247,20 +245,29 @@ class TrainingContext:
         self.run.save_state(RESUME_FILE, state)
         self.last_checkpoint = time.monotonic()
 
-    def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Grid-sample every tensor with one shared random choice (or return them as they are).
+    def grid_positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The tokens grid sampling keeps in each image of ``tokens [B, P, ...]``, ``[B, S]``,
+        by one random choice (None without grid sampling: every token is kept).
 
         With several processes the choice is drawn for the global batch, identically in every
         process, and each takes its own images' part.
         """
         if not self.config.grid_sampling:
-            return list(tensors)
-        batch, num_tokens = tensors[0].shape[:2]
+            return None
+        batch, num_tokens = tokens.shape[:2]
         images = sum(self.sizes) if self.group.distributed else batch
-        choice = draw_grid_choice(images, grid_side(num_tokens), self.config.grid_window, self.generator)
+        window = self.config.grid_window
+        choice = draw_grid_choice(images, grid_side(num_tokens), window, self.generator)
         per_image = choice.numel() // images
         choice = choice[self.first_image * per_image : (self.first_image + batch) * per_image]
-        return [grid_sample_tokens(tensor, choice, self.config.grid_window) for tensor in tensors]
+        return grid_positions(choice, batch, num_tokens, window).to(tokens.device)
+
+    def grid_sample(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Grid-sample every tensor with one shared random choice (or return them as they are)."""
+        positions = self.grid_positions(tensors[0])
+        if positions is None:
+            return list(tensors)
+        return [take_tokens(tensor, positions) for tensor in tensors]
 
     @property
     def first_image(self) -> int:

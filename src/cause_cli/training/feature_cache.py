@@ -10,15 +10,18 @@ bytes) are found when the cache is opened and computed again.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+from ..devices import available_memory
 from ..errors import CauseError
 from ..paths import readable_size
 
@@ -30,17 +33,110 @@ def cache_bytes(images: int, tokens: int, dim: int) -> int:
     return images * tokens * dim * 2
 
 
+def choose_feature_cache(
+    setting: str, reads: float, needed: int, free_disk: int, device_type: str, free_memory: int | None
+) -> tuple[bool, str]:
+    """Whether to cache the tokens (``--cache-features auto|on|off``), and why, in a few words.
+
+    ``auto`` caches them when the training reads each image's tokens more than once
+    (``reads``, in passes over the images) and the ``needed`` bytes fit: at most half the
+    ``free_disk``, with :data:`DISK_MARGIN_BYTES` to spare; on a GPU also at most half the
+    ``free_memory``, so that they are read back from the page cache: a GPU's backbone outruns
+    a disk, where a CPU's (seconds an image) is slower than any disk (megabytes an image).
+    """
+    size = readable_size(needed)
+    if setting != "auto":
+        return setting == "on", f"--cache-features {setting}"
+    if reads <= 1:
+        return False, "each image's tokens are read once"
+    free = readable_size(free_disk)
+    if needed + DISK_MARGIN_BYTES > free_disk:
+        spare = readable_size(DISK_MARGIN_BYTES)
+        return False, f"the {size} it needs and {spare} to spare are more than the {free} free on the disk"
+    if 2 * needed > free_disk:
+        return False, f"the {size} it needs is more than half of the {free} free on the disk"
+    if device_type == "cuda" and (free_memory is None or 2 * needed > free_memory):
+        memory = "unknown" if free_memory is None else readable_size(free_memory)
+        half = f"over half the free memory ({memory})"
+        return False, f"a GPU's backbone outruns a disk, and the {size} it needs is {half}"
+    return True, f"each image's tokens are read {reads:g} times; {size} on disk"
+
+
+def decide_feature_caches(
+    setting: str,
+    passes: dict[int, float],
+    images: int,
+    patch_size: int,
+    dim: int,
+    folder: Path,
+    device_type: str,
+    across_machines: bool = False,
+) -> dict[int, tuple[bool, str]]:
+    """For each input resolution the training reads (``passes`` over the images at it):
+    whether its tokens are cached, and why (:func:`choose_feature_cache`). The caches share
+    the disk of ``folder``, so each is weighed against what the ones before it left free."""
+    decisions: dict[int, tuple[bool, str]] = {}
+    free_disk = shutil.disk_usage(_existing(folder)).free
+    for resolution, reads in passes.items():
+        needed = cache_bytes(images, (resolution // patch_size) ** 2, dim)
+        if across_machines and setting == "auto":
+            decisions[resolution] = (False, "the processes run on several machines")
+            continue
+        decisions[resolution] = choose_feature_cache(setting, reads, needed, free_disk, device_type, available_memory())
+        if decisions[resolution][0]:
+            free_disk -= needed
+    return decisions
+
+
+def describe_feature_caches(decisions: dict[int, tuple[bool, str]]) -> str:
+    """``feature cache on (why)``, or one clause per resolution where there are two."""
+    if len(decisions) == 1:
+        ((on, why),) = decisions.values()
+        return f"feature cache {'on' if on else 'off'} ({why})"
+    return "feature cache " + ", ".join(
+        f"at {resolution} px {'on' if on else 'off'} ({why})" for resolution, (on, why) in decisions.items()
+    )
+
+
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent (the run folder may not be made yet)."""
+    folder = folder.expanduser().absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def cache_folder(run_path: Path, resolution: int, backbone_sha256: str | None, samples: Sequence[object]) -> Path:
+    """Where a run keeps the tokens of these training images at ``resolution``: the folder
+    names the backbone's weights and the images, so other data never reads these tokens."""
+    listing = "\n".join(str(sample) for sample in samples)
+    fingerprint = hashlib.sha1(f"{backbone_sha256}\n{listing}".encode()).hexdigest()[:12]
+    return run_path / "feature-cache" / f"{resolution}-{fingerprint}"
+
+
+def open_existing_cache(folder: Path, images: int, tokens: int, dim: int) -> FeatureCache | None:
+    """The cache a training left in ``folder``, whole, or None (nothing is made here)."""
+    probe = FeatureCache.file_sizes(folder, images, tokens, dim)
+    if not all(path.is_file() and path.stat().st_size == size for path, size in probe):
+        return None
+    return FeatureCache(folder, images, tokens, dim)
+
+
 class FeatureCache:
     """Tokens of dataset items by index, computed once."""
 
+    @staticmethod
+    def file_sizes(folder: Path, images: int, tokens: int, dim: int) -> tuple[tuple[Path, int], ...]:
+        """The cache's three files and their sizes: the tokens, a flag and a CRC-32 per image."""
+        path = folder / f"tokens_{images}x{tokens}x{dim}.f16"
+        needed = cache_bytes(images, tokens, dim)
+        return ((path, needed), (path.with_suffix(".filled"), images), (path.with_suffix(".crc32"), 4 * images))
+
     def __init__(self, folder: Path, images: int, tokens: int, dim: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"tokens_{images}x{tokens}x{dim}.f16"
-        flags_path = self.path.with_suffix(".filled")
-        sums_path = self.path.with_suffix(".crc32")
-        needed = cache_bytes(images, tokens, dim)
+        expected_sizes = self.file_sizes(folder, images, tokens, dim)
+        (self.path, needed), (flags_path, _), (sums_path, _) = expected_sizes
         self.damaged = 0  # rows found damaged on opening, to be computed again
-        expected_sizes = ((self.path, needed), (flags_path, images), (sums_path, 4 * images))
         if any(path.exists() for path, _ in expected_sizes) and any(
             not path.exists() or path.stat().st_size != size for path, size in expected_sizes
         ):
@@ -54,7 +150,7 @@ class FeatureCache:
                 raise CauseError(
                     f"The feature cache needs {readable_size(needed)} in {folder} (and "
                     f"{readable_size(DISK_MARGIN_BYTES)} to spare) but only {readable_size(free)} is free; "
-                    "free some space or train without --cache-features."
+                    "free some space or train with --cache-features off."
                 )
             with open(self.path, "wb") as created:
                 created.truncate(needed)
@@ -93,6 +189,15 @@ class FeatureCache:
         if not bool(self.filled[rows].all()):
             return None
         return torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.float32))
+
+    def tokens_of(self, indices: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """``[B, P, D]`` float32: the cached tokens of the items marked ``cached``, zeros for
+        the others (to be computed by the caller)."""
+        rows = indices.cpu().numpy()
+        tokens = torch.zeros(len(rows), *self.tokens.shape[1:])
+        chosen = cached.cpu().numpy()
+        tokens[torch.from_numpy(chosen)] = torch.from_numpy(np.asarray(self.tokens[rows[chosen]], dtype=np.float32))
+        return tokens
 
     def put(self, indices: torch.Tensor, tokens: torch.Tensor) -> None:
         rows = indices.cpu().numpy()

@@ -5,8 +5,10 @@ section 2)."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,10 +18,11 @@ from ..errors import CauseError
 from ..model.bank import ConceptBank
 from ..model.contrastive import ContrastiveSettings, concept_contrastive_terms
 from ..model.heads import SegmentationHeads
-from ..model.ops import nearest_code
+from ..model.ops import nearest_code, take_tokens
 from ..run_checks import check_state
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, RunDirectory
 from .context import TrainingContext
+from .estimate import UPDATES_BEFORE_ESTIMATE, UpdateTimes, estimate_line, front_door_seconds
 from .linear_probe import linear_probe_loss, step_linear_probe
 
 
@@ -79,29 +82,35 @@ def train_front_door(context: TrainingContext, title: str) -> None:
     batches = context.training_batches(
         context.epochs(config.epochs_front_door), title, resolution=config.front_door_resolution
     )
+    clock = FrontDoorClock(context, bank)
     for tokens, labels in batches:
+        clock.update_starts()
         by_code = bank.by_code(normalised_codes) if config.use_bank else None
-        bank_entries = by_code.features.flatten(0, 1) if by_code is not None else None
-        with autocast(device):
-            if heads.per_token:
-                # A per-token head commutes with sampling: sample first, compute 16x less.
-                (sampled,) = context.grid_sample(tokens)
-                with torch.no_grad():
-                    teacher = heads.teacher_projection(heads.teacher(sampled, use_dropout=True))
-                student, student_inputs, through_projection = student_branch(sampled, bank_entries)
-            else:
-                with torch.no_grad():
-                    teacher = heads.teacher_projection(heads.teacher(tokens, use_dropout=True))
-                student, student_inputs, through_projection = student_branch(tokens, bank_entries)
-                sampled, student, teacher, student_inputs = context.grid_sample(
-                    tokens, student, teacher, student_inputs
-                )
-        codes = nearest_code(sampled, clusterbook)
+        positions = context.grid_positions(tokens)
+        # The TR head quantises every token; found once, the codes serve both heads and the loss.
+        token_codes = None if heads.per_token else nearest_code(tokens, clusterbook)
+        if token_codes is not None:
+            codes = token_codes if positions is None else take_tokens(token_codes, positions)
+        else:
+            codes = nearest_code(tokens if positions is None else take_tokens(tokens, positions), clusterbook)
+        with autocast(device), torch.no_grad():
+            # Only the sampled tokens' features are computed: the rest are never compared.
+            teacher = heads.teacher_projection(
+                heads.teacher(tokens, use_dropout=True, positions=positions, token_codes=token_codes)
+            )
         # Anchors meet the teacher's tokens of the global batch, as in one process.
         all_teacher = group.gather_rows(teacher, context.sizes)
         all_codes = group.gather_rows(codes, context.sizes)
+        candidates = [F.normalize(all_teacher.float().flatten(0, 1), dim=-1)]
         if by_code is not None:
-            by_code = by_code.through(through_projection)
+            candidates.append(by_code.features.flatten(0, 1))
+        with autocast(device):
+            student, student_inputs, through_projection = student_branch(tokens, candidates, positions, token_codes)
+        teacher_through = None
+        if through_projection is not None:
+            teacher_through = through_projection[0]
+            if by_code is not None:
+                by_code = by_code.through(through_projection[1])
         values, defined = concept_contrastive_terms(
             student,
             normalised_codes[codes],
@@ -111,6 +120,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             by_code,
             settings,
             student_inputs,
+            teacher_through,
         )
         loss = context.global_mean(values, defined)
         if reference:
@@ -140,10 +150,46 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         if context.has_labels and not reference:
             step_linear_probe(context, heads, linear_probe, tokens, labels, probe_optimiser)
         last_loss = loss.detach()
+        clock.update_done()
         context.checkpoint("front_door", snapshot)
     last = context.global_loss_value(last_loss)
     context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
+
+
+class FrontDoorClock:
+    """Times the first updates of the front door and then says how long it will take
+    (:mod:`.estimate`); after that it costs nothing (reading the bank's size waits for a GPU)."""
+
+    def __init__(self, context: TrainingContext, bank: ConceptBank) -> None:
+        self.context, self.bank = context, bank
+        self.times = UpdateTimes()
+        self.finished = False
+        self.last = time.perf_counter()  # the update's batch is made before it starts
+        self.passes = context.backbone_passes
+        self.entries = 0
+
+    def update_starts(self) -> None:
+        if not self.finished:
+            self.entries = len(self.bank)
+
+    def update_done(self) -> None:
+        if self.finished:
+            return
+        context = self.context
+        now = time.perf_counter()
+        self.times.add(now - self.last, self.entries, context.backbone_passes != self.passes)
+        self.last, self.passes = now, context.backbone_passes
+        if len(self.times.seconds) < UPDATES_BEFORE_ESTIMATE:
+            return
+        self.finished = True
+        done, total = context.updates
+        filled = self.bank.filled.cpu().numpy()
+        left = front_door_seconds(self.times, filled, self.bank.capacity, done, total)
+        if left is not None and done < total:
+            line = estimate_line(left, float(np.median(self.times.fitted()[0])), context.device.type == "cpu")
+            context.reporter.message(line)
+            context.run.log(line)
 
 
 def load_heads(

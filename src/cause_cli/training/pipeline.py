@@ -34,6 +34,7 @@ from .context import TrainingContext, seed_everything
 from .distributed import REFERENCE_RECIPE_ALONE, SINGLE_PROCESS, ProcessGroup, from_environment
 from .distributed import start as join_processes
 from .distributed import stop as leave_processes
+from .feature_cache import decide_feature_caches, describe_feature_caches
 from .front_door import train_front_door
 
 
@@ -50,7 +51,7 @@ def prepare(
     config.validate()
     if group.distributed and config.recipe == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
-    if group.distributed and config.cache_features and not group.single_node:
+    if group.distributed and config.cache_features == "on" and not group.single_node:
         raise CauseError("--cache-features works with the processes of one machine only, not across machines.")
     device = join_processes(group, resolve_device(device_name))
     if run.has("run.json") and not overwrite:  # a run made with another backbone is refused before anything loads
@@ -104,6 +105,17 @@ def prepare(
         for step, plan in schedule.items()
     )
     message += f"; concept thresholds {config.positive_threshold} / {config.negative_threshold}"
+    caches = decide_feature_caches(
+        config.cache_features,
+        config.passes_over_images(),
+        len(train_set),
+        backbone.patch_size,
+        backbone.dim,
+        run.path,
+        device.type,
+        across_machines=group.distributed and not group.single_node,
+    )
+    message += "; " + describe_feature_caches(caches)
     if overwrite and run.writes:  # everything is checked: the earlier training can go
         for problem in run.clear_training():
             reporter.message(f"left in place: {problem}")
@@ -122,7 +134,9 @@ def prepare(
         }
     )
     generator = torch.Generator().manual_seed(config.seed)
-    return TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
+    context = TrainingContext(config, run, device, backbone, train_set, num_classes, reporter, generator, group=group)
+    context.cached_resolutions = {resolution for resolution, (on, _) in caches.items() if on}
+    return context
 
 
 # Step three scores every pixel against every cluster and matches clusters to classes with a
