@@ -380,3 +380,20 @@ def test_a_head_at_sampled_positions_gives_those_rows_of_its_full_output(kind):
     codes = nearest_code(tokens, heads.student.clusterbook) if kind == "tr" else None
     given_codes = heads.student(tokens, positions=positions, token_codes=codes)
     torch.testing.assert_close(given_codes, at_positions)
+
+
+@pytest.mark.parametrize("grows", [True, False])
+def test_a_checkpoint_restores_into_either_layout_and_from_the_earlier_form(grows):
+    """The checkpoint holds the entries code by code whatever order the blocks were given in,
+    so it restores into the other layout too; an earlier version's checkpoint (every slot of
+    every ring) restores the same rings."""
+    generator = torch.Generator().manual_seed(5)
+    bank = ConceptBank(8, 4, capacity=5, grows=grows)
+    for codes in ([5, 5, 5, 2, 2], [0, 0, 7, 7, 7, 7], [2, 2, 2, 2]):  # blocks not in code order
+        bank.update(torch.tensor(codes), torch.randn(len(codes), 4, generator=generator))
+    other = ConceptBank(8, 4, capacity=5, grows=not grows)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.features, bank.features)
+    earlier = ConceptBank(8, 4, capacity=5, grows=grows)
+    earlier.load_state_dict({"features": bank.features, "filled": bank.filled, "next_slot": bank.next_slot})
+    assert torch.equal(earlier.features, bank.features) and torch.equal(earlier.next_slot, bank.next_slot)

@@ -30,7 +30,7 @@ from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
 from ..training.feature_cache import FeatureCache, cache_folder, open_existing_cache
-from .predict import TrainedModel, backbone_and_head
+from .predict import TrainedModel, backbone_and_head, head_map_of_tokens
 
 BASELINE_IMAGES = 256
 BASELINE_POINTS = 100_000
@@ -97,16 +97,13 @@ def _tokens_and_head(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's backbone tokens (from the cache where it has them, whose images were not
     decoded) and the teacher head's feature map."""
-    cached = torch.from_numpy(cache.has(batch["index"])) if cache is not None else None
-    if cache is None or cached is None or not cached.any():
+    if cache is None or not (cached := torch.from_numpy(cache.has(batch["index"]))).any():
         return backbone_and_head(model, normalise_pixels(batch["image"], model.device))
     tokens = cache.tokens_of(batch["index"], cached).to(model.device)
     if not cached.all():
         with autocast(model.device):
             tokens[~cached] = model.backbone(normalise_pixels(batch["image"][~cached], model.device)).float()
-    with autocast(model.device):
-        head_map = tokens_to_map(model.heads.teacher(tokens).float())
-    return tokens, head_map.float()
+    return tokens, head_map_of_tokens(model, tokens)
 
 
 def _rows(features: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,15 @@ def backbone_and_head(model: TrainedModel, images: torch.Tensor) -> tuple[torch.
     of normalised images ``[B, 3, R, R]``."""
     with autocast(model.device):
         tokens = model.backbone(images)
+    return tokens.float(), head_map_of_tokens(model, tokens)
+
+
+@torch.no_grad()
+def head_map_of_tokens(model: TrainedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """The teacher head's feature map ``[B, r, g, g]`` of backbone tokens ``[B, P, D]``."""
+    with autocast(model.device):
         features = tokens_to_map(model.heads.teacher(tokens).float())
-    return tokens.float(), features.float()
+    return features.float()
 
 
 @torch.no_grad()

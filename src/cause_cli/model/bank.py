@@ -121,9 +121,10 @@ class ConceptBank:
             wanted = min(self.num_codes, max(self._used_blocks(), 2 * len(self.blocks)))
             self._allocate(wanted, self._storage.dtype, self._storage.device)
 
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored features ``[N, E]`` and their codes ``[N]`` (order carries no meaning)."""
-        valid = self.valid_slots()
+    def entries(self, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored features ``[N, E]`` and their codes ``[N]`` (order carries no meaning);
+        ``valid`` is :meth:`valid_slots`, where the caller has it already."""
+        valid = self.valid_slots() if valid is None else valid
         codes = self.code_of_block[: len(valid)].unsqueeze(1).expand_as(valid)
         return self.blocks[: len(valid)][valid], codes[valid]
 
@@ -138,7 +139,7 @@ class ConceptBank:
         if compact is None:
             compact = self.grows and 10 * len(self) < 9 * valid.numel()
         if compact:
-            entries, codes = self.entries()
+            entries, codes = self.entries(valid)
             return BankByCode.of_entries(entries, code_vectors, codes)
         return BankByCode(self.blocks[: len(valid)], valid, code_vectors, group_codes=self.code_of_block[: len(valid)])
 
@@ -153,24 +154,26 @@ class ConceptBank:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The slots in use only, code by code: a checkpoint's size follows what the bank
         holds, not the ``K x capacity x E`` it could (1.7 GB at the paper's sizes)."""
-        rings_valid = torch.arange(self.capacity, device=self.filled.device) < self.filled.unsqueeze(1)
-        return {"entries": self.features[rings_valid], "filled": self.filled, "next_slot": self.next_slot}
+        used = self._used_blocks()
+        in_code_order = torch.argsort(self.code_of_block[:used])
+        block, slot = self.valid_slots()[:used][in_code_order].nonzero(as_tuple=True)
+        entries = self.blocks[in_code_order[block], slot]
+        return {"entries": entries, "filled": self.filled, "next_slot": self.next_slot}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device, dtype = self._storage.device, self._storage.dtype
         self.filled = state["filled"].to(device)
         self.next_slot = state["next_slot"].to(device)
-        rings_valid = torch.arange(self.capacity, device=device) < self.filled.unsqueeze(1)
-        if "features" in state:  # a checkpoint of an earlier version: every slot of every ring
-            rings = state["features"].to(device, dtype)
-        else:
-            rings = torch.zeros(self.num_codes, self.capacity, self.feature_dim, device=device, dtype=dtype)
-            rings[rings_valid] = state["entries"].to(device, dtype)
-        holding = self.filled > 0
+        holding = self.filled > 0  # the codes given blocks, in code order
         self.block_of_code = torch.where(holding, torch.cumsum(holding.long(), 0) - 1, -1)
         self.blocks_used = holding.sum()
+        used = self._used_blocks()
         self.code_of_block = torch.zeros_like(self.code_of_block)
-        self.code_of_block[: self._used_blocks()] = torch.nonzero(holding).flatten()
-        self._allocate(self._used_blocks() if self.grows else self.num_codes, dtype, device)
+        self.code_of_block[:used] = torch.nonzero(holding).flatten()
+        self._allocate(used if self.grows else self.num_codes, dtype, device)
         self.blocks.zero_()
-        self.blocks[: self._used_blocks()] = rings[holding]
+        if "features" in state:  # a checkpoint of an earlier version: every slot of every ring
+            self.blocks[:used] = state["features"].to(device, dtype)[holding]
+            return
+        slots = torch.arange(self.capacity, device=device) < self.filled[holding].unsqueeze(1)
+        self.blocks[:used][slots] = state["entries"].to(device, dtype)

@@ -77,12 +77,13 @@ def decide_feature_caches(
     the disk of ``folder``, so each is weighed against what the ones before it left free."""
     decisions: dict[int, tuple[bool, str]] = {}
     free_disk = shutil.disk_usage(_existing(folder)).free
+    free_memory = available_memory()
     for resolution, reads in passes.items():
         needed = cache_bytes(images, (resolution // patch_size) ** 2, dim)
         if across_machines and setting == "auto":
             decisions[resolution] = (False, "the processes run on several machines")
             continue
-        decisions[resolution] = choose_feature_cache(setting, reads, needed, free_disk, device_type, available_memory())
+        decisions[resolution] = choose_feature_cache(setting, reads, needed, free_disk, device_type, free_memory)
         if decisions[resolution][0]:
             free_disk -= needed
     return decisions
