@@ -8,8 +8,9 @@ with random weights at 320 pixels, batch 16, K = 2048 codes, a full concept bank
 hundred steps in bfloat16 and again in float16 with loss scaling; evaluates with the dense
 CRF; segments with and without the CRF. It prints, per part: steps/s and peak GPU memory of
 each training step, the finished run's figures (which must be finite), images/s of
-``cause segment`` with and without the CRF beside the backbone's own images/s and the CRF's
-alone, and how much of the CRF's time the segmenting hid behind GPU work.
+``cause segment`` with and without the CRF beside the backbone's own images/s, the I/O floor
+(``segment_scale.py``: the same images decoded, resized, encoded and written with no model)
+and the CRF's alone, and how much of the CRF's time the segmenting hid behind GPU work.
 
 A part that fails prints its error and the next part runs; the exit status is 1 when any
 part failed. With ``--small`` the CUDA-only parts are skipped and the rest runs on the CPU
@@ -253,7 +254,10 @@ def crf_seconds(images: int, classes: int, size: int, workers: int) -> tuple[flo
 
 
 def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch.device) -> list[str]:
+    from segment_scale import floor_images_per_second  # beside this script
+
     from cause_cli.inference.crf import crf_available, default_workers
+    from cause_cli.inference.outputs import DEFAULT_SAVE
     from cause_cli.inference.segment import segment_images
     from cause_cli.runs import open_run
 
@@ -267,8 +271,14 @@ def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch
         segment_images(source, run, out / f"crf-{crf}", str(device), shapes.batch_size, crf=crf, crf_workers=workers)
         seconds[crf] = time.perf_counter() - started
     backbone_rate = backbone_images_per_second(run, device, shapes.batch_size, batches=8)
+    floor_rate = floor_images_per_second(sorted(source.glob("*.png")), out / "floor", shapes.resolution, DEFAULT_SAVE)
+    segment_rate = count / seconds[False]
     lines.append(f"backbone alone: {backbone_rate:.1f} images/s at {shapes.resolution}")
-    lines.append(f"cause segment without CRF: {count / seconds[False]:.1f} images/s")
+    lines.append(f"I/O floor (decoded, resized, encoded and written, no model): {floor_rate:.1f} images/s")
+    lines.append(
+        f"cause segment without CRF: {segment_rate:.1f} images/s, {segment_rate / backbone_rate:.2f} of the backbone's "
+        f"speed and {segment_rate / floor_rate:.2f} of the I/O floor"
+    )
     if True in seconds:
         classes = open_run(run).config().num_classes or 1
         start, alone = crf_seconds(count, classes, shapes.image_sizes[0], workers)

@@ -30,3 +30,4 @@ def test_gpu_check_runs_small_on_the_cpu(tmp_path):
     ):
         assert f"ok     {part}" in summary
     assert "every trained weight is finite" in done.stdout
+    assert "of the backbone's speed and" in done.stdout and "of the I/O floor" in done.stdout

@@ -195,15 +195,19 @@ def test_segment_keeps_both_of_two_inputs_with_one_stem(scenes, tmp_path):
 def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
     from types import SimpleNamespace
 
-    from cause_cli.inference.manifest import OutputFolder
-    from cause_cli.inference.segment import SegmentSummary, _Input, _Segmenter
+    import torch
 
-    model = SimpleNamespace(num_classes=clusters)
+    from cause_cli.inference.inputs import SourceEntry
+    from cause_cli.inference.manifest import OutputFolder
+    from cause_cli.inference.segmenter import BatchSegmenter
+
+    model = SimpleNamespace(num_classes=clusters, device=torch.device("cpu"))
     folder = OutputFolder(tmp_path)
-    segmenter = _Segmenter(model, tmp_path, None, None, SegmentSummary(), folder)  # type: ignore[arg-type]
+    segmenter = BatchSegmenter(model, tmp_path, None, None, folder)  # type: ignore[arg-type]
     values = np.arange(12).reshape(3, 4) * (clusters - 1) // 11  # 0 to clusters - 1
     with folder.owned.batch() as files:
-        segmenter.write(files, _Input(Path("x.jpg"), Path("x.png")), Image.new("RGB", (4, 3)), values)
+        entry = SourceEntry(Path("x.jpg"), Path("x.jpg"), Path("x.png"))
+        segmenter.write(files, entry, Image.new("RGB", (4, 3)), values)
     written = Image.open(tmp_path / "labels" / "x.png")
     np.testing.assert_array_equal(np.asarray(written), values)
     assert written.mode == ("P" if clusters <= 256 else "I;16")

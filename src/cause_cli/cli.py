@@ -794,6 +794,10 @@ def segment(
         int | None,
         typer.Option("--loader-workers", help="Image-decoding processes (default: none on the CPU, up to 8 on a GPU)."),
     ] = None,
+    writer_threads: Annotated[
+        int | None,
+        typer.Option("--writer-threads", help="Threads that encode and write the outputs (default: one per CPU)."),
+    ] = None,
     legend: Annotated[bool, typer.Option("--legend", help="Also write OUT/legend.png naming the colours.")] = False,
     save: Annotated[
         str,
@@ -834,7 +838,7 @@ def segment(
     Example: cause segment ./photos --run runs/train --out segments --legend
     """
     require_at_least(1, batch_size=batch_size)
-    require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers)
+    require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers, writer_threads=writer_threads)
     from .devices import use_precision
     from .inference.crf import default_workers
     from .inference.outputs import parse_save
@@ -865,6 +869,7 @@ def segment(
             overwrite=overwrite,
             save=parse_save(save),
             loader_workers=loader_workers,
+            writer_threads=writer_threads,
         )
     if not process.is_main:
         return

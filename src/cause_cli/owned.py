@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -119,12 +120,22 @@ class OwnedFolder:
         batch = WriteBatch(self)
         try:
             yield batch
-            self._append([(name, file_sha256(temporary)) for temporary, _, name in batch.made])
-            for temporary, target, _ in batch.made:
-                os.replace(temporary, target)
         except BaseException:
-            for temporary, _, _ in batch.made:
-                temporary.unlink(missing_ok=True)
+            batch.discard()
+            raise
+        self.commit([batch])
+
+    def commit(self, batches: list[WriteBatch]) -> None:
+        """Put the files of ``batches`` (made, perhaps in other threads) in place: recorded in
+        one append to the ledger, put on disk, then renamed. An error leaves none of them."""
+        made = [file for batch in batches for file in batch.made]
+        try:
+            self._append([(file.name, file.sha256) for file in made])
+            for file in made:
+                os.replace(file.temporary, file.target)
+        except BaseException:
+            for batch in batches:
+                batch.discard()
             raise
 
     def record_appended(self, name: str) -> None:
@@ -184,12 +195,23 @@ class OwnedFolder:
             folder = folder.parent
 
 
+@dataclass(frozen=True)
+class MadeFile:
+    """A file made in its temporary file, not yet in place, with the hash of its bytes."""
+
+    temporary: Path
+    target: Path
+    name: str
+    sha256: str
+
+
 class WriteBatch:
-    """The files of one :meth:`OwnedFolder.batch`, made but not yet in place."""
+    """The files of one :meth:`OwnedFolder.batch`, made but not yet in place. A batch may be
+    made in another thread than the one that commits it."""
 
     def __init__(self, folder: OwnedFolder) -> None:
         self.folder = folder
-        self.made: list[tuple[Path, Path, str]] = []
+        self.made: list[MadeFile] = []
 
     def write(self, name: str, write: Writer) -> None:
         problem = self.folder.why_not_ours(name)
@@ -199,9 +221,19 @@ class WriteBatch:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(handle)
-        self.made.append((Path(temporary), target, name))
-        write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~UMASK)
+        try:
+            write(Path(temporary))
+            os.chmod(temporary, 0o666 & ~UMASK)
+            # Hashed here, while its bytes are in the cache and in the thread that made them.
+            self.made.append(MadeFile(Path(temporary), target, name, file_sha256(Path(temporary))))
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        for file in self.made:
+            file.temporary.unlink(missing_ok=True)
+        self.made = []
 
 
 def cut_torn_line(descriptor: int) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.base import UnreadableFile, read_image
+from ..data.transforms import resize_and_crop
 from ..errors import CauseError
 from ..interrupts import raise_if_interrupted
 from ..paths import dangling_link, walk_folders
@@ -202,36 +203,54 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     return pixels
 
 
+@dataclass
+class DecodedInput:
+    """One input as the loader workers hand it over: its RGB pixels ``uint8 [H, W, 3]`` and,
+    when a model resolution was given, the model's square input resized from them
+    (``uint8 [R, R, 3]``); or, with ``problem``, why it could not be read."""
+
+    entry: SourceEntry
+    pixels: np.ndarray | None = None
+    model_input: np.ndarray | None = None
+    problem: str | None = None
+
+
 class _Decoded(IterableDataset):
-    """The pending inputs, each with its decoded image; worker ``i`` of ``n`` decodes entries
-    ``i, i + n, ...``, which the loader's round-robin puts back in order."""
+    """The pending inputs, each decoded (and resized for the model); worker ``i`` of ``n``
+    decodes entries ``i, i + n, ...``, which the loader's round-robin puts back in order."""
 
-    def __init__(self, inputs: PendingInputs) -> None:
+    def __init__(self, inputs: PendingInputs, resolution: int | None = None) -> None:
         self.inputs = inputs
+        self.resolution = resolution
 
-    def __iter__(self) -> Iterator[tuple[SourceEntry, np.ndarray | None, str | None]]:
+    def __iter__(self) -> Iterator[DecodedInput]:
         worker = get_worker_info()
         share, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         for index, entry in enumerate(self.inputs):
             if index % workers != share:
                 continue
             if entry.problem is not None:
-                yield entry, None, entry.problem
+                yield DecodedInput(entry, problem=entry.problem)
                 continue
             try:
-                yield entry, rgb_pixels(read_image(entry.path, upright=True)), None
+                image = read_image(entry.path, upright=True)
             except UnreadableFile as error:
-                yield entry, None, error.reason
+                yield DecodedInput(entry, problem=error.reason)
+                continue
+            model_input = None
+            if self.resolution is not None:  # here, in the workers, not in the process that runs the model
+                model_input = np.asarray(resize_and_crop(image, self.resolution, square_resize=True))
+            yield DecodedInput(entry, rgb_pixels(image), model_input)
 
 
-def decoded_inputs(inputs: PendingInputs, workers: int) -> Iterator[tuple[SourceEntry, np.ndarray | None, str | None]]:
-    """``(entry, RGB pixels or None, why not)`` in the inputs' order, decoded in ``workers``
-    loader processes (0: in this one)."""
+def decoded_inputs(inputs: PendingInputs, workers: int, resolution: int | None = None) -> Iterator[DecodedInput]:
+    """Every pending input decoded, in the inputs' order, in ``workers`` loader processes (0:
+    in this one); with ``resolution``, each also resized to the model's square input."""
     if workers == 0:
-        yield from _Decoded(inputs)
+        yield from _Decoded(inputs, resolution)
         return
     loader: DataLoader[Any] = DataLoader(
-        _Decoded(inputs),
+        _Decoded(inputs, resolution),
         batch_size=None,
         num_workers=workers,
         collate_fn=_keep,

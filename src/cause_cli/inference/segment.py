@@ -16,25 +16,22 @@ import glob
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from PIL import Image
 
 from ..devices import loader_workers as workers_for
 from ..devices import resolve_device
 from ..errors import CauseError
-from ..owned import WriteBatch
 from ..paths import refuse_unusable_folder
 from ..progress import Reporter
 from ..run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, read_json
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from ..training.distributed import ProcessGroup, from_environment, start, stop
-from .crf import CRFPool, CRFQueue, require_crf
-from .figures import legend_picture, palette, png_writer
-from .inputs import decoded_inputs, pending_inputs
+from .crf import CRFPool, require_crf
+from .figures import legend_picture, png_writer
+from .inputs import DecodedInput, decoded_inputs, pending_inputs
 from .manifest import (
     LEGEND_FILE,
     MANIFEST_FILE,
@@ -44,17 +41,11 @@ from .manifest import (
     refuse_outputs_among_inputs,
     run_fingerprint,
 )
-from .outputs import DEFAULT_SAVE, PALETTE_IDS, label_image, overlay_image, save_scores
+from .outputs import DEFAULT_SAVE, PALETTE_IDS
 from .predict import (
-    TrainedModel,
-    cluster_labels,
-    cluster_scores,
-    confidence_and_margin,
-    crf_image,
-    crf_unary,
-    image_features,
     load_trained,
 )
+from .segmenter import BatchSegmenter, default_writer_threads
 
 
 @dataclass
@@ -122,116 +113,6 @@ def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
     return np.asarray(mapping, dtype=np.int64), list(names)
 
 
-@dataclass(frozen=True)
-class _Input:
-    relative: Path  # the input's path below the source, as the summary names it
-    output: Path  # its label and overlay files' path below labels/ and overlays/
-
-
-@dataclass
-class _Segmenter:
-    model: TrainedModel
-    out: Path
-    mapping: np.ndarray | None
-    pool: CRFPool | None
-    summary: SegmentSummary
-    folder: OutputFolder
-    save: tuple[str, ...] = DEFAULT_SAVE
-
-    def __post_init__(self) -> None:
-        self.colours = palette()
-        self.flat_palette = self.colours.reshape(-1).tolist()
-        # Earlier batches are refined in the CRF workers while later ones go through the model.
-        self.in_flight = CRFQueue(2 * max(1, self.pool.workers if self.pool else 1))
-
-    def batch(self, pending: list[tuple[_Input, Image.Image | None, str | None]]) -> None:
-        """Segment the batch's images; its entries are written (or recorded as skipped, with
-        the reason) in their order, after the batches before it."""
-        model = self.model
-        images = [image for _, image, _ in pending if image is not None]
-        if not images:
-            self.in_flight.drain()
-            self.write_all(list(pending), [], [])
-            return
-        cluster_maps: list[np.ndarray] = []
-        crf_images: list[np.ndarray] = []
-        crf_unaries: list[np.ndarray] = []
-        scores: list[tuple[np.ndarray, np.ndarray] | None] = []
-        sharpness = model.cluster_probe.sharpness
-        for image, (features, size) in zip(images, image_features(model, images, self.pool is not None), strict=True):
-            scores_map = (
-                cluster_scores(model, features, size) if self.pool is not None or "scores" in self.save else None
-            )
-            scores.append(
-                confidence_and_margin(scores_map, sharpness)
-                if scores_map is not None and "scores" in self.save
-                else None
-            )
-            if self.pool is None:
-                labels = cluster_labels(model, features, size) if scores_map is None else scores_map.argmax(dim=1)
-                cluster_maps.append(labels[0].cpu().numpy())
-            else:
-                assert scores_map is not None
-                crf_images.append(crf_image(image, scores_map))
-                crf_unaries.append(crf_unary(scores_map, sharpness)[0].cpu().numpy())
-        if self.pool is None:
-            self.write_all(list(pending), scores, cluster_maps)
-        else:
-            # The whole batch at once, so the pool's workers refine several images together.
-            write = partial(self.write_all, list(pending), scores)
-            self.in_flight.put(self.pool.submit(crf_images, crf_unaries), write)
-
-    def finish(self) -> None:
-        self.in_flight.drain()
-
-    def write_all(
-        self,
-        pending: list[tuple[_Input, Image.Image | None, str | None]],
-        scores: list[tuple[np.ndarray, np.ndarray] | None],
-        cluster_maps: list[np.ndarray],
-    ) -> None:
-        finished = []
-        results = iter(zip(cluster_maps, scores, strict=True))
-        with self.folder.owned.batch() as files:
-            for item, image, problem in pending:
-                if image is None:
-                    finished.append({"input": item.relative.as_posix(), "skipped": problem or "unreadable"})
-                    continue
-                clusters, image_scores = next(results)
-                values = self.mapping[clusters] if self.mapping is not None else clusters
-                finished.append(self.write(files, item, image, values, image_scores))
-        self.folder.record(finished)  # after the files are complete: a kill in between redoes them
-
-    def write(
-        self,
-        files: WriteBatch,
-        item: _Input,
-        image: Image.Image,
-        values: np.ndarray,
-        scores: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> dict[str, Any]:
-        """The input's outputs, each made in ``files`` (in place once the batch is); its
-        manifest entry."""
-        label = label_image(values, image.size, self.model.num_classes, self.flat_palette)
-        entry: dict[str, Any] = {"input": item.relative.as_posix()}
-        if item.output != item.relative.with_suffix(".png"):
-            entry["renamed"] = True
-        name = item.output.as_posix()
-        if "labels" in self.save:
-            entry["label"] = f"labels/{name}"
-            files.write(entry["label"], png_writer(label))
-        if "overlays" in self.save:
-            overlay = overlay_image(image, label, self.colours, in_place=True)  # the image is not needed after
-            entry["overlay"] = f"overlays/{name}"
-            files.write(entry["overlay"], png_writer(overlay))
-        if scores is not None:
-            confidence, margin = scores
-            entry["scores"] = f"scores/{item.output.with_suffix('.npz').as_posix()}"
-            files.write(entry["scores"], partial(save_scores, confidence, margin))
-        self.summary.written += 1
-        return entry
-
-
 def segment_images(
     source: Path | str,
     run_path: Path | str,
@@ -246,15 +127,16 @@ def segment_images(
     overwrite: bool = False,
     save: tuple[str, ...] = DEFAULT_SAVE,
     loader_workers: int | None = None,
+    writer_threads: int | None = None,
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``; inputs a
     previous call finished there are skipped (``overwrite`` redoes everything). Inputs are
     listed lazily and decoded in ``loader_workers`` processes, so memory does not grow with
-    their number."""
+    their number; the files are made in ``writer_threads`` threads (default: one per CPU)."""
     group = from_environment()
     try:
         return _segment(source, run_path, Path(out), device, batch_size, reporter or Reporter(), group, crf,
-                        crf_workers, legend, backbone, overwrite, save, loader_workers)  # fmt: skip
+                        crf_workers, legend, backbone, overwrite, save, loader_workers, writer_threads)  # fmt: skip
     finally:
         stop(group)
 
@@ -274,6 +156,7 @@ def _segment(
     overwrite: bool,
     save: tuple[str, ...],
     loader_workers: int | None,
+    writer_threads: int | None,
 ) -> dict[str, Any]:
     """Process ``group.rank``'s share; the first process merges the summary."""
     reporter = reporter if group.is_main else Reporter()
@@ -320,30 +203,28 @@ def _segment(
         pool = CRFPool(crf_workers) if crf else None
         if pool is not None:
             pool.start()
-        segmenter = _Segmenter(model, out, mapping, pool, summary, folder, save)
-        batch: list[tuple[_Input, Image.Image | None, str | None]] = []
+        threads = writer_threads if writer_threads is not None else default_writer_threads(group.world_size)
+        segmenter = BatchSegmenter(model, out, mapping, pool, folder, save, threads)
+        batch: list[DecodedInput] = []
+        decoding = workers_for(loader_workers, torch_device)
         try:
             # The first process's bar stands for all of them: each of its images is one of theirs.
             with reporter.task("segmenting", left * group.world_size, unit="images") as bar:
-
-                def advance(images: int) -> None:
-                    bar(images * group.world_size)
-
-                for entry, pixels, problem in decoded_inputs(pending, workers_for(loader_workers, torch_device)):
-                    image = Image.fromarray(pixels) if pixels is not None else None
-                    del pixels  # the image holds a copy: a big photo's pixels are not kept twice
-                    batch.append((_Input(entry.relative, entry.output), image, problem))
+                for decoded in decoded_inputs(pending, decoding, model.resolution):
+                    batch.append(decoded)
                     if len(batch) >= batch_size:
                         segmenter.batch(batch)
                         batch = []
-                    advance(1)
+                    bar(group.world_size)
                 if batch:
                     segmenter.batch(batch)
                 segmenter.finish()
         finally:
+            segmenter.close()
             if pool is not None:
                 pool.close()
             folder.close()
+        summary.written = segmenter.written
         summary.seconds = time.perf_counter() - started
         counts = cast(
             "list[tuple[int, int, float]]",

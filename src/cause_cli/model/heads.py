@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import cosine_similarity_matrix, ema_update_, map_to_tokens, nearest_code, take_tokens, tokens_to_map
+from .ops import (
+    best_channel,
+    cosine_similarity_matrix,
+    ema_update_,
+    map_to_tokens,
+    nearest_code,
+    take_tokens,
+    tokens_to_map,
+)
 from .spread import spread_ranking, spread_scores
 from .whitening import FeatureWhitening
 
@@ -273,7 +281,7 @@ class ClusterProbe(nn.Module):
         ``[B, H, W]``. Scoring pixels only needs the :meth:`ranking`; upsampled scores are not
         ranked alike by it (a cosine's ranking drops a length that differs between tokens)."""
         if self.upsample_scores:
-            return self.score_map(feature_map, size).argmax(dim=1)
+            return best_channel(self.score_map(feature_map, size))
         upsampled = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
         ranking = self.ranking(map_to_tokens(upsampled))  # [B, H*W, C]
         return ranking.argmax(dim=-1).reshape(feature_map.shape[0], *size)
