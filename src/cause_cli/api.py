@@ -23,7 +23,7 @@ from PIL import Image
 from .data.base import as_rgb, read_image
 from .devices import resolve_device
 from .errors import CauseError
-from .inference.crf import dense_crf, require_crf
+from .inference.crf import TorchCRF, choose_crf_backend, open_crf
 from .inference.figures import palette
 from .inference.outputs import OVERLAY_OPACITY, label_image, overlay_image
 from .inference.predict import (
@@ -86,24 +86,31 @@ class CauseModel:
 
     @overload
     def segment(  # type: ignore[overload-overlap]  # a str is one path, not a sequence of them
-        self, images: ImageInput, crf: bool = False, batch_size: int = 8
+        self, images: ImageInput, crf: bool = False, batch_size: int = 8, crf_backend: str = "auto"
     ) -> Segmentation: ...
 
     @overload
-    def segment(self, images: Sequence[ImageInput], crf: bool = False, batch_size: int = 8) -> list[Segmentation]: ...
+    def segment(
+        self, images: Sequence[ImageInput], crf: bool = False, batch_size: int = 8, crf_backend: str = "auto"
+    ) -> list[Segmentation]: ...
 
     def segment(
-        self, images: ImageInput | Sequence[ImageInput], crf: bool = False, batch_size: int = 8
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        crf: bool = False,
+        batch_size: int = 8,
+        crf_backend: str = "auto",
     ) -> Segmentation | list[Segmentation]:
         """Segment one image or a batch: paths, PIL images, ``uint8`` arrays (``[H, W, 3]`` or
         grey ``[H, W]``; a ``[B, H, W, 3]`` array is a batch). With ``crf``, the image and its
-        mirror are averaged and refined by the dense CRF, as ``cause segment --crf`` does."""
+        mirror are averaged and refined by the dense CRF, as ``cause segment --crf`` does, with
+        ``crf_backend`` ``"auto"`` (torch on a GPU, pydensecrf on a CPU where it is installed,
+        else torch), ``"pydensecrf"`` or ``"torch"``."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise CauseError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
         single = not _is_batch(images)
         batch = cast("list[ImageInput]", [images] if single else list(images))  # type: ignore[arg-type]
-        if crf:
-            require_crf()
+        refiner = open_crf(choose_crf_backend(crf_backend, self.device), 0, self.device) if crf else None
         pictures = [_as_image(image) for image in batch]
         for picture in pictures:
             if picture.width < 1 or picture.height < 1:
@@ -116,13 +123,13 @@ class CauseModel:
             chunk = pictures[start : start + batch_size]
             with torch.no_grad():
                 for picture, (features, size) in zip(chunk, image_features(self.trained, chunk, crf), strict=True):
-                    if crf:
+                    if refiner is not None:
                         scores = cluster_scores(self.trained, features, size)
-                        refined = dense_crf(
-                            crf_image(picture, scores),
-                            crf_unary(scores, self.trained.cluster_probe.sharpness)[0].cpu().numpy(),
-                        )
-                        clusters = refined.argmax(axis=0)
+                        unary = crf_unary(scores, self.trained.cluster_probe.sharpness)[0]
+                        if not isinstance(refiner, TorchCRF):
+                            unary = unary.cpu().numpy()
+                        (refined,) = refiner.run([crf_image(picture, scores)], [unary])
+                        clusters = torch.as_tensor(refined).cpu().numpy()
                     else:
                         clusters = cluster_labels(self.trained, features, size)[0].cpu().numpy()
                     values = self.mapping[clusters] if self.mapping is not None else clusters

@@ -162,6 +162,13 @@ CRFWorkersOption = Annotated[
     int | None,
     typer.Option("--crf-workers", help="CRF worker processes; 0 runs it in this process (default: one per CPU)."),
 ]
+CRFBackendOption = Annotated[
+    str,
+    typer.Option(
+        "--crf-backend",
+        help="auto (torch on a GPU, pydensecrf on a CPU where it is installed, else torch), pydensecrf or torch.",
+    ),
+]
 RunOption = Annotated[
     Path, typer.Option("--run", help="The run folder, or hf-hub:OWNER/NAME[@REVISION] for a run on the Hub.")
 ]
@@ -195,6 +202,7 @@ def info(
         "cuda_version": torch.version.cuda,
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "dense_crf": importlib.util.find_spec("pydensecrf") is not None,
+        "crf_backends": ["pydensecrf", "torch"] if importlib.util.find_spec("pydensecrf") is not None else ["torch"],
         "cache_dir": str(cache_home()),
         "runs_dir": str(runs_home().resolve()),
     }
@@ -668,9 +676,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     crf: Annotated[
         bool | None,
-        typer.Option("--crf/--no-crf", help="Also report results after the dense CRF (default: when installed)."),
+        typer.Option("--crf/--no-crf", help="Also report results after the dense CRF (default: on)."),
     ] = None,
     crf_workers: CRFWorkersOption = None,
+    crf_backend: CRFBackendOption = "auto",
     loader_workers: Annotated[
         int | None,
         typer.Option("--loader-workers", help="Image-loading processes (default: none on the CPU, up to 8 on a GPU)."),
@@ -718,6 +727,7 @@ def evaluate(
             _reporter(quiet or json_output),
             crf=crf,
             crf_workers=default_workers() if crf_workers is None else crf_workers,
+            crf_backend=crf_backend,
             backbone=backbone,
             baselines=baselines,
             write=not from_hub,
@@ -790,6 +800,7 @@ def segment(
         typer.Option("--crf/--no-crf", help="Refine with the dense CRF (flip averaged, as in evaluation)."),
     ] = False,
     crf_workers: CRFWorkersOption = None,
+    crf_backend: CRFBackendOption = "auto",
     loader_workers: Annotated[
         int | None,
         typer.Option("--loader-workers", help="Image-decoding processes (default: none on the CPU, up to 8 on a GPU)."),
@@ -864,6 +875,7 @@ def segment(
             _reporter(quiet or json_output),
             crf=crf,
             crf_workers=default_workers() if crf_workers is None else crf_workers,
+            crf_backend=crf_backend,
             legend=legend,
             backbone=backbone,
             overwrite=overwrite,

@@ -72,11 +72,17 @@ def denormalise_to_uint8(images: torch.Tensor) -> np.ndarray:
     Truncates like torchvision's ``to_pil_image``, which the reference uses to give the dense
     CRF its image, so the CRF sees the same pixels.
     """
+    return denormalised_pixels(images.detach().cpu()).numpy()
+
+
+def denormalised_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalised ``[B, 3, H, W]`` back to ``uint8 [B, H, W, 3]`` RGB where they are, in the
+    arithmetic of :func:`denormalise_to_uint8`."""
     # The reference's arithmetic, step for step: Normalize(0, 1 / std), Normalize(-mean, 1),
     # then mul(255).byte(). x * std + mean rounds differently and moves some pixels by one.
-    rgb = images.detach().cpu().float() / _INVERSE_STD
-    rgb = rgb - _NEGATED_MEAN
-    return (rgb.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    rgb = images.detach().float() / _INVERSE_STD.to(images.device)
+    rgb = rgb - _NEGATED_MEAN.to(images.device)
+    return (rgb.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def label_tensor(label: Image.Image, ignore_values: tuple[int, ...] = (255,)) -> torch.Tensor:

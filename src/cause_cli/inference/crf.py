@@ -1,7 +1,10 @@
-"""Dense CRF refinement (METHOD.md section 4) with the paper's settings, on a pool of workers.
+"""Dense CRF refinement (METHOD.md section 4) with the paper's settings, by one of two backends.
 
-The dense CRF comes from the optional ``pydensecrf`` module (the ``pydensecrf2`` package,
-``pip install cause-cli[crf]``), imported only when a CRF is asked for. Settings: 10
+``pydensecrf``: the optional ``pydensecrf`` module (the ``pydensecrf2`` package, ``pip install
+cause-cli[crf]``, a compiled extension), imported only when a CRF is asked for, on a pool of
+worker processes. ``torch``: the same model in torch (:mod:`.crf_torch`), on the device the
+scores are on, nothing to compile. ``auto`` is torch on a GPU, pydensecrf on a CPU where it is
+installed (faster there), torch otherwise. Settings: 10
 mean-field iterations; a Gaussian kernel (sxy 1, compat 3) and a bilateral kernel (sxy 67,
 srgb 3, compat 4) on the 8-bit image, passed in BGR order as the reference does.
 
@@ -18,8 +21,10 @@ import multiprocessing
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from ..devices import available_cpus
 from ..errors import CauseError
@@ -32,9 +37,11 @@ BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT = 67, 3, 4
 SECONDS_PER_IMAGE_LIMIT = 120.0
 
 MISSING_MESSAGE = (
-    "The dense CRF needs the pydensecrf module: install it with 'pip install cause-cli[crf]' "
-    "(or pip install pydensecrf2), or run without the CRF (--no-crf)."
+    "The pydensecrf backend of the dense CRF needs the pydensecrf module: install it with "
+    "'pip install cause-cli[crf]' (or pip install pydensecrf2), or use --crf-backend torch."
 )
+CRF_BACKENDS = ("auto", "pydensecrf", "torch")
+TORCH_CRF_PIXELS = 1 << 22  # pixels refined in one lattice by the torch backend (memory grows with them)
 
 
 def crf_available() -> bool:
@@ -48,6 +55,29 @@ def crf_available() -> bool:
 def require_crf() -> None:
     if not crf_available():
         raise CauseError(MISSING_MESSAGE)
+
+
+def choose_crf_backend(requested: str, device: torch.device) -> str:
+    """The backend that runs: ``auto`` is torch on a GPU, pydensecrf on a CPU where it is
+    installed, torch otherwise; pydensecrf asked for and missing is one sentence."""
+    if requested not in CRF_BACKENDS:
+        raise CauseError(f"--crf-backend takes one of {', '.join(CRF_BACKENDS)}, not '{requested}'.")
+    if requested == "pydensecrf":
+        require_crf()
+        return requested
+    if requested == "torch" or device.type == "cuda":
+        return "torch"
+    return "pydensecrf" if crf_available() else "torch"
+
+
+def open_crf(backend: str, workers: int, device: torch.device) -> CRFPool | TorchCRF:
+    """The chosen backend's refiner (started): a pool of pydensecrf workers, or the torch CRF
+    on ``device``."""
+    if backend == "torch":
+        return TorchCRF(device)
+    pool = CRFPool(workers)
+    pool.start()
+    return pool
 
 
 def dense_crf(image: np.ndarray, log_probabilities: np.ndarray) -> np.ndarray:
@@ -169,6 +199,60 @@ class CRFPool:
 
 
 @dataclass
+class TorchCRF:
+    """The torch backend behind the pool's interface: each submission is refined at once on
+    ``device``, images and scores taken where they are (arrays are copied there), many images
+    in one lattice; the label maps stay on the device."""
+
+    device: torch.device
+    workers: int = 0
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def submit(self, images: Sequence[Any], log_probabilities: Sequence[Any]) -> RefinedNow:
+        from .crf_torch import crf_label_maps
+
+        if len(images) != len(log_probabilities):
+            raise ValueError(f"{len(images)} images and {len(log_probabilities)} score maps")
+        pictures = [torch.as_tensor(image, device=self.device) for image in images]
+        scores = [torch.as_tensor(values, device=self.device) for values in log_probabilities]
+        maps: list[torch.Tensor] = []
+        start = 0
+        while start < len(pictures):
+            end, pixels = start, 0
+            while end < len(pictures) and (end == start or pixels + _pixels(pictures[end]) <= TORCH_CRF_PIXELS):
+                pixels += _pixels(pictures[end])
+                end += 1
+            maps.extend(crf_label_maps(pictures[start:end], scores[start:end]))
+            start = end
+        return RefinedNow(maps)
+
+    def run(self, images: Sequence[Any], log_probabilities: Sequence[Any]) -> list[torch.Tensor]:
+        return self.submit(images, log_probabilities).result()
+
+
+def _pixels(image: torch.Tensor) -> int:
+    return int(image.shape[0]) * int(image.shape[1])
+
+
+@dataclass
+class RefinedNow:
+    """Label maps already computed (the torch backend's), as a submission's results."""
+
+    maps: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def result(self) -> list[torch.Tensor]:
+        return self.maps
+
+
+@dataclass
 class PendingResults:
     """One submission's results, still being computed (or done, without workers)."""
 
@@ -197,12 +281,12 @@ class CRFQueue:
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
-        self._waiting: collections.deque[tuple[PendingResults, Callable[[list[np.ndarray]], None]]] = (
+        self._waiting: collections.deque[tuple[PendingResults | RefinedNow, Callable[[list[Any]], None]]] = (
             collections.deque()
         )
         self._images = 0
 
-    def put(self, pending: PendingResults, when_done: Callable[[list[np.ndarray]], None]) -> None:
+    def put(self, pending: PendingResults | RefinedNow, when_done: Callable[[list[Any]], None]) -> None:
         self._waiting.append((pending, when_done))
         self._images += len(pending)
         while len(self._waiting) > 1 and self._images - len(pending) > self.limit:

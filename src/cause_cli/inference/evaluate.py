@@ -27,7 +27,7 @@ from ..errors import CauseError
 from ..progress import Reporter
 from ..runs import EVALUATION_FILES, METRICS_FILE, RunDirectory, open_run
 from .baselines import baseline_maps, fit_baselines
-from .crf import CRFPool, CRFQueue, crf_available, require_crf
+from .crf import CRFQueue, choose_crf_backend, open_crf
 from .figures import colourise, confusion_picture, palette, png_writer, samples_picture
 from .metrics import MetricAccumulator, SegmentationScores
 from .predict import load_trained, predict_batch, stack_label_maps
@@ -49,11 +49,13 @@ def evaluate_run(
     crf_workers: int = 0,
     backbone: str | None = None,
     baselines: bool = True,
+    crf_backend: str = "auto",
 ) -> dict[str, Any]:
     """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF, and
     (``baselines``) those of k-means on the backbone's tokens and on the head's features.
 
-    ``crf=None`` runs the CRF when ``pydensecrf`` is installed. Writes ``metrics.json``,
+    ``crf=None`` runs the CRF (``crf_backend``: :func:`.crf.choose_crf_backend`; it is there
+    whether or not ``pydensecrf`` is installed). Writes ``metrics.json``,
     ``confusion.png`` and ``samples.png`` into the run folder unless ``write=False``.
     """
     reporter = reporter or Reporter()
@@ -70,11 +72,9 @@ def evaluate_run(
             run.owned.refuse_unless_ours(
                 EVALUATION_FILES, f"move it away, or evaluate a copy of {run.path} (cause writes only its own files)"
             )
-        if crf is None:
-            crf = crf_available()
-        elif crf:
-            require_crf()
+        crf = True if crf is None else crf
         torch_device = resolve_device(device)
+        backend = choose_crf_backend(crf_backend, torch_device) if crf else None
         workers = loader_workers(workers, torch_device)
         model = load_trained(run, torch_device, backbone)
         config = model.config
@@ -101,13 +101,11 @@ def evaluate_run(
         kmeans_head = MetricAccumulator(model.num_classes)
         samples: list[list[np.ndarray]] = []
         started = time.perf_counter()
-        pool = CRFPool(crf_workers) if crf else None
-        if pool is not None:
-            pool.start()
+        pool = open_crf(backend, crf_workers, torch_device) if backend is not None else None
         # The CRF of earlier batches runs in the workers while the next batches go through the model.
         in_flight = CRFQueue(2 * max(1, crf_workers))
         try:
-            with reporter.task(f"evaluating {split}" + (" with CRF" if crf else ""), steps) as advance:
+            with reporter.task(f"evaluating {split}" + (f" with CRF ({backend})" if crf else ""), steps) as advance:
                 for batch in batches:
                     images = normalise_pixels(batch["image"], torch_device)
                     labels = batch["label"].to(torch_device)
@@ -160,6 +158,7 @@ def evaluate_run(
         result: dict[str, Any] = {
             **cluster_scores.as_dict(names),
             "crf": refined.scores(match=True).as_dict(names) if crf else None,
+            "crf_backend": backend,
             "linear_probe": _summary(linear_scores, names),
             "baselines": None
             if fitted is None

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
-from ..data.transforms import denormalise_to_uint8, normalise, resize_and_crop
+from ..data.transforms import denormalise_to_uint8, denormalised_pixels, normalise, resize_and_crop
 from ..devices import autocast
 from ..errors import CauseError
 from ..model.heads import CRF_SHARPNESS, ClusterProbe, LinearProbe, SegmentationHeads
@@ -29,7 +29,7 @@ from ..model.whitening import FeatureWhitening
 from ..run_checks import check_state
 from ..runs import PROBE_FILE, RUN_FILE, RunDirectory
 from ..training import load_heads
-from .crf import CRFPool, PendingResults
+from .crf import CRFPool, PendingResults, RefinedNow, TorchCRF
 
 
 @dataclass
@@ -167,7 +167,7 @@ class BatchPredictions:
 
     clusters: torch.Tensor
     linear: torch.Tensor
-    refining: PendingResults | None
+    refining: PendingResults | RefinedNow | None
     tokens: torch.Tensor
     features: torch.Tensor
 
@@ -177,14 +177,15 @@ class BatchPredictions:
         return stack_label_maps(self.refining.result(), self.clusters.device)
 
 
-def stack_label_maps(maps: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """The CRF workers' label maps as one ``[B, H, W]`` long tensor on ``device``."""
-    return torch.from_numpy(np.stack(maps).astype(np.int64)).to(device)
+def stack_label_maps(maps: list[np.ndarray] | list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The CRF's label maps (arrays from the workers, or tensors) as one ``[B, H, W]`` long
+    tensor on ``device``."""
+    return torch.stack([torch.as_tensor(labels) for labels in maps]).long().to(device)
 
 
 @torch.no_grad()
 def predict_batch(
-    model: TrainedModel, images: torch.Tensor, size: tuple[int, int], pool: CRFPool | None
+    model: TrainedModel, images: torch.Tensor, size: tuple[int, int], pool: CRFPool | TorchCRF | None
 ) -> BatchPredictions:
     """Every prediction evaluation reports, in one pass: the image's own features serve both
     the plain maps and the flip average, so the backbone runs twice per image (the reference
@@ -196,8 +197,11 @@ def predict_batch(
     refining = None
     if pool is not None:
         averaged = flip_averaged_feature_map(model, images, features)
-        unary = crf_unary(cluster_scores(model, averaged, size), model.cluster_probe.sharpness).cpu().numpy()
-        refining = pool.submit(list(denormalise_to_uint8(images)), list(unary))
+        unary = crf_unary(cluster_scores(model, averaged, size), model.cluster_probe.sharpness)
+        if isinstance(pool, TorchCRF):  # images and scores stay on the device
+            refining = pool.submit(list(denormalised_pixels(images)), list(unary))
+        else:
+            refining = pool.submit(list(denormalise_to_uint8(images)), list(unary.cpu().numpy()))
     return BatchPredictions(clusters, linear, refining, tokens, features)
 
 

@@ -29,7 +29,7 @@ from ..progress import Reporter
 from ..run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, read_json
 from ..runs import METRICS_FILE, RunDirectory, open_run
 from ..training.distributed import ProcessGroup, from_environment, start, stop
-from .crf import CRFPool, require_crf
+from .crf import choose_crf_backend, open_crf
 from .figures import legend_picture, png_writer
 from .inputs import DecodedInput, decoded_inputs, pending_inputs
 from .manifest import (
@@ -128,6 +128,7 @@ def segment_images(
     save: tuple[str, ...] = DEFAULT_SAVE,
     loader_workers: int | None = None,
     writer_threads: int | None = None,
+    crf_backend: str = "auto",
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``; inputs a
     previous call finished there are skipped (``overwrite`` redoes everything). Inputs are
@@ -136,7 +137,8 @@ def segment_images(
     group = from_environment()
     try:
         return _segment(source, run_path, Path(out), device, batch_size, reporter or Reporter(), group, crf,
-                        crf_workers, legend, backbone, overwrite, save, loader_workers, writer_threads)  # fmt: skip
+                        crf_workers, legend, backbone, overwrite, save, loader_workers, writer_threads,
+                        crf_backend)  # fmt: skip
     finally:
         stop(group)
 
@@ -157,6 +159,7 @@ def _segment(
     save: tuple[str, ...],
     loader_workers: int | None,
     writer_threads: int | None,
+    crf_backend: str,
 ) -> dict[str, Any]:
     """Process ``group.rank``'s share; the first process merges the summary."""
     reporter = reporter if group.is_main else Reporter()
@@ -165,8 +168,7 @@ def _segment(
         raise CauseError(f"{source} does not exist.")
     refuse_unusable_folder(out, "--out")
     refuse_outputs_among_inputs(source, out)
-    if crf:
-        require_crf()
+    backend = choose_crf_backend(crf_backend, resolve_device(device)) if crf else None
     torch_device = start(group, resolve_device(device))
     model = load_trained(run, torch_device, backbone)
     mapping, names = labels_of(run, model.num_classes)
@@ -178,6 +180,7 @@ def _segment(
         "run_sha256": run_fingerprint(run),
         "labels_are": labels_are,
         "crf": crf,
+        "crf_backend": backend,
         "label_format": label_format,
         "save": list(save),
         "processes": group.world_size,
@@ -200,9 +203,7 @@ def _segment(
         if summary.done_before:
             reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
         started = time.perf_counter()
-        pool = CRFPool(crf_workers) if crf else None
-        if pool is not None:
-            pool.start()
+        pool = open_crf(backend, crf_workers, torch_device) if backend is not None else None
         threads = writer_threads if writer_threads is not None else default_writer_threads(group.world_size)
         segmenter = BatchSegmenter(model, out, mapping, pool, folder, save, threads)
         batch: list[DecodedInput] = []
@@ -245,6 +246,7 @@ def _segment(
                 "run": str(run.path),
                 "backbone": model.config.backbone,
                 "label_format": label_format,
+                "crf_backend": backend,
             }
         )
         folder.write_json(SUMMARY_FILE, result)

@@ -22,7 +22,7 @@ from ..data.transforms import normalise_pixels
 from ..devices import available_cpus
 from ..model.ops import best_channel
 from ..owned import WriteBatch
-from .crf import CRFPool, CRFQueue
+from .crf import CRFPool, CRFQueue, TorchCRF
 from .figures import palette, png_writer
 from .inputs import DecodedInput, SourceEntry
 from .manifest import OutputFolder
@@ -49,7 +49,7 @@ class BatchSegmenter:
     model: TrainedModel
     out: Path
     mapping: np.ndarray | None
-    pool: CRFPool | None
+    pool: CRFPool | TorchCRF | None
     folder: OutputFolder
     save: tuple[str, ...] = DEFAULT_SAVE
     writer_threads: int = 0
@@ -79,7 +79,7 @@ class BatchSegmenter:
             features = flip_averaged_feature_map(model, normalise_pixels(model_inputs, model.device), features)
         label_maps: list[np.ndarray] = []
         crf_images: list[np.ndarray] = []
-        crf_unaries: list[np.ndarray] = []
+        crf_unaries: list[np.ndarray | torch.Tensor] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
         sharpness = model.cluster_probe.sharpness
         for index, item in enumerate(readable):
@@ -101,13 +101,15 @@ class BatchSegmenter:
             else:
                 assert scores_map is not None
                 crf_images.append(crf_image(Image.fromarray(item.pixels), scores_map))
-                crf_unaries.append(crf_unary(scores_map, sharpness)[0].cpu().numpy())
+                unary = crf_unary(scores_map, sharpness)[0]
+                # The torch CRF takes the scores where they are; the workers take arrays.
+                crf_unaries.append(unary if isinstance(self.pool, TorchCRF) else unary.cpu().numpy())
         if self.pool is None:
             self.write_all(pending, scores, label_maps)
         else:
             # The whole batch at once, so the pool's workers refine several images together.
-            def refined(cluster_maps: list[np.ndarray]) -> None:
-                values = [self.label_values(torch.from_numpy(clusters)) for clusters in cluster_maps]
+            def refined(cluster_maps: list[np.ndarray] | list[torch.Tensor]) -> None:
+                values = [self.label_values(torch.as_tensor(clusters)) for clusters in cluster_maps]
                 self.write_all(pending, scores, values)
 
             self.in_flight.put(self.pool.submit(crf_images, crf_unaries), refined)
