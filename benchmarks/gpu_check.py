@@ -201,22 +201,36 @@ def train_part(
 
 
 def evaluate_part(run: Path, device: torch.device) -> list[str]:
+    """eval with the CRF through each backend there is: images/s of each, and their figures."""
     from cause_cli.inference.crf import crf_available, default_workers
     from cause_cli.inference.evaluate import evaluate_run
 
-    reporter = TimingReporter(device)
-    result = evaluate_run(
-        run, device=str(device), reporter=reporter, crf=crf_available(), crf_workers=default_workers(), write=False
-    )
-    lines = [f"{task.description}: {task.done} in {task.seconds:.1f} s" for task in reporter.tasks]
-    lines.append(f"mIoU {result['miou']:.1f}, pixel accuracy {result['pixel_accuracy']:.1f}")
-    if result.get("crf"):
+    lines = []
+    figures = {}
+    for backend in ("torch", "pydensecrf") if crf_available() else ("torch",):
+        reporter = TimingReporter(device)
+        started = time.perf_counter()
+        result = evaluate_run(run, device=str(device), reporter=reporter, crf=True, crf_workers=default_workers(),
+                              write=False, baselines=False, crf_backend=backend)  # fmt: skip
+        seconds = time.perf_counter() - started
+        lines += [f"{backend}: {task.description}: {task.done} in {task.seconds:.1f} s" for task in reporter.tasks]
+        rate = result["images"] / seconds
+        lines.append(f"{backend}: eval with the CRF {rate:.1f} images/s ({result['images']} images)")
+        lines.append(f"mIoU {result['miou']:.1f}, pixel accuracy {result['pixel_accuracy']:.1f}")
         lines.append(
-            f"with CRF: mIoU {result['crf']['miou']:.1f}, pixel accuracy {result['crf']['pixel_accuracy']:.1f}"
+            f"{backend}: with CRF mIoU {result['crf']['miou']:.2f}, "
+            f"pixel accuracy {result['crf']['pixel_accuracy']:.2f}"
         )
-    for key in ("miou", "pixel_accuracy"):
-        if not math.isfinite(result[key]):
-            raise RuntimeError(f"evaluation gave {key} = {result[key]}")
+        figures[backend] = (rate, result["crf"]["miou"])
+        for key in ("miou", "pixel_accuracy"):
+            if not math.isfinite(result[key]):
+                raise RuntimeError(f"evaluation gave {key} = {result[key]}")
+    if len(figures) == 2:
+        (torch_rate, torch_miou), (pool_rate, pool_miou) = figures["torch"], figures["pydensecrf"]
+        lines.append(
+            f"eval with the CRF: torch {torch_rate / pool_rate:.1f} x pydensecrf's speed ({default_workers()} "
+            f"processes); CRF mIoU {torch_miou:.2f} against {pool_miou:.2f}"
+        )
     return lines
 
 
@@ -265,30 +279,34 @@ def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch
     count = len(list(source.glob("*.png")))
     workers = default_workers()
     lines = []
-    seconds: dict[bool, float] = {}
-    for crf in (False, True) if crf_available() else (False,):
+    seconds: dict[tuple[bool, str], float] = {}
+    backends = ("torch", "pydensecrf") if crf_available() else ("torch",)
+    for crf, backend in [(False, "auto"), *((True, name) for name in backends)]:
         started = time.perf_counter()
-        segment_images(source, run, out / f"crf-{crf}", str(device), shapes.batch_size, crf=crf, crf_workers=workers)
-        seconds[crf] = time.perf_counter() - started
+        segment_images(source, run, out / f"crf-{crf}-{backend}", str(device), shapes.batch_size, crf=crf,
+                       crf_workers=workers, crf_backend=backend)  # fmt: skip
+        seconds[(crf, backend)] = time.perf_counter() - started
     backbone_rate = backbone_images_per_second(run, device, shapes.batch_size, batches=8)
     floor_rate = floor_images_per_second(sorted(source.glob("*.png")), out / "floor", shapes.resolution, DEFAULT_SAVE)
-    segment_rate = count / seconds[False]
+    segment_rate = count / seconds[(False, "auto")]
     lines.append(f"backbone alone: {backbone_rate:.1f} images/s at {shapes.resolution}")
     lines.append(f"I/O floor (decoded, resized, encoded and written, no model): {floor_rate:.1f} images/s")
     lines.append(
         f"cause segment without CRF: {segment_rate:.1f} images/s, {segment_rate / backbone_rate:.2f} of the backbone's "
         f"speed and {segment_rate / floor_rate:.2f} of the I/O floor"
     )
-    if True in seconds:
+    lines.append(f"cause segment with the torch CRF: {count / seconds[(True, 'torch')]:.1f} images/s")
+    if (True, "pydensecrf") in seconds:
         classes = open_run(run).config().num_classes or 1
         start, alone = crf_seconds(count, classes, shapes.image_sizes[0], workers)
-        with_crf = seconds[True] - start  # segment_images starts its pool the same way
+        with_crf = seconds[(True, "pydensecrf")] - start  # segment_images starts its pool the same way
         lines.append(
-            f"cause segment with CRF: {count / with_crf:.1f} images/s after {start:.1f} s starting {workers} workers"
+            f"cause segment with the pydensecrf CRF: {count / with_crf:.1f} images/s after {start:.1f} s starting "
+            f"{workers} workers; the torch CRF {with_crf / seconds[(True, 'torch')]:.1f} x as fast"
         )
-        lines.append(f"CRF alone ({workers} workers): {count / alone:.1f} images/s")
+        lines.append(f"pydensecrf CRF alone ({workers} workers): {count / alone:.1f} images/s")
         # With the CRF, segmenting takes at least the longer of the two; their sum means no overlap.
-        hidden = (seconds[False] + alone - with_crf) / min(seconds[False], alone)
+        hidden = (seconds[(False, "auto")] + alone - with_crf) / min(seconds[(False, "auto")], alone)
         lines.append(f"overlap of model and CRF work: {100 * max(0.0, min(1.0, hidden)):.0f}% of the shorter hidden")
     return lines
 

@@ -80,3 +80,16 @@ def test_gpu_and_cpu_agree_in_float32(scenes, tmp_path):
         on_cpu = evaluate_run(run.path, device="cpu", crf=False, baselines=False, write=False)
         on_gpu = evaluate_run(run.path, device="cuda", crf=False, baselines=False, write=False)
     assert abs(on_cpu["pixel_accuracy"] - on_gpu["pixel_accuracy"]) < 0.5
+
+
+def test_the_torch_crf_on_the_gpu_refines_as_on_the_cpu():
+    from cause_cli.inference.crf_torch import dense_crf_batch
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (48, 64, 3), generator=generator, dtype=torch.uint8) for _ in range(3)]
+    scores = [torch.log_softmax(3 * torch.randn(5, 48, 64, generator=generator), dim=0) for _ in images]
+    on_cpu = dense_crf_batch(images, scores)
+    on_gpu = dense_crf_batch([image.to(GPU) for image in images], [score.to(GPU) for score in scores])
+    for expected, actual in zip(on_cpu, on_gpu, strict=True):
+        assert actual.device.type == "cuda"
+        assert torch.allclose(actual.cpu(), expected, atol=1e-4)

@@ -218,8 +218,8 @@ class TorchCRF:
 
         if len(images) != len(log_probabilities):
             raise ValueError(f"{len(images)} images and {len(log_probabilities)} score maps")
-        pictures = [torch.as_tensor(image, device=self.device) for image in images]
-        scores = [torch.as_tensor(values, device=self.device) for values in log_probabilities]
+        pictures = [_on(self.device, image) for image in images]
+        scores = [_on(self.device, values) for values in log_probabilities]
         maps: list[torch.Tensor] = []
         start = 0
         while start < len(pictures):
@@ -233,6 +233,12 @@ class TorchCRF:
 
     def run(self, images: Sequence[Any], log_probabilities: Sequence[Any]) -> list[torch.Tensor]:
         return self.submit(images, log_probabilities).result()
+
+
+def _on(device: torch.device, values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = values.copy()  # torch would warn of a tensor sharing memory nobody may write
+    return torch.as_tensor(values, device=device)
 
 
 def _pixels(image: torch.Tensor) -> int:

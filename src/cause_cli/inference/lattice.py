@@ -19,6 +19,7 @@ whose keys carry the image's index, so that no two images share a corner.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,23 +45,52 @@ class Lattice:
     neighbours: torch.Tensor
     points: int
 
+    def __post_init__(self) -> None:
+        # The three steps as sparse matrices (splat [M + 1, N], each blur [M + 1, M + 1], slice
+        # [N, M + 1]): a sparse product sums each row in one pass, without the atomic or serial
+        # scatter an index_add would make (four to six times as fast on a CPU).
+        count, corners = self.corners.shape
+        table_rows = self.points + 1
+        pixels = torch.arange(count, device=self.corners.device).repeat_interleave(corners)
+        flat_corners, flat_weights = self.corners.reshape(-1), self.weights.reshape(-1)
+        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0 ** -self.dimensions)))
+        self._splat = _csr(flat_corners, pixels, flat_weights, (table_rows, count))
+        self._slice = _csr(pixels, flat_corners, flat_weights * alpha, (count, table_rows))
+        self._blurs = []
+        rows = torch.arange(1, table_rows, device=self.corners.device)
+        for before, after in self.neighbours:
+            neighbour_rows, neighbour_columns = [rows], [rows]
+            for side in (before[1:], after[1:]):
+                present = side > 0
+                neighbour_rows.append(rows[present])
+                neighbour_columns.append(side[present])
+            halves = torch.full((sum(len(part) for part in neighbour_rows[1:]),), 0.5, device=rows.device)
+            values = torch.cat([torch.ones(len(rows), device=rows.device), halves])
+            self._blurs.append(
+                _csr(torch.cat(neighbour_rows), torch.cat(neighbour_columns), values, (table_rows, table_rows))
+            )
+
     @property
     def dimensions(self) -> int:
         return self.corners.shape[1] - 1
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """The Gaussian-filtered ``values [N, C]`` (the point's own value included)."""
-        table = values.new_zeros(self.points + 1, values.shape[1])
-        for corner in range(self.dimensions + 1):
-            table.index_add_(0, self.corners[:, corner], self.weights[:, corner, None] * values)
-        for direction in range(self.dimensions + 1):
-            before, after = self.neighbours[direction]
-            table = table + 0.5 * (table[before] + table[after])  # row 0 stays zero: its neighbours are row 0
-        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-self.dimensions)))
-        sliced = torch.zeros_like(values)
-        for corner in range(self.dimensions + 1):
-            sliced += (self.weights[:, corner, None] * alpha) * table[self.corners[:, corner]]
-        return sliced
+        table = self._splat @ values
+        for blur in self._blurs:  # each lattice direction in turn: old + (before + after) / 2
+            table = blur @ table
+        return self._slice @ table
+
+
+def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The sparse CSR matrix of distinct ``(row, column)`` entries."""
+    order = torch.argsort(rows * shape[1] + columns)
+    counts = torch.bincount(rows, minlength=shape[0])
+    row_starts = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    row_starts[1:] = torch.cumsum(counts, dim=0)
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_starts, columns[order], values[order], shape, check_invariants=False)
 
 
 def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) -> Lattice:
