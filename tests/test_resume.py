@@ -5,6 +5,7 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +108,15 @@ def test_a_run_killed_in_any_step_resumes_where_it_stopped_to_the_same_weights(s
     assert work_record(interrupted, TITLES[step]) == (total - done, total, done, total - done)
     assert work_record(whole, TITLES[step]) == (total, total, 0, total)
     assert_same_weights(interrupted, whole, rtol=1e-5, atol=1e-6)
+    # The history reads as one training: the rows after the checkpoint were dropped and redone.
+    resumed_rows, whole_rows = history_rows(interrupted), history_rows(whole)
+    assert [row[:3] for row in resumed_rows] == [row[:3] for row in whole_rows]
+    for resumed_row, whole_row in zip(resumed_rows, whole_rows, strict=True):
+        np.testing.assert_allclose(resumed_row[3], whole_row[3], rtol=1e-4)
+
+
+def history_rows(run) -> list[tuple]:
+    """(step, update, epoch, loss) of every row of the run's history.csv."""
+    with (run / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    return [(row["step"], int(row["update"]), int(row["epoch"]), float(row["loss"])) for row in rows]

@@ -263,7 +263,7 @@ def test_ctrl_c_says_and_logs_the_command_that_continues_the_training(scenes, tm
     finally:
         if training.poll() is None:
             training.kill()
-    assert training.returncode == 130
+    assert training.returncode == 130, errors
     resume = f"cause train --run '{run}' --resume"
     assert errors.strip().splitlines()[-1] == (
         f"interrupted; files already written are complete; continue with: {resume}"

@@ -9,6 +9,8 @@
                               linear probe
     probe.safetensors         step three: cluster probe ``[C, r]`` (and the linear probe)
     metrics.json              written by ``cause eval``
+    history.csv               the learnt steps' losses as training went (a row every stride)
+    curves.png                drawn from history.csv at the end of training
     train.log                 one line per event
 """
 
@@ -48,7 +50,18 @@ LOCK_FILE = ".lock"  # held (flock) by the process writing the folder; says who 
 # What a training writes, and what its evaluation adds: `cause train --overwrite` removes them
 # where the run's ledger records them as the toolkit's (the log and the feature cache, whose
 # folder names the backbone and images it holds, are kept).
-TRAINED_FILES = (RUN_FILE, CLUSTERBOOK_FILE, HEAD_FILE, FRONT_DOOR_HEAD_FILE, PROBE_FILE, RESUME_FILE)
+HISTORY_FILE = "history.csv"  # the losses as training went (training/history.py)
+CURVES_FILE = "curves.png"
+TRAINED_FILES = (
+    RUN_FILE,
+    CLUSTERBOOK_FILE,
+    HEAD_FILE,
+    FRONT_DOOR_HEAD_FILE,
+    PROBE_FILE,
+    RESUME_FILE,
+    HISTORY_FILE,
+    CURVES_FILE,
+)
 EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png")
 TRAINING_OUTPUTS = (*TRAINED_FILES, *EVALUATION_FILES)
 

@@ -3,6 +3,7 @@ checkpoints for resuming, and the process group that several processes train in.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -26,6 +27,7 @@ from ..progress import Reporter
 from ..runs import LOG_FILE, RESUME_FILE, RunDirectory
 from .distributed import SINGLE_PROCESS, ProcessGroup
 from .feature_cache import FeatureCache, cache_folder
+from .history import STEPS, History
 
 
 @dataclass
@@ -213,10 +215,14 @@ class TrainingContext:
         self.last_checkpoint = time.monotonic()
         self.group.seed_for_dropout(zlib.crc32(f"{self.config.seed}/{step}".encode()))
         if not (self.resume and self.run.has(RESUME_FILE)):
+            self._start_history(step, 0)
             return
         state = self.run.load_state(RESUME_FILE)
         if state.get("step") != step:
+            self._start_history(step, 0)
             return
+        # Checkpoints from before the history kept no update count: their rows are all kept.
+        self._start_history(step, int(state.get("updates", 1 << 62)))
         apply(state["objects"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["grid_rng"])
@@ -239,11 +245,37 @@ class TrainingContext:
             "torch_rng": torch.get_rng_state(),
             "grid_rng": self.generator.get_state(),
             "objects": objects(),
+            "updates": self.updates[0],
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         self.run.save_state(RESUME_FILE, state)
         self.last_checkpoint = time.monotonic()
+
+    @functools.cached_property
+    def history(self) -> History:
+        return History(self.run)
+
+    def _start_history(self, step: str, done: int) -> None:
+        if step in STEPS and self.group.is_main:
+            self.history.start_step(step, done)
+
+    def record_history(
+        self,
+        step: str,
+        losses: dict[str, torch.Tensor | None],
+        optimiser: torch.optim.Optimizer,
+        bank_entries: int | None = None,
+    ) -> None:
+        """After an update: a row of ``history.csv`` when one is due (every process takes
+        part: the losses are those of the global batch)."""
+        done, total = self.updates
+        if not self.history.due(done, total):
+            return
+        values = {name: None if loss is None else self.global_loss_value(loss) for name, loss in losses.items()}
+        if self.group.is_main:
+            row = {"step": step, "update": done, "updates": total, "epoch": self.position[0] + 1, **values}
+            self.history.add({**row, "learning_rate": optimiser.param_groups[0]["lr"], "bank_entries": bank_entries})
 
     def grid_positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The tokens grid sampling keeps in each image of ``tokens [B, P, ...]``, ``[B, S]``,

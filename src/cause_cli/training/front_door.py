@@ -129,6 +129,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
             probe_loss = linear_probe_loss(context, linear_probe, probe_features, labels)
             total = loss + probe_loss if probe_loss is not None else loss
         else:
+            probe_loss = None
             total = loss
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
@@ -150,11 +151,17 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         if context.has_labels and not reference:
             step_linear_probe(context, heads, linear_probe, tokens, labels, probe_optimiser)
         last_loss = loss.detach()
+        context.record_history("front_door", {"loss": last_loss, "probe_loss": _detached(probe_loss)}, optimiser,
+                               len(bank) if config.use_bank else None)  # fmt: skip
         clock.update_done()
         context.checkpoint("front_door", snapshot)
     last = context.global_loss_value(last_loss)
     context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
+
+
+def _detached(loss: torch.Tensor | None) -> torch.Tensor | None:
+    return None if loss is None else loss.detach()
 
 
 class FrontDoorClock:

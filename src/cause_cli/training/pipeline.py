@@ -36,6 +36,7 @@ from .distributed import start as join_processes
 from .distributed import stop as leave_processes
 from .feature_cache import decide_feature_caches, describe_feature_caches
 from .front_door import train_front_door
+from .history import write_curves
 
 
 def prepare(
@@ -254,6 +255,8 @@ def _train_steps(
         elapsed = time.perf_counter() - started
         run.log(f"{title}: done in {elapsed:.1f}s")
         reporter.message(f"{title}: done in {elapsed:.1f}s")
+    if group.is_main and run.writes:
+        write_curves(run)
     for report in group.gather_objects(context.load_report)[1:]:  # what the other processes met
         assert isinstance(report, LoadReport)
         context.load_report.merge(report)
