@@ -40,7 +40,7 @@ def test_a_pushed_run_segments_from_the_hub_as_it_does_locally(evaluated, hub, t
     pushed = invoke("push", run, "me/scenes-cause", "--message", "first run")
     assert pushed.exit_code == 0, pushed.output
     files = {name for repo, name in hub.files if repo == "me/scenes-cause"}
-    assert files == {*HUB_RUN_FILES, "metrics.json", "confusion.png", "samples.png", "README.md"}
+    assert files == {*HUB_RUN_FILES, "metrics.json", "confusion.png", "samples.png", "curves.png", "README.md"}
     assert "resume.pt" not in files and "train.log" not in files
     assert {oid for oid in hub.lfs_objects} == {
         __import__("hashlib").sha256((run / name).read_bytes()).hexdigest()

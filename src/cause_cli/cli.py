@@ -941,6 +941,31 @@ def push(
     stdout.print(f"pushed {run} to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
+@app.command(cls=CauseCommand)
+@user_errors
+def report(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="The evaluated run folder.")],
+) -> None:
+    """Write RUN/report.html again from the run's metrics and pictures: one page that opens
+    offline, with the figures, per-class IoU, validation images, confusion matrix, training
+    curves and settings. cause eval writes it too.
+
+    Example: cause report runs/photos
+    """
+    from .inference.report import write_report
+    from .runs import METRICS_FILE, open_run
+
+    directory = open_run(run)
+    if directory.hub_id is not None:
+        raise CauseError(f"{run} is read from the Hub's cache; copy it to a folder first and write its report there.")
+    if not directory.has(METRICS_FILE):
+        raise CauseError(f"{directory.file(METRICS_FILE)} is missing: run cause eval --run {run} first.")
+    with directory.writing("report"):
+        directory.owned.refuse_unless_ours(["report.html"], f"move it away, or report on a copy of {run}")
+        path = write_report(directory)
+    stdout.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
 @app.command(name="export", cls=CauseCommand)
 @user_errors
 def export(

@@ -62,7 +62,7 @@ TRAINED_FILES = (
     HISTORY_FILE,
     CURVES_FILE,
 )
-EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png")
+EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png", "report.html")
 TRAINING_OUTPUTS = (*TRAINED_FILES, *EVALUATION_FILES)
 
 

@@ -24,7 +24,7 @@ from .paths import json_text
 from .run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, parse_json
 from .runs import METRICS_FILE, RUN_FILE, WEIGHT_FILES, WEIGHTS_SHA256, RunDirectory, open_run
 
-PICTURES = ("confusion.png", "samples.png")
+PICTURES = ("confusion.png", "samples.png", "curves.png")
 CARD_FILE = "README.md"
 _HUB_LICENCES = {"Apache-2.0": "apache-2.0", "CC-BY-NC-4.0": "cc-by-nc-4.0", "MIT": "mit"}
 

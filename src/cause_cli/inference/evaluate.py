@@ -31,6 +31,7 @@ from .crf import CRFQueue, choose_crf_backend, open_crf
 from .figures import colourise, confusion_picture, palette, png_writer, samples_picture
 from .metrics import MetricAccumulator, SegmentationScores
 from .predict import load_trained, predict_batch, stack_label_maps
+from .report import write_report
 
 SAMPLES_SHOWN = 4
 
@@ -189,6 +190,7 @@ def evaluate_run(
             run.write_file("confusion.png", png_writer(confusion))
             if samples:
                 run.write_file("samples.png", png_writer(_samples_figure(samples, final.mapping, crf, names)))
+            write_report(run)
         return result
 
 

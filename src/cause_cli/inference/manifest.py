@@ -108,7 +108,8 @@ class OutputFolder:
     def own_files(self, legend: bool) -> list[str]:
         """The folder's own files a segmentation writes, beside the outputs of its inputs."""
         manifests = [manifest_name(rank, self.processes) for rank in range(self.processes)]
-        return [SETTINGS_FILE, SUMMARY_FILE, *manifests, *([LEGEND_FILE] if legend else [])]
+        pages = ["index.html", *sorted(path.name for path in self.path.glob("index-*.html"))]  # the gallery's
+        return [SETTINGS_FILE, SUMMARY_FILE, *manifests, *pages, *([LEGEND_FILE] if legend else [])]
 
     def clear(self) -> list[str]:
         """Remove what earlier segmentations wrote here (files the ledger records, unchanged

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from .outputs import DEFAULT_SAVE, PALETTE_IDS
 from .predict import (
     load_trained,
 )
+from .report import write_gallery
 from .segmenter import BatchSegmenter, default_writer_threads
 
 
@@ -250,4 +252,6 @@ def _segment(
             }
         )
         folder.write_json(SUMMARY_FILE, result)
+        image_root = os.path.relpath(Path(source), out) if Path(source).is_dir() else None
+        write_gallery(folder, result["written"], names, image_root)
         return result
