@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,46 @@ def test_labels_influence_nothing_but_the_linear_probe(scenes, tmp_path, probe):
         RunDirectory(labelled_run).load_tensors("probe.safetensors")["linear_probe.linear.weight"],
         RunDirectory(unlabelled_run).load_tensors("probe.safetensors")["linear_probe.linear.weight"],
     )
+
+
+def partly_labelled_copy(scenes: Path, target: Path) -> Path:
+    """``scenes`` with a share of every label map ignored (255: a band of rows and scattered
+    pixels) and every third image's label map wholly ignored (an image without labels)."""
+    shutil.copytree(scenes / "images", target / "images")
+    shutil.copy(scenes / "classes.txt", target / "classes.txt")
+    for index, path in enumerate(sorted((scenes / "labels").rglob("*.png"))):
+        label = np.array(Image.open(path))
+        if index % 3 == 0:
+            label[:] = 255
+        else:
+            label[np.random.default_rng(index).random(label.shape) < 0.3] = 255
+            label[: label.shape[0] // 3] = 255
+        destination = target / "labels" / path.relative_to(scenes / "labels")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label).save(destination)
+    return target
+
+
+@pytest.mark.parametrize("probe", [{}, {"probe_init": "random", "probe_restarts": 2}], ids=["kmeans", "random"])
+def test_partly_labelled_data_trains_what_unlabelled_data_trains(scenes, tmp_path, probe):
+    # Which pixels are labelled must not leak into anything but the linear probe either.
+    partly = partly_labelled_copy(scenes, tmp_path / "partly")
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(scenes / "images", unlabelled / "images")
+    runs = {"partly": tmp_path / "partly-run", "without": tmp_path / "without-run"}
+    train(small_config(partly, num_classes=6, epochs_cluster_probe=2, **probe), runs["partly"], "cpu")
+    train(small_config(unlabelled, num_classes=6, epochs_cluster_probe=2, **probe), runs["without"], "cpu")
+    for name in ("clusterbook.safetensors", "head.safetensors", "probe.safetensors"):
+        partly_labelled = RunDirectory(runs["partly"]).load_tensors(name)
+        without = RunDirectory(runs["without"]).load_tensors(name)
+        assert partly_labelled.keys() - {"linear_probe.linear.weight", "linear_probe.linear.bias"} == (
+            without.keys() - {"linear_probe.linear.weight", "linear_probe.linear.bias"}
+        ), name
+        for key, value in partly_labelled.items():
+            if not key.startswith("linear_probe"):
+                assert torch.equal(value, without[key]), f"{name}:{key} depends on which pixels are labelled"
+    probe_weights = RunDirectory(runs["partly"]).load_tensors("probe.safetensors")
+    assert "linear_probe.linear.weight" in probe_weights  # the linear probe did learn from the labels there are
 
 
 def test_run_with_other_backbone_is_refused(trained_run):

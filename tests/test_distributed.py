@@ -30,6 +30,7 @@ from cause_cli.runs import RunDirectory
 from cause_cli.training.distributed import from_environment, start, stop
 
 from .helpers import assert_same_weights, work_record
+from .test_cli import partly_labelled_copy
 
 # --- sampling -----------------------------------------------------------------------------
 
@@ -183,8 +184,11 @@ def test_two_gloo_processes_reach_the_weights_of_one_process_with_the_combined_b
 
 
 @pytest.mark.slow
-def test_labels_influence_nothing_but_the_linear_probe_with_two_processes(tmp_path):
+@pytest.mark.parametrize("labelled", ["fully", "partly"])
+def test_labels_influence_nothing_but_the_linear_probe_with_two_processes(tmp_path, labelled):
     scenes = write_scenes(tmp_path / "scenes", num_train=8, num_val=2, seed=6, size_range=(64, 72))
+    if labelled == "partly":  # a share of every label map ignored, some images wholly
+        scenes = partly_labelled_copy(scenes, tmp_path / "partly")
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(scenes / "images", unlabelled / "images")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

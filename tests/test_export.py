@@ -61,3 +61,22 @@ def test_an_unknown_format_is_one_sentence(evaluated_run):
     result = invoke("export", evaluated_run, "--format", "tflite")
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: Unknown export format 'tflite'; this version writes onnx."
+
+
+def test_a_graph_that_disagrees_on_one_percent_of_pixels_is_refused_and_nothing_is_left(
+    evaluated_run, tmp_path, monkeypatch
+):
+    real_run = onnxruntime.InferenceSession.run
+
+    def disagreeing(self, outputs, feed, *rest):
+        results = real_run(self, outputs, feed, *rest)
+        labels = results[0].copy()
+        flat = labels.reshape(-1)
+        flat[::100] = flat[::100] + 1  # one pixel in a hundred gets another label
+        return [labels, *results[1:]]
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", disagreeing)
+    target = tmp_path / "model.onnx"
+    refused = invoke("export", evaluated_run, "--out", target)
+    assert refused.exit_code == 1 and "agrees with the toolkit on only 99.00% of pixels" in refused.output
+    assert list(tmp_path.iterdir()) == []  # neither the graph, its description nor a temporary file

@@ -211,3 +211,20 @@ def test_a_vote_table_reads_the_one_hot_votes_it_stands_for():
     torch.testing.assert_close(fit, (votes @ centroids.T).max(dim=1).values)
     assert torch.equal(labels, (votes @ centroids.T).argmax(dim=1))
     torch.testing.assert_close(table.update(labels, fit, centroids), update_centroids(votes, labels, fit, centroids))
+
+
+def test_consensus_fits_use_half_of_the_points_by_default(monkeypatch):
+    # The documented default (model/kmeans.py, docs/quality.md): each fit on a random half.
+    from cause_cli.model import kmeans
+
+    seen = []
+    real = kmeans.spherical_kmeans
+
+    def counting(points, *args, **kwargs):
+        seen.append(len(points))
+        return real(points, *args, **kwargs)
+
+    monkeypatch.setattr(kmeans, "spherical_kmeans", counting)
+    points = torch.randn(301, 8, generator=torch.Generator().manual_seed(0))
+    kmeans.consensus_kmeans(points, 4, torch.Generator().manual_seed(0), fits=3)
+    assert seen == [150, 150, 150]  # round(0.5 * 301)

@@ -152,3 +152,25 @@ def test_label_values_in_the_file_type_and_matched_on_the_device():
         assert values.dtype == dtype
         np.testing.assert_array_equal(values, mapping[[[0, 1], [clusters - 1, 5]]])
         segmenter.close()
+
+
+def test_overlays_legend_and_pages_use_the_label_maps_own_colours(trained, tmp_path):
+    source, run = trained
+    out = tmp_path / "out"
+    segment_images(source, run, out, device="cpu", legend=True)
+    written = sorted((out / "labels").glob("*.png"))
+    label = Image.open(written[0])
+    colours = np.asarray(label.getpalette(), dtype=np.uint8).reshape(-1, 3)  # the label PNG's own palette
+    for path in written:
+        ids = np.asarray(Image.open(path))
+        image = Image.open(source / path.name).convert("RGB")
+        expected = Image.blend(image, Image.fromarray(colours[ids], "RGB"), 0.5)
+        assert np.array_equal(np.asarray(Image.open(out / "overlays" / path.name)), np.asarray(expected)), path.name
+    legend = np.asarray(Image.open(out / "legend.png").convert("RGB"))
+    num_classes = load_trained(open_run(run), torch.device("cpu")).num_classes
+    for index in range(num_classes):  # each swatch, in the middle of its square
+        assert tuple(legend[4 + 20 * index + 8, 16]) == tuple(colours[index]), index
+    page = (out / "index.html").read_text(encoding="utf-8")
+    for index in range(num_classes):
+        red, green, blue = colours[index]
+        assert f'rgb({red}, {green}, {blue})"></span>{index}: ' in page, index

@@ -142,3 +142,13 @@ def test_the_consensus_is_the_default_k_means_start_and_restarts_alone_turn_it_o
         TrainConfig(data_dir=".", probe_init="random", probe_consensus=4).validate()
     with pytest.raises(CauseError, match="at least 0"):
         TrainConfig(data_dir=".", probe_consensus=-1).validate()
+
+
+def test_the_default_floor_is_a_thousandth_of_the_largest_variance():
+    # As docs/train.md documents it: a direction without variance is divided by sqrt(1e-3 * the largest).
+    angle = 0.3
+    features = torch.tensor([[math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)]] * 50)
+    whitening = FeatureWhitening.fit(features)
+    variance = math.sin(angle) ** 2 * 100 / 99
+    scale_without_variance = whitening.matrix.double().abs().max().item()  # the largest scale
+    assert scale_without_variance == pytest.approx(1 / math.sqrt(1e-3 * variance), rel=1e-5)
