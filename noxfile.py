@@ -42,7 +42,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff, and the layers contract of pyproject.toml (import-linter): nothing imports upward."""
     session.install("ruff>=0.6,<0.18", "import-linter>=2.1")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "mutants", "noxfile.py")
     # The contract reads the source tree; nothing of the package is imported or installed.
     session.run("lint-imports", "--no-cache", env={"PYTHONPATH": "src"})
 
@@ -53,6 +53,13 @@ def typecheck(session: nox.Session) -> None:
     install_package(session, "test")
     session.install("mypy>=1.10")
     session.run("mypy")
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """The mutation sweep (mutants/catalogue.py): minutes on two cores, so not in CI."""
+    install_package(session, "test")
+    session.run("python", "mutants/run.py", *session.posargs)
 
 
 @nox.session(name="gpu-check")

@@ -1,0 +1,228 @@
+"""The planted bugs of the mutation sweep (``nox -s mutants``): each a small, plausible change to
+one line of the package, with the tests that guard that area. A mutant is *caught* when those
+tests fail with it; ``equivalent`` says why one cannot change any result, when that is so.
+
+Add a mutant when you add a guarantee: the sweep keeps saying which of them the tests hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # below src/cause_cli
+    find: str  # must occur exactly once
+    replace: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    equivalent: str | None = None
+
+
+MODULARITY = ("tests/test_modularity.py", "tests/test_parity_modularity.py")
+KMEANS = ("tests/test_kmeans.py",)
+WHITENING = ("tests/test_whitening.py",)
+SPREAD = ("tests/test_spread.py",)
+SEGMENT = ("tests/test_segment_writing.py", "tests/test_segment_memory.py")
+CRF_TORCH = ("tests/test_crf_torch.py", "-k", "not agree_between and not without")
+METRICS = ("tests/test_metrics.py",)
+HISTORY = ("tests/test_history.py",)
+
+MUTANTS = (
+    # model/modularity.py
+    Mutant(
+        "affinity not clamped at 0",
+        "model/modularity.py",
+        "affinity = (normed @ normed.transpose(1, 2)).clamp_min(0)",
+        "affinity = normed @ normed.transpose(1, 2)",
+        MODULARITY,
+    ),
+    Mutant(
+        "self-loops kept",
+        "model/modularity.py",
+        "affinity = affinity * (1 - torch.eye(affinity.shape[-1], device=x.device, dtype=affinity.dtype))",
+        "affinity = affinity",
+        MODULARITY,
+    ),
+    Mutant(
+        "temperature multiplies",
+        "model/modularity.py",
+        "return torch.tanh(products / temperature).max(dim=1).values",
+        "return torch.tanh(products * temperature).max(dim=1).values",
+        MODULARITY,
+    ),
+    Mutant(
+        "co-membership averaged over codes",
+        "model/modularity.py",
+        "return torch.tanh(products / temperature).max(dim=1).values",
+        "return torch.tanh(products / temperature).mean(dim=1)",
+        MODULARITY,
+    ),
+    Mutant(
+        "default temperature",
+        "model/modularity.py",
+        "DEFAULT_TEMPERATURE = 0.1",
+        "DEFAULT_TEMPERATURE = 0.2",
+        MODULARITY,
+    ),
+    # model/kmeans.py
+    Mutant("consensus share", "model/kmeans.py", "CONSENSUS_SHARE = 0.5", "CONSENSUS_SHARE = 0.6", KMEANS),
+    # model/whitening.py and heads.py (ranking)
+    Mutant("whitening floor", "model/whitening.py", "WHITENING_FLOOR = 1e-3", "WHITENING_FLOOR = 1e-4", WHITENING),
+    Mutant(
+        "ranking without the mean",
+        "model/heads.py",
+        "return F.normalize(tokens, dim=-1) @ folded - self.whitening.mean @ folded",
+        "return F.normalize(tokens, dim=-1) @ folded",
+        WHITENING,
+    ),
+    Mutant(
+        "best channel reversed ties",
+        "model/ops.py",
+        "return scores.max(dim=1).indices",
+        "return scores.flip(1).max(dim=1).indices.neg().add(scores.shape[1] - 1)",
+        ("tests/test_segment_writing.py", "-k", "best_channel"),
+    ),
+    # model/spread.py
+    Mutant(
+        "spread ranking without the means' term",
+        "model/spread.py",
+        "return unit @ weighted.T - 0.5 * (means * weighted).sum(-1)",
+        "return unit @ weighted.T",
+        SPREAD,
+    ),
+    Mutant(
+        "spread without shrinkage",
+        "model/spread.py",
+        "variance = ((1 - shrinkage) * variance + shrinkage * variance.mean()).clamp_min(1e-12)",
+        "variance = variance.clamp_min(1e-12)",
+        SPREAD,
+    ),
+    # inference/metrics.py
+    Mutant(
+        "accuracy over predictions",
+        "inference/metrics.py",
+        "accuracy = true_positive.sum() / matched.sum()",
+        "accuracy = true_positive.sum() / predicted.max() / len(predicted)",
+        METRICS,
+    ),
+    Mutant(
+        "IoU without the overlap",
+        "inference/metrics.py",
+        "iou = true_positive / (predicted + actual - true_positive)",
+        "iou = true_positive / (predicted + actual)",
+        METRICS,
+    ),
+    # inference/ (segment's outputs, the writer, the CRF, export's gate)
+    Mutant(
+        "writer commits newest first",
+        "inference/writing.py",
+        "group = self._groups.popleft()",
+        "group = self._groups.pop()",
+        SEGMENT,
+    ),
+    Mutant(
+        "failed group's files kept",
+        "inference/writing.py",
+        "        except BaseException:\n            _discard(group)\n            raise",
+        "        except BaseException:\n            raise",
+        SEGMENT,
+    ),
+    Mutant(
+        "classes not matched",
+        "inference/segmenter.py",
+        "clusters = self.mapping_on_device.to(clusters.device)[clusters.long()]",
+        "pass",
+        SEGMENT,
+    ),
+    Mutant(
+        "overlay colours reversed",
+        "inference/segmenter.py",
+        "overlay = overlay_image(image, label, self.colours, in_place=True)",
+        "overlay = overlay_image(image, label, self.colours[::-1], in_place=True)",
+        SEGMENT,
+    ),
+    Mutant("overlay opacity", "inference/outputs.py", "OVERLAY_OPACITY = 0.5", "OVERLAY_OPACITY = 0.6", SEGMENT),
+    Mutant(
+        "model input resized bilinearly",
+        "inference/inputs.py",
+        "model_input = np.asarray(resize_and_crop(image, self.resolution, square_resize=True))",
+        "model_input = np.asarray(image.resize((self.resolution, self.resolution)))",
+        SEGMENT,
+    ),
+    Mutant(
+        "page legend reversed",
+        "inference/report.py",
+        "    colours = palette()",
+        "    colours = palette()[::-1]",
+        SEGMENT,
+    ),
+    Mutant(
+        "export gate loosened",
+        "inference/export.py",
+        "if agreement < 0.999:",
+        "if agreement < 0.98:",
+        ("tests/test_export.py",),
+    ),
+    Mutant(
+        "CRF image in RGB order",
+        "inference/crf_torch.py",
+        "bgr = image.reshape(-1, 3).flip(1).float()",
+        "bgr = image.reshape(-1, 3).float()",
+        CRF_TORCH,
+    ),
+    Mutant(
+        "CRF unary floor",
+        "inference/crf_torch.py",
+        "unary = -torch.log(probabilities.clamp(UNARY_CLIP, 1.0))",
+        "unary = -torch.log(probabilities.clamp(1e-3, 1.0))",
+        CRF_TORCH,
+    ),
+    Mutant(
+        "CRF kernel weight",
+        "inference/crf_torch.py",
+        "            energy = energy + kernel.message(marginals)",
+        "            energy = energy + 0.9 * kernel.message(marginals)",
+        CRF_TORCH,
+    ),
+    Mutant(
+        "lattice blur weight",
+        "inference/lattice.py",
+        "table = blur @ table",
+        "table = 0.5 * (blur @ table + table)",
+        CRF_TORCH,
+    ),
+    Mutant(
+        "lattice rounding",
+        "inference/lattice.py",
+        "    nearest = torch.round(elevated * down)  # ties to even, as SSE rounds",
+        "    nearest = torch.floor(elevated * down + 0.5)",
+        CRF_TORCH,
+        equivalent="rounds half up instead of to even: the two differ only on exact ties, which real "
+        "features hit with probability zero",
+    ),
+    # training/history.py
+    Mutant(
+        "history not cut on restart",
+        "training/history.py",
+        'and (STEPS.index(row["step"]) < order or (row["step"] == step and int(row["update"]) <= done))',
+        "",
+        HISTORY,
+    ),
+    Mutant(
+        "history without the last row",
+        "training/history.py",
+        "return update == updates or update % history_stride(updates) == 0",
+        "return update % history_stride(updates) == 0",
+        HISTORY,
+    ),
+    # sharing.py
+    Mutant(
+        "pushed pictures without the curves",
+        "sharing.py",
+        'PICTURES = ("confusion.png", "samples.png", "curves.png")',
+        'PICTURES = ("confusion.png", "samples.png")',
+        ("tests/test_push.py",),
+    ),
+)
