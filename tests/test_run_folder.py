@@ -203,7 +203,7 @@ def test_label_maps_hold_every_cluster_id(tmp_path, clusters):
 
     model = SimpleNamespace(num_classes=clusters, device=torch.device("cpu"))
     folder = OutputFolder(tmp_path)
-    segmenter = BatchSegmenter(model, tmp_path, None, None, folder)  # type: ignore[arg-type]
+    segmenter = BatchSegmenter(model, None, None, folder)  # type: ignore[arg-type]
     values = np.arange(12).reshape(3, 4) * (clusters - 1) // 11  # 0 to clusters - 1
     with folder.owned.batch() as files:
         entry = SourceEntry(Path("x.jpg"), Path("x.jpg"), Path("x.png"))

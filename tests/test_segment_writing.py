@@ -147,7 +147,7 @@ def test_label_values_in_the_file_type_and_matched_on_the_device():
     for clusters, dtype in ((27, np.uint8), (300, np.int32)):
         model = SimpleNamespace(num_classes=clusters, device=torch.device("cpu"))
         mapping = (np.arange(clusters) * 7) % clusters
-        segmenter = BatchSegmenter(model, Path("."), mapping, None, None)  # type: ignore[arg-type]
+        segmenter = BatchSegmenter(model, mapping, None, None)  # type: ignore[arg-type]
         values = segmenter.label_values(torch.tensor([[0, 1], [clusters - 1, 5]]))
         assert values.dtype == dtype
         np.testing.assert_array_equal(values, mapping[[[0, 1], [clusters - 1, 5]]])

@@ -23,7 +23,7 @@ from PIL import Image
 from .data.base import as_rgb, read_image
 from .devices import resolve_device
 from .errors import CauseError
-from .inference.crf import TorchCRF, choose_crf_backend, open_crf
+from .inference.crf import choose_crf_backend, open_crf
 from .inference.figures import palette
 from .inference.outputs import OVERLAY_OPACITY, label_image, overlay_image
 from .inference.predict import (
@@ -126,8 +126,6 @@ class CauseModel:
                     if refiner is not None:
                         scores = cluster_scores(self.trained, features, size)
                         unary = crf_unary(scores, self.trained.cluster_probe.sharpness)[0]
-                        if not isinstance(refiner, TorchCRF):
-                            unary = unary.cpu().numpy()
                         (refined,) = refiner.run([crf_image(picture, scores)], [unary])
                         clusters = torch.as_tensor(refined).cpu().numpy()
                     else:

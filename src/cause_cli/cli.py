@@ -194,6 +194,7 @@ def info(
 
     from .paths import cache_home, runs_home
 
+    pydensecrf_installed = importlib.util.find_spec("pydensecrf") is not None
     details: dict[str, Any] = {
         "cause": __version__,
         "python": sys.version.split()[0],
@@ -201,8 +202,8 @@ def info(
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
-        "dense_crf": importlib.util.find_spec("pydensecrf") is not None,
-        "crf_backends": ["pydensecrf", "torch"] if importlib.util.find_spec("pydensecrf") is not None else ["torch"],
+        "dense_crf": pydensecrf_installed,
+        "crf_backends": ["pydensecrf", "torch"] if pydensecrf_installed else ["torch"],
         "cache_dir": str(cache_home()),
         "runs_dir": str(runs_home().resolve()),
     }

@@ -152,13 +152,7 @@ class OwnedFolder:
         # together (segment --gpus N) never interleave within a line.
         if self.ledger.is_symlink():
             raise CauseError(f"{self.ledger} is a symbolic link; cause keeps its record of a folder's files in a file.")
-        descriptor = os.open(self.ledger, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        try:
-            cut_torn_line(descriptor)
-            os.write(descriptor, _ledger_lines(records))
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        append_whole_lines(self.ledger, _ledger_lines(records))
         for name, digest in records:
             self.records().setdefault(name, set()).add(digest)
 
@@ -182,7 +176,7 @@ class OwnedFolder:
             gone.add(name)
         if gone:
             kept = [(name, digest) for name in records if name not in gone for digest in sorted(records[name])]
-            write_atomically(self.ledger, partial(_write_synced, _ledger_lines(kept)))
+            write_atomically(self.ledger, partial(write_synced, _ledger_lines(kept)))
             self._records = {name: digests for name, digests in records.items() if name not in gone}
         return left
 
@@ -236,6 +230,18 @@ class WriteBatch:
         self.made = []
 
 
+def append_whole_lines(path: Path, lines: bytes, header: bytes = b"") -> None:
+    """Append ``lines`` (whole lines) to ``path`` in one write and put them on disk, after
+    cutting a last line a kill left unfinished; ``header`` first when the file is empty."""
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        cut_torn_line(descriptor)
+        os.write(descriptor, (header if os.fstat(descriptor).st_size == 0 else b"") + lines)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def cut_torn_line(descriptor: int) -> None:
     """Drop a last line a killed process left unfinished, so the next record starts clean."""
     size = os.fstat(descriptor).st_size
@@ -245,7 +251,7 @@ def cut_torn_line(descriptor: int) -> None:
     os.ftruncate(descriptor, data.rfind(b"\n") + 1)
 
 
-def _write_synced(data: bytes, target: Path) -> None:
+def write_synced(data: bytes, target: Path) -> None:
     with target.open("wb") as output:
         output.write(data)
         output.flush()

@@ -156,17 +156,22 @@ class CRFPool:
         except futures.process.BrokenProcessPool:
             self.close()  # made anew on the first submission, which retries as usual
 
-    def submit(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> PendingResults:
-        """Start the job on every (image, log-probabilities) pair; in this process and at once
-        with no workers."""
-        images, log_probabilities = list(images), list(log_probabilities)
+    def submit(
+        self, images: Sequence[np.ndarray | torch.Tensor], log_probabilities: Sequence[np.ndarray | torch.Tensor]
+    ) -> PendingResults:
+        """Start the job on every (image, log-probabilities) pair, as arrays (tensors are copied
+        from where they are); in this process and at once with no workers."""
+        images = [_array(image) for image in images]
+        log_probabilities = [_array(scores) for scores in log_probabilities]
         if len(images) != len(log_probabilities):
             raise ValueError(f"{len(images)} images and {len(log_probabilities)} score maps")
         if self.workers == 0:
             return PendingResults(self, images, log_probabilities, [], list(map(self._job, images, log_probabilities)))
         return PendingResults(self, images, log_probabilities, self._submit_all(images, log_probabilities))
 
-    def run(self, images: Sequence[np.ndarray], log_probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, images: Sequence[np.ndarray | torch.Tensor], log_probabilities: Sequence[np.ndarray | torch.Tensor]
+    ) -> list[np.ndarray]:
         """The job's results for each pair, in order, once all are done."""
         return self.submit(images, log_probabilities).result()
 
@@ -239,6 +244,10 @@ def _on(device: torch.device, values: np.ndarray | torch.Tensor) -> torch.Tensor
     if isinstance(values, np.ndarray) and not values.flags.writeable:
         values = values.copy()  # torch would warn of a tensor sharing memory nobody may write
     return torch.as_tensor(values, device=device)
+
+
+def _array(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
 
 
 def _pixels(image: torch.Tensor) -> int:

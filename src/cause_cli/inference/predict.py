@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..backbones import FrozenBackbone, load_backbone, refuse_other_backbone
 from ..config import TrainConfig
-from ..data.transforms import denormalise_to_uint8, denormalised_pixels, normalise, resize_and_crop
+from ..data.transforms import denormalised_pixels, normalise, resize_and_crop
 from ..devices import autocast
 from ..errors import CauseError
 from ..model.heads import CRF_SHARPNESS, ClusterProbe, LinearProbe, SegmentationHeads
@@ -198,10 +198,8 @@ def predict_batch(
     if pool is not None:
         averaged = flip_averaged_feature_map(model, images, features)
         unary = crf_unary(cluster_scores(model, averaged, size), model.cluster_probe.sharpness)
-        if isinstance(pool, TorchCRF):  # images and scores stay on the device
-            refining = pool.submit(list(denormalised_pixels(images)), list(unary))
-        else:
-            refining = pool.submit(list(denormalise_to_uint8(images)), list(unary.cpu().numpy()))
+        # Made where the images are: the torch CRF refines them there, the workers get arrays.
+        refining = pool.submit(list(denormalised_pixels(images)), list(unary))
     return BatchPredictions(clusters, linear, refining, tokens, features)
 
 

@@ -170,8 +170,9 @@ def _segment(
         raise CauseError(f"{source} does not exist.")
     refuse_unusable_folder(out, "--out")
     refuse_outputs_among_inputs(source, out)
-    backend = choose_crf_backend(crf_backend, resolve_device(device)) if crf else None
-    torch_device = start(group, resolve_device(device))
+    resolved = resolve_device(device)
+    backend = choose_crf_backend(crf_backend, resolved) if crf else None
+    torch_device = start(group, resolved)
     model = load_trained(run, torch_device, backbone)
     mapping, names = labels_of(run, model.num_classes)
     labels_are = "classes" if mapping is not None else "clusters"
@@ -207,7 +208,7 @@ def _segment(
         started = time.perf_counter()
         pool = open_crf(backend, crf_workers, torch_device) if backend is not None else None
         threads = writer_threads if writer_threads is not None else default_writer_threads(group.world_size)
-        segmenter = BatchSegmenter(model, out, mapping, pool, folder, save, threads)
+        segmenter = BatchSegmenter(model, mapping, pool, folder, save, threads)
         batch: list[DecodedInput] = []
         decoding = workers_for(loader_workers, torch_device)
         try:

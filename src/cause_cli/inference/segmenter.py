@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,6 @@ class BatchSegmenter:
     the writer's threads (and, with a CRF, after the CRF's workers)."""
 
     model: TrainedModel
-    out: Path
     mapping: np.ndarray | None
     pool: CRFPool | TorchCRF | None
     folder: OutputFolder
@@ -74,12 +72,13 @@ class BatchSegmenter:
             self.write_all(pending, [], [])
             return
         model_inputs = torch.from_numpy(np.stack([item.model_input for item in readable])).permute(0, 3, 1, 2)
-        features = head_feature_map(model, normalise_pixels(model_inputs, model.device))
+        images = normalise_pixels(model_inputs, model.device)
+        features = head_feature_map(model, images)
         if self.pool is not None:
-            features = flip_averaged_feature_map(model, normalise_pixels(model_inputs, model.device), features)
+            features = flip_averaged_feature_map(model, images, features)
         label_maps: list[np.ndarray] = []
         crf_images: list[np.ndarray] = []
-        crf_unaries: list[np.ndarray | torch.Tensor] = []
+        crf_unaries: list[torch.Tensor] = []
         scores: list[tuple[np.ndarray, np.ndarray] | None] = []
         sharpness = model.cluster_probe.sharpness
         for index, item in enumerate(readable):
@@ -101,9 +100,7 @@ class BatchSegmenter:
             else:
                 assert scores_map is not None
                 crf_images.append(crf_image(Image.fromarray(item.pixels), scores_map))
-                unary = crf_unary(scores_map, sharpness)[0]
-                # The torch CRF takes the scores where they are; the workers take arrays.
-                crf_unaries.append(unary if isinstance(self.pool, TorchCRF) else unary.cpu().numpy())
+                crf_unaries.append(crf_unary(scores_map, sharpness)[0])
         if self.pool is None:
             self.write_all(pending, scores, label_maps)
         else:

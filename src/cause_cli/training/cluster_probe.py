@@ -179,8 +179,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         if probe_loss is not None:
             scaler.step(head_optimiser)
         scaler.update()
-        probe_detached = None if probe_loss is None else probe_loss.detach()
-        context.record_history("cluster_probe", {"loss": loss.detach(), "probe_loss": probe_detached}, optimiser)
+        context.record_history("cluster_probe", {"loss": loss, "probe_loss": probe_loss}, optimiser)
         context.checkpoint("cluster_probe", snapshot)
     means = epoch_losses / max(1, epoch_batches[0])
     best = int(means.argmin())

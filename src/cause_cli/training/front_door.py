@@ -151,17 +151,13 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         if context.has_labels and not reference:
             step_linear_probe(context, heads, linear_probe, tokens, labels, probe_optimiser)
         last_loss = loss.detach()
-        context.record_history("front_door", {"loss": last_loss, "probe_loss": _detached(probe_loss)}, optimiser,
+        context.record_history("front_door", {"loss": loss, "probe_loss": probe_loss}, optimiser,
                                len(bank) if config.use_bank else None)  # fmt: skip
         clock.update_done()
         context.checkpoint("front_door", snapshot)
     last = context.global_loss_value(last_loss)
     context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
     context.run.save_tensors(HEAD_FILE, heads.state_dict())
-
-
-def _detached(loss: torch.Tensor | None) -> torch.Tensor | None:
-    return None if loss is None else loss.detach()
 
 
 class FrontDoorClock:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..owned import cut_torn_line
+from ..owned import append_whole_lines, write_synced
 from ..paths import write_atomically
 from ..runs import CURVES_FILE, HISTORY_FILE, RunDirectory
 
@@ -79,7 +78,7 @@ class History:
         if kept == rows and self.path.exists():
             return
         self.run.owned.record_appended(HISTORY_FILE)
-        write_atomically(self.path, _writer(_csv_text(kept, header=True)))
+        write_atomically(self.path, partial(write_synced, _csv_text(kept, header=True).encode()))
 
     def add(self, values: dict[str, object]) -> None:
         """Append one row (the columns it lacks are left empty)."""
@@ -87,14 +86,7 @@ class History:
             return
         values = {**values, "seconds": round(self.seconds_before + time.monotonic() - self.started, 3)}
         self.run.owned.record_appended(HISTORY_FILE)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        try:
-            cut_torn_line(descriptor)
-            header = os.fstat(descriptor).st_size == 0
-            os.write(descriptor, _csv_text([values], header).encode())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        append_whole_lines(self.path, _csv_text([values], header=False).encode(), _csv_text([], header=True).encode())
 
 
 def _csv_text(rows: list[dict[str, object]], header: bool) -> str:
@@ -111,16 +103,6 @@ def _cell(value: object) -> object:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else value
-
-
-def _writer(text: str) -> Callable[[Path], None]:
-    def write(target: Path) -> None:
-        with target.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    return write
 
 
 CURVE_COLOURS = {"loss": (31, 119, 180), "probe_loss": (255, 127, 14)}
