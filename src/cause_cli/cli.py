@@ -954,7 +954,7 @@ def report(
     Example: cause report runs/photos
     """
     from .inference.report import write_report
-    from .runs import METRICS_FILE, open_run
+    from .runs import METRICS_FILE, REPORT_FILE, open_run
 
     directory = open_run(run)
     if directory.hub_id is not None:
@@ -962,7 +962,7 @@ def report(
     if not directory.has(METRICS_FILE):
         raise CauseError(f"{directory.file(METRICS_FILE)} is missing: run cause eval --run {run} first.")
     with directory.writing("report"):
-        directory.owned.refuse_unless_ours(["report.html"], f"move it away, or report on a copy of {run}")
+        directory.owned.refuse_unless_ours([REPORT_FILE], f"move it away, or report on a copy of {run}")
         path = write_report(directory)
     stdout.print(f"wrote {path}", highlight=False, soft_wrap=True)
 

@@ -62,7 +62,8 @@ TRAINED_FILES = (
     HISTORY_FILE,
     CURVES_FILE,
 )
-EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png", "report.html")
+REPORT_FILE = "report.html"  # written by cause eval and cause report (inference/report.py)
+EVALUATION_FILES = (METRICS_FILE, "confusion.png", "samples.png", REPORT_FILE)
 TRAINING_OUTPUTS = (*TRAINED_FILES, *EVALUATION_FILES)
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..runs import CURVES_FILE, METRICS_FILE, RunDirectory
+from ..runs import CURVES_FILE, METRICS_FILE, REPORT_FILE, RunDirectory
 from .figures import palette
 from .manifest import OutputFolder
 
-REPORT_FILE = "report.html"
 GALLERY_PAGE_SIZE = 100  # inputs a gallery page shows
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
