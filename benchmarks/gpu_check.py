@@ -203,15 +203,16 @@ def train_part(
 def evaluate_part(run: Path, device: torch.device) -> list[str]:
     """eval with the CRF through each backend there is: images/s of each, and their figures."""
     from cause_cli.inference.crf import crf_available, default_workers
-    from cause_cli.inference.evaluate import evaluate_run
+    from cause_cli.inference.evaluate import EvaluationSettings, evaluate_run
 
     lines = []
     figures = {}
     for backend in ("torch", "pydensecrf") if crf_available() else ("torch",):
         reporter = TimingReporter(device)
         started = time.perf_counter()
-        result = evaluate_run(run, device=str(device), reporter=reporter, crf=True, crf_workers=default_workers(),
-                              write=False, baselines=False, crf_backend=backend)  # fmt: skip
+        settings = EvaluationSettings(device=str(device), crf=True, crf_workers=default_workers(), baselines=False,
+                                      crf_backend=backend)  # fmt: skip
+        result = evaluate_run(run, settings, reporter, write=False)
         seconds = time.perf_counter() - started
         lines += [f"{backend}: {task.description}: {task.done} in {task.seconds:.1f} s" for task in reporter.tasks]
         rate = result["images"] / seconds
@@ -272,7 +273,7 @@ def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch
 
     from cause_cli.inference.crf import crf_available, default_workers
     from cause_cli.inference.outputs import DEFAULT_SAVE
-    from cause_cli.inference.segment import segment_images
+    from cause_cli.inference.segment import SegmentSettings, segment_images
     from cause_cli.runs import open_run
 
     source = data / "images" / "val"
@@ -283,8 +284,9 @@ def segment_part(shapes: Shapes, data: Path, run: Path, out: Path, device: torch
     backends = ("torch", "pydensecrf") if crf_available() else ("torch",)
     for crf, backend in [(False, "auto"), *((True, name) for name in backends)]:
         started = time.perf_counter()
-        segment_images(source, run, out / f"crf-{crf}-{backend}", str(device), shapes.batch_size, crf=crf,
-                       crf_workers=workers, crf_backend=backend)  # fmt: skip
+        settings = SegmentSettings(device=str(device), batch_size=shapes.batch_size, crf=crf, crf_workers=workers,
+                                   crf_backend=backend)  # fmt: skip
+        segment_images(source, run, out / f"crf-{crf}-{backend}", settings)
         seconds[(crf, backend)] = time.perf_counter() - started
     backbone_rate = backbone_images_per_second(run, device, shapes.batch_size, batches=8)
     floor_rate = floor_images_per_second(sorted(source.glob("*.png")), out / "floor", shapes.resolution, DEFAULT_SAVE)

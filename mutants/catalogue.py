@@ -28,6 +28,10 @@ SEGMENT = ("tests/test_segment_writing.py", "tests/test_segment_memory.py")
 CRF_TORCH = ("tests/test_crf_torch.py", "-k", "not agree_between and not without")
 METRICS = ("tests/test_metrics.py",)
 HISTORY = ("tests/test_history.py",)
+PROBE = ("tests/test_whitening.py", "tests/test_trained.py", "tests/test_spread.py", "tests/test_recipe.py")
+LABEL_FREE = ("tests/test_cli.py", "-k", "labels_influence or label_free or partly")
+TRAINED = ("tests/test_trained.py", "tests/test_upsampling.py", "tests/test_import.py")
+RESOLVE = ("tests/test_recipe.py", "tests/test_settings.py", "tests/test_defaults.py")
 
 MUTANTS = (
     # model/modularity.py
@@ -224,5 +228,135 @@ MUTANTS = (
         'PICTURES = ("confusion.png", "samples.png", "curves.png")',
         'PICTURES = ("confusion.png", "samples.png")',
         ("tests/test_push.py",),
+    ),
+    # training/cluster_probe.py
+    Mutant(
+        "worst start kept",
+        "training/cluster_probe.py",
+        "best = int(means.argmin())",
+        "best = int(means.argmax())",
+        PROBE,
+    ),
+    Mutant(
+        "features sampled with dropout",
+        "training/cluster_probe.py",
+        "    heads.eval()\n    context.start = (0, 0)",
+        "    context.start = (0, 0)",
+        PROBE,
+    ),
+    Mutant(
+        "k-means in the unwhitened space",
+        "training/cluster_probe.py",
+        "        points = whitening(points)",
+        "        points = points",
+        PROBE,
+    ),
+    Mutant(
+        "labels reach the teacher",
+        "training/cluster_probe.py",
+        "detach=not reference)",
+        "detach=reference)",
+        LABEL_FREE,
+    ),
+    Mutant(
+        "refinement's learning rate decays every epoch",
+        "training/cluster_probe.py",
+        "StepLR(optimiser, step_size=2, gamma=0.5)] if refine",
+        "StepLR(optimiser, step_size=1, gamma=0.5)] if refine",
+        ("tests/test_reference_pipeline.py", "tests/test_resume.py"),
+    ),
+    # training/probe_kinds.py
+    Mutant(
+        "spread kept on a refined probe",
+        "training/probe_kinds.py",
+        "spread = not config.refines_probe and uses_spread(config.probe_spread, result.agreement)",
+        "spread = uses_spread(config.probe_spread, result.agreement)",
+        PROBE,
+    ),
+    Mutant(
+        "consensus never used",
+        "training/probe_kinds.py",
+        "    if config.probe_consensus:\n",
+        "    if False:\n",
+        PROBE,
+    ),
+    Mutant(
+        "random restarts ignored",
+        "training/probe_kinds.py",
+        "for _ in range(config.probe_restarts)",
+        "for _ in range(1)",
+        PROBE,
+    ),
+    Mutant(
+        "k-means start ignores the seed",
+        "training/probe_kinds.py",
+        "    generator = torch.Generator().manual_seed(config.seed)",
+        "    generator = torch.Generator().manual_seed(0)",
+        PROBE,
+    ),
+    Mutant(
+        "spread's means dropped",
+        "training/probe_kinds.py",
+        "probe.centroids.data.copy_(fitted.means)",
+        "probe.centroids.data.copy_(result.centroids)",
+        PROBE,
+    ),
+    # trained.py (the run's weights)
+    Mutant(
+        "spread not recorded",
+        "trained.py",
+        '"spread": probe.precision is not None,',
+        '"spread": False,',
+        TRAINED,
+    ),
+    Mutant(
+        "linear probe not loaded",
+        "trained.py",
+        "    if parts.linear_probe:\n        linear_probe.load_state_dict(",
+        "    if False:\n        linear_probe.load_state_dict(",
+        TRAINED,
+    ),
+    Mutant(
+        "probe format not checked",
+        "trained.py",
+        "if written != (PROBE_FORMAT, PROBE_FORMAT_VERSION):",
+        "if False:",
+        TRAINED,
+    ),
+    Mutant(
+        "scores always upsampled",
+        "trained.py",
+        'upsample_scores = config.probe_upsampling == "scores"',
+        "upsample_scores = True",
+        TRAINED,
+    ),
+    # resolve.py and the command line (settings)
+    Mutant(
+        "folders get the paper's thresholds",
+        "resolve.py",
+        'positive, negative = PAPER_THRESHOLDS if paper_dataset or config.recipe == "reference" else FOLDER_THRESHOLDS',
+        "positive, negative = PAPER_THRESHOLDS",
+        RESOLVE,
+    ),
+    Mutant(
+        "minimum updates ignored",
+        "resolve.py",
+        "epochs = max(config.paper_epochs(step), needed)",
+        "epochs = config.paper_epochs(step)",
+        RESOLVE,
+    ),
+    Mutant(
+        "reference recipe trains whole epochs",
+        "resolve.py",
+        "epoch_fraction=1.0 / gpus,",
+        "epoch_fraction=1.0,",
+        RESOLVE,
+    ),
+    Mutant(
+        "a settings file overrides the command line",
+        "cli/train.py",
+        "config = TrainConfig(**{**from_file, **given})",
+        "config = TrainConfig(**{**given, **from_file})",
+        ("tests/test_settings.py",),
     ),
 )

@@ -19,7 +19,7 @@ from cause_cli.data.synthetic import write_scenes
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 
-from .helpers import require_pydensecrf
+from .helpers import require_pydensecrf, train_small_run
 
 runner = CliRunner()
 
@@ -150,6 +150,22 @@ def test_eval_writes_metrics(trained_run):
     assert sorted(stored["cluster_to_class"]) == list(range(6))
     table = invoke("eval", "--run", trained_run, "--device", "cpu", "--quiet")
     assert "mIoU" in table.stdout and "sand" in table.stdout and "k-means on backbone tokens" in table.stdout
+
+
+def test_eval_fits_the_baselines_on_the_data_folder_given(tmp_path, monkeypatch):
+    """A trained run evaluated with --data-dir on its data moved elsewhere fits the k-means
+    baselines on that folder's training split, not on the folder it was trained on."""
+    scenes, run = train_small_run(tmp_path / "trained", num_val=2, seed=3)
+    moved = tmp_path / "moved" / "scenes"
+    shutil.move(scenes, moved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke("eval", "--run", run, "--data-dir", moved, "--no-crf", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["images"] == 2 and metrics["data_dir"] == str(moved)
+    assert metrics["baselines"]["fitted_on"] == {"split": "train", "images": 8, "tokens": 8 * 64, "labels": False}
 
 
 def test_segment_skips_bad_files_and_keeps_sizes(trained_run, tmp_path):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.devices import autocast, compute_dtype, native_bfloat16, use_precision
-from cause_cli.inference.evaluate import evaluate_run
+from cause_cli.inference.evaluate import EvaluationSettings, evaluate_run
 from cause_cli.model.bank import ConceptBank
 from cause_cli.model.contrastive import concept_contrastive_loss
 from cause_cli.model.slow import LoopBank, loop_contrastive_loss
@@ -77,8 +77,8 @@ def test_a_step_without_batches_on_the_gpu(scenes, tmp_path):
 def test_gpu_and_cpu_agree_in_float32(scenes, tmp_path):
     run = train(_config(scenes, precision="float32"), tmp_path / "run", "cpu")
     with use_precision("float32"):
-        on_cpu = evaluate_run(run.path, device="cpu", crf=False, baselines=False, write=False)
-        on_gpu = evaluate_run(run.path, device="cuda", crf=False, baselines=False, write=False)
+        on_cpu = evaluate_run(run.path, EvaluationSettings(device="cpu", crf=False, baselines=False), write=False)
+        on_gpu = evaluate_run(run.path, EvaluationSettings(device="cuda", crf=False, baselines=False), write=False)
     assert abs(on_cpu["pixel_accuracy"] - on_gpu["pixel_accuracy"]) < 0.5
 
 

@@ -13,6 +13,7 @@ from cause_cli.inference import crf
 from cause_cli.inference.predict import CRF_SHARPNESS
 from cause_cli.model.contrastive import ContrastiveSettings
 from cause_cli.model.heads import MLPHead, TRHead
+from cause_cli.resolve import resolve_thresholds
 
 from .helpers import shared_path
 
@@ -65,8 +66,7 @@ def test_grid_window_bank_and_ema(defaults_table):
 
 def test_temperature_and_thresholds_on_the_papers_datasets(defaults_table):
     temperature, positive, negative = numbers(defaults_table["contrastive T, positive / negative thresholds"])
-    config = TrainConfig(data_dir=".", dataset="cocostuff27")
-    config.resolve_thresholds(paper_dataset=True)
+    config = resolve_thresholds(TrainConfig(data_dir=".", dataset="cocostuff27"), paper_dataset=True)
     assert (config.contrastive_temperature, config.positive_threshold, config.negative_threshold) == (
         temperature,
         positive,

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from cause_cli.data.loading import ShuffledBatches
 from cause_cli.data.synthetic import write_scenes
+from cause_cli.distributed import from_environment, start, stop
 from cause_cli.model.contrastive import (
     BankByCode,
     ContrastiveSettings,
@@ -27,7 +28,6 @@ from cause_cli.model.contrastive import (
 )
 from cause_cli.model.modularity import ModularityObjective, modularity_loss
 from cause_cli.runs import RunDirectory
-from cause_cli.training.distributed import from_environment, start, stop
 
 from .helpers import assert_same_weights, work_record
 from .test_cli import partly_labelled_copy

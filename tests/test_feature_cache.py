@@ -16,9 +16,11 @@ from cause_cli.config import TrainConfig
 from cause_cli.data import base
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
+from cause_cli.feature_cache import FeatureCache
+from cause_cli.resolve import validated
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
-from cause_cli.training.feature_cache import FeatureCache, choose_feature_cache
+from cause_cli.training.feature_cache import choose_feature_cache
 
 from .helpers import assert_same_weights
 
@@ -128,11 +130,9 @@ def test_the_cache_choice(setting, reads, needed, free_disk, device, free_memory
 
 
 def test_every_pass_over_the_images_is_counted_at_its_resolution(scenes):
-    plain = config(scenes, resolution=64)
-    plain.validate()
+    plain = validated(config(scenes, resolution=64))
     assert plain.passes_over_images() == {64: 2 + 2 + 2 + 1}  # three steps and the k-means sample
-    split = config(scenes, resolution=64, front_door_resolution=32, epoch_fraction=0.5)
-    split.validate()
+    split = validated(config(scenes, resolution=64, front_door_resolution=32, epoch_fraction=0.5))
     assert split.passes_over_images() == {64: 1.0, 32: 1.0 + 1.0 + 1}
 
 

@@ -79,7 +79,7 @@ def test_a_hub_run_is_evaluated_without_writing_into_the_cache(evaluated, hub, t
     import json
 
     from cause_cli.errors import CauseError
-    from cause_cli.inference.evaluate import evaluate_run
+    from cause_cli.inference.evaluate import EvaluationSettings, evaluate_run
 
     source, run = evaluated
     point_hub_at(monkeypatch, hub.url, tmp_path / "hf-cache")
@@ -93,4 +93,4 @@ def test_a_hub_run_is_evaluated_without_writing_into_the_cache(evaluated, hub, t
     assert all(json.loads(path.read_text()) == local for path in snapshots)  # the cache's copy untouched
     assert not list((tmp_path / "hf-cache").rglob("confusion.png"))
     with pytest.raises(CauseError, match="copy it to a folder first"):
-        evaluate_run("hf-hub:someone/scenes-run", device="cpu", crf=False, baselines=False)
+        evaluate_run("hf-hub:someone/scenes-run", EvaluationSettings(device="cpu", crf=False, baselines=False))

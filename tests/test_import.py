@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cause_cli.backbones import build_model, file_sha256, resolve_spec, weights_path
 from cause_cli.cli import app
 from cause_cli.inference.predict import load_trained
+from cause_cli.model.reference import load_reference_file
 from cause_cli.paths import write_json
 from cause_cli.runs import RunDirectory
 
@@ -122,3 +123,43 @@ def test_import_json_describes_the_new_run(cache_env, tmp_path):
     assert described["run"] == str(run) and described["head"] == "mlp"
     stored = json.loads((run / "run.json").read_text())
     assert described["config"] == stored["config"] and described["backbone"] == stored["backbone"]
+
+
+def voc_reference_files(folder):
+    """The reference's MLP files for a 21-class (VOC) run: the parity checkpoint's probes cut to 21 rows."""
+    ckpt = shared_path("parity", "ckpt")
+    folder.mkdir(parents=True)
+    segment = load_reference_file(ckpt / "segment_mlp.pth")
+    for key in ("linear.f.weight", "linear.f.bias"):
+        segment[key] = segment[key][:21]
+    cluster = load_reference_file(ckpt / "cluster_mlp.pth")
+    cluster["cluster_probe"] = cluster["cluster_probe"][:21]
+    torch.save({key: value.clone() for key, value in segment.items()}, folder / "segment_mlp.pth")
+    torch.save({key: value.clone() for key, value in cluster.items()}, folder / "cluster_mlp.pth")
+    shutil.copy(ckpt / "modular.npy", folder / "modular.npy")
+    return folder
+
+
+def test_an_imported_run_is_evaluated_with_baselines_on_the_data_folder_given(cache_env, tmp_path, monkeypatch):
+    """docs/reproduce.md: `cause eval --run R --dataset voc2012 --data-dir D` on an imported run
+    (whose own data folder is empty) fits the k-means baselines on D's training split, from
+    any working directory."""
+    from .test_datasets import make_voc
+
+    data = tmp_path / "datasets"
+    ids = make_voc(data, train=2)
+    (data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").write_text("\n".join(ids[:2]) + "\n")
+    run = tmp_path / "run"
+    files = voc_reference_files(tmp_path / "reference")
+    imported = invoke("import", files, "--backbone", "dino-vits8", "--dataset", "voc2012", "--run", run)
+    assert imported.exit_code == 0, imported.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke("eval", "--run", run, "--dataset", "voc2012", "--data-dir", data, "--no-crf", "--device", "cpu",
+                    "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["images"] == 2 and metrics["data_dir"] == str(data)
+    assert metrics["baselines"]["fitted_on"] == {"split": "train", "images": 2, "tokens": 2 * 40 * 40, "labels": False}
+    assert 0 <= metrics["baselines"]["kmeans_tokens"]["miou"] <= 100

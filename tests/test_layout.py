@@ -71,6 +71,34 @@ def test_an_upward_import_breaks_the_contract(tmp_path, module, upward_import):
     assert "BROKEN" in result.stdout
 
 
+def plant_import(tree: Path, module: str, line: str) -> None:
+    """Add ``line`` to the package copy's ``module``, after its own imports."""
+    path = tree / "src" / "cause_cli" / module
+    lines = path.read_text().splitlines(keepends=True)
+    last_import = max(index for index, text in enumerate(lines) if text.startswith(("import ", "from ")))
+    lines.insert(last_import + 1, line + "\n")
+    path.write_text("".join(lines))
+
+
+@needs_import_linter
+@pytest.mark.parametrize(
+    ("module", "planted", "importer", "imported"),
+    [
+        ("inference/predict.py", "from ..training import train", "inference.predict", "training"),
+        ("inference/segment.py", "from ..training.pipeline import prepare", "inference.segment", "training.pipeline"),
+        ("trained.py", "from .training.front_door import train_front_door", "trained", "training.front_door"),
+    ],
+)
+def test_inference_and_training_are_siblings_above_the_trained_run(tmp_path, module, planted, importer, imported):
+    """Inference reads a run through cause_cli.trained, never through training: an inference
+    module importing training breaks the contract, and so does the trained run importing a step."""
+    tree = copy_of_package(tmp_path)
+    plant_import(tree, module, planted)
+    result = check_layers(tree)
+    assert result.returncode != 0, result.stdout
+    assert f"- cause_cli.{importer} -> cause_cli.{imported} (l." in result.stdout, result.stdout
+
+
 def test_no_module_is_longer_than_the_limit():
     lengths = {
         str(path.relative_to(PACKAGE)): len(path.read_text().splitlines())

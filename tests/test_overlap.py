@@ -15,7 +15,7 @@ from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.inference import crf as crf_module
 from cause_cli.inference import predict
-from cause_cli.inference.evaluate import evaluate_run
+from cause_cli.inference.evaluate import EvaluationSettings, evaluate_run
 from cause_cli.training import train
 
 CRF_SECONDS_PER_IMAGE = 0.2
@@ -64,7 +64,8 @@ def test_the_model_runs_while_the_crf_does(run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(predict, "backbone_and_head", logged_model)
     monkeypatch.setattr(crf_module, "crf_labels", logged_crf_job)
-    evaluate_run(run, device="cpu", batch_size=2, baselines=False, write=False, crf=True, crf_workers=WORKERS)
+    settings = EvaluationSettings(device="cpu", batch_size=2, baselines=False, crf=True, crf_workers=WORKERS)
+    evaluate_run(run, settings, write=False)
     model, crf = intervals(events, "model"), intervals(events, "crf")
     assert len(crf) >= IMAGES and len(model) >= IMAGES // 2
     # Some model batch ran while some CRF job did. Waiting for each batch's CRF before the next

@@ -15,7 +15,7 @@ from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.devices import autocast, compute_dtype, gradient_scaler, use_precision
 from cause_cli.errors import CauseError
-from cause_cli.inference.evaluate import evaluate_run
+from cause_cli.inference.evaluate import EvaluationSettings, evaluate_run
 from cause_cli.training import train
 from cause_cli.training.context import restore_cuda_rng
 
@@ -73,7 +73,7 @@ def test_a_whole_run_trains_and_evaluates_in_mixed_precision(scenes, tmp_path, p
             assert torch.isfinite(value).all(), f"{name}: {key}"
     assert run.config().precision == precision
     with use_precision(precision):
-        result = evaluate_run(run.path, device="cpu", crf=False, baselines=False, write=False)
+        result = evaluate_run(run.path, EvaluationSettings(device="cpu", crf=False, baselines=False), write=False)
     assert 0 <= result["miou"] <= 100
 
 

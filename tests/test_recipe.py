@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from cause_cli.config import TrainConfig, apply_reference_recipe
+from cause_cli.config import TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
+from cause_cli.resolve import apply_reference_recipe, resolve_schedule, resolve_thresholds, validated
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 
@@ -26,8 +27,7 @@ from cause_cli.training import train
     ],
 )
 def test_reference_recipe_settings(head, dataset, clip, front_door_resolution, weight_decay):
-    config = TrainConfig(data_dir="", dataset=dataset, head=head, recipe="reference")
-    apply_reference_recipe(config)
+    config = apply_reference_recipe(TrainConfig(data_dir="", dataset=dataset, head=head, recipe="reference"))
     assert config.learning_rate == pytest.approx(4e-3) and config.epoch_fraction == 0.25
     assert config.grad_clip == clip and config.weight_decay == weight_decay
     assert config.front_door_resolution == front_door_resolution
@@ -35,8 +35,7 @@ def test_reference_recipe_settings(head, dataset, clip, front_door_resolution, w
 
 
 def test_default_recipe_is_untouched():
-    config = TrainConfig(data_dir="")
-    apply_reference_recipe(config)
+    config = apply_reference_recipe(TrainConfig(data_dir=""))
     assert config.learning_rate == 1e-3 and config.epoch_fraction == 1.0 and config.front_door_resolution is None
 
 
@@ -107,20 +106,17 @@ def test_reference_recipe_needs_labels(scenes, tmp_path):
     ],
 )  # fmt: skip
 def test_schedule_gives_folders_enough_updates(dataset, given, batches, expected):
-    config = TrainConfig(data_dir="", dataset=dataset, **given)
-    config.validate()
-    schedule = config.resolve_schedule(batches, paper_dataset=dataset != "folder")
+    config = validated(TrainConfig(data_dir="", dataset=dataset, **given))
+    config, schedule = resolve_schedule(config, batches, paper_dataset=dataset != "folder")
     assert {step: plan["epochs"] for step, plan in schedule.items()} == expected
     assert config.epochs_front_door == expected["front_door"]
     assert schedule["front_door"]["updates"] == expected["front_door"] * batches
 
 
 def test_reference_recipe_keeps_the_papers_schedule_and_thresholds_on_a_folder():
-    config = TrainConfig(data_dir="", recipe="reference")
-    config.validate()
-    apply_reference_recipe(config)
-    config.resolve_thresholds(paper_dataset=False)
-    schedule = config.resolve_schedule(20, paper_dataset=False)
+    config = apply_reference_recipe(validated(TrainConfig(data_dir="", recipe="reference")))
+    config = resolve_thresholds(config, paper_dataset=False)
+    config, schedule = resolve_schedule(config, 20, paper_dataset=False)
     assert {step: plan["epochs"] for step, plan in schedule.items()} == {
         "clusterbook": 1,
         "front_door": 2,
@@ -141,6 +137,5 @@ def test_reference_recipe_keeps_the_papers_schedule_and_thresholds_on_a_folder()
     ],
 )
 def test_concept_thresholds_fit_the_data(paper_dataset, given, expected):
-    config = TrainConfig(data_dir="", **given)
-    config.resolve_thresholds(paper_dataset)
+    config = resolve_thresholds(TrainConfig(data_dir="", **given), paper_dataset)
     assert (config.positive_threshold, config.negative_threshold) == expected

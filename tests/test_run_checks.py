@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
 def tr_run(trained, tmp_path_factory):
     """The same run with a TR head (freshly initialised, not trained): a run whose clusterbook
     is read at inference."""
-    from cause_cli.training.front_door import build_heads
+    from cause_cli.trained import build_heads
 
     run = tmp_path_factory.mktemp("tr") / "run"
     shutil.copytree(trained[0], run)
@@ -331,16 +331,14 @@ def test_every_setting_has_a_rule():
 
 
 def test_the_settings_runs_are_trained_with_pass():
-    from cause_cli.config import apply_reference_recipe
+    from cause_cli.resolve import apply_reference_recipe, resolve_schedule, resolve_thresholds, validated
     from cause_cli.run_checks import run_info_problem
 
     for recipe in ("default", "reference"):
         for head in ("mlp", "tr"):
             setting = TrainConfig(data_dir="", recipe=recipe, head=head, resolution=320, num_classes=27)
-            setting.validate()
-            apply_reference_recipe(setting)
-            setting.resolve_thresholds(True)
-            setting.resolve_schedule(100, True)
+            setting = resolve_thresholds(apply_reference_recipe(validated(setting)), True)
+            setting, _ = resolve_schedule(setting, 100, True)
             info = {"config": setting.to_dict(), "num_classes": 27, "class_names": None}
             assert run_info_problem(info) is None
     for resolution in (224, 322, 448, 518, 4096):

@@ -20,7 +20,7 @@ from cause_cli.inference.figures import palette
 from cause_cli.inference.manifest import OutputFolder
 from cause_cli.inference.outputs import label_image, overlay_image
 from cause_cli.inference.predict import cluster_labels, image_features, load_trained
-from cause_cli.inference.segment import segment_images
+from cause_cli.inference.segment import SegmentSettings, segment_images
 from cause_cli.inference.writing import OrderedWriter
 from cause_cli.model.ops import best_channel
 from cause_cli.runs import open_run
@@ -60,7 +60,8 @@ def test_batched_segmenting_writes_the_bytes_of_one_image_at_a_time(trained, tmp
         (inputs / path.name).write_bytes(path.read_bytes())
     (inputs / "broken.png").write_bytes(b"not an image")  # skipped, between readable ones
     out = tmp_path / "out"
-    summary = segment_images(inputs, run, out, device="cpu", batch_size=3, writer_threads=writer_threads)
+    settings = SegmentSettings(device="cpu", batch_size=3, writer_threads=writer_threads)
+    summary = segment_images(inputs, run, out, settings)
     assert summary["written"] == 7 and [entry["input"] for entry in summary["skipped"]] == ["broken.png"]
     for path in sorted(source.glob("*.png")):
         label, overlay = one_at_a_time(run, path)
@@ -157,7 +158,7 @@ def test_label_values_in_the_file_type_and_matched_on_the_device():
 def test_overlays_legend_and_pages_use_the_label_maps_own_colours(trained, tmp_path):
     source, run = trained
     out = tmp_path / "out"
-    segment_images(source, run, out, device="cpu", legend=True)
+    segment_images(source, run, out, SegmentSettings(device="cpu", legend=True))
     written = sorted((out / "labels").glob("*.png"))
     label = Image.open(written[0])
     colours = np.asarray(label.getpalette(), dtype=np.uint8).reshape(-1, 3)  # the label PNG's own palette

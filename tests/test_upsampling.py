@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_cli.config import TrainConfig, apply_reference_recipe
+from cause_cli.config import TrainConfig
 from cause_cli.errors import CauseError
 from cause_cli.inference.baselines import BaselineCentroids, baseline_maps
 from cause_cli.model.heads import ClusterProbe
 from cause_cli.model.whitening import FeatureWhitening
+from cause_cli.resolve import apply_reference_recipe, validated
 
 # A 2 x 2 map upsampled to 4 x 4 (bilinear, half-pixel centres): output pixel (1, 1) sits a
 # quarter of the way from token (0, 0) towards token (1, 1) in both directions.
@@ -69,15 +70,14 @@ def test_the_two_upsamplings_differ_where_a_feature_between_two_regions_lands_ne
 
 def test_scores_are_upsampled_by_default_and_the_reference_recipe_and_older_runs_upsample_features():
     assert TrainConfig(data_dir=".").probe_upsampling == "scores"
-    reference = TrainConfig(data_dir=".", recipe="reference")
-    apply_reference_recipe(reference)
+    reference = apply_reference_recipe(TrainConfig(data_dir=".", recipe="reference"))
     assert reference.probe_upsampling == "features"
     saved = TrainConfig(data_dir=".").to_dict()
     assert TrainConfig.from_dict(saved).probe_upsampling == "scores"
     del saved["probe_upsampling"]  # a run.json written before the choice existed
     assert TrainConfig.from_dict(saved).probe_upsampling == "features"
     with pytest.raises(CauseError, match="Unknown cluster-probe upsampling 'pixels'; choose scores or features"):
-        TrainConfig(data_dir=".", probe_upsampling="pixels").validate()
+        validated(TrainConfig(data_dir=".", probe_upsampling="pixels"))
 
 
 @pytest.mark.parametrize("upsample_scores", [True, False], ids=["scores upsampled", "features upsampled"])

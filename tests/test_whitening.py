@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_cli.config import DEFAULT_PROBE_CONSENSUS, TrainConfig, apply_reference_recipe
+from cause_cli.config import DEFAULT_PROBE_CONSENSUS, TrainConfig
 from cause_cli.data.synthetic import write_scenes
 from cause_cli.errors import CauseError
 from cause_cli.inference.predict import load_trained
 from cause_cli.model.heads import ClusterProbe
 from cause_cli.model.ops import cosine_similarity_matrix
 from cause_cli.model.whitening import FeatureWhitening
+from cause_cli.resolve import apply_reference_recipe, validated
 from cause_cli.runs import RunDirectory
 from cause_cli.training import train
 
@@ -108,8 +109,7 @@ def test_the_default_run_saves_its_whitening_and_inference_applies_it(scenes, tm
 
 def test_head_space_and_the_reference_recipe_do_not_whiten():
     assert TrainConfig(data_dir=".").probe_space == "whitened"
-    reference = TrainConfig(data_dir=".", recipe="reference")
-    apply_reference_recipe(reference)
+    reference = apply_reference_recipe(TrainConfig(data_dir=".", recipe="reference"))
     assert reference.probe_space == "head"
 
 
@@ -125,11 +125,7 @@ def test_the_consensus_start_reaches_the_saved_probe(scenes, tmp_path):
 
 def resolved(**settings) -> TrainConfig:
     """Settings resolved in the order training resolves them: checked, the recipe, checked again."""
-    config = TrainConfig(data_dir=".", **settings)
-    config.validate()
-    apply_reference_recipe(config)
-    config.validate()
-    return config
+    return validated(apply_reference_recipe(validated(TrainConfig(data_dir=".", **settings))))
 
 
 def test_the_consensus_is_the_default_k_means_start_and_restarts_alone_turn_it_off():
@@ -139,9 +135,9 @@ def test_the_consensus_is_the_default_k_means_start_and_restarts_alone_turn_it_o
     assert resolved(probe_init="random").probe_consensus == 0
     assert resolved(recipe="reference").probe_consensus == 0
     with pytest.raises(CauseError, match="needs the k-means start"):
-        TrainConfig(data_dir=".", probe_init="random", probe_consensus=4).validate()
+        validated(TrainConfig(data_dir=".", probe_init="random", probe_consensus=4))
     with pytest.raises(CauseError, match="at least 0"):
-        TrainConfig(data_dir=".", probe_consensus=-1).validate()
+        validated(TrainConfig(data_dir=".", probe_consensus=-1))
 
 
 def test_the_default_floor_is_a_thousandth_of_the_largest_variance():

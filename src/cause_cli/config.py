@@ -1,13 +1,19 @@
-"""The typed configuration of a training run; its defaults are METHOD.md section 5."""
+"""The settings of a training run, each declared once: its name, type, default, choices, range,
+help and panel live on its field of :class:`TrainConfig`. The ``cause train`` options, their
+checks, the checks of a run's ``run.json`` and of a ``--config`` file, and docs/train.md's
+table are all made from these fields. Defaults are METHOD.md section 5."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CauseError
+from .rules import either, flag, integer, mapping, name, number, text
+from .settings import Setting, choice_rule, setting, settings_of
 
 HEADS = ("mlp", "tr")
 PROBE_INITS = ("kmeans", "random")
@@ -15,6 +21,10 @@ PROBE_SPACES = ("whitened", "head")
 PROBE_SPREADS = ("auto", "on", "off")
 PROBE_UPSAMPLINGS = ("scores", "features")
 FEATURE_CACHE_CHOICES = ("auto", "on", "off")
+POSITION_EMBEDDING_RULES = ("reference", "timm")
+RECIPES = ("default", "reference")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+DATASET_NAMES = ("cocostuff27", "cocostuff81", "cocostuff171", "cityscapes", "voc2012", "folder")
 # Settings a finished or interrupted run may be continued with other values of: how fast it
 # goes and where, not what it learns (the feature cache keeps tokens in float16, which is as
 # close as mixed precision).
@@ -28,7 +38,6 @@ DEFAULT_PROBE_RESTARTS = {"kmeans": 8, "random": 1}
 # differ only in texture, one fit's partition hinges on which of many near-equal optima it
 # lands in, the consensus of 16 does not (docs/quality.md).
 DEFAULT_PROBE_CONSENSUS = 16
-RECIPES = ("default", "reference")
 # The reference fits the cluster probe for 1 epoch after the MLP head and 5 after the TR head.
 CLUSTER_PROBE_EPOCHS = {"mlp": 1, "tr": 5}
 # The paper's epochs for the clusterbook and the front door.
@@ -45,138 +54,280 @@ RAISED_STEPS = ("front_door", "cluster_probe")
 PAPER_THRESHOLDS = (0.3, 0.1)
 FOLDER_THRESHOLDS = (0.5, 0.3)
 
+# The largest input side a run may ask for. Every image is resized to R x R for the backbone
+# (3 R^2 floats) and its (R / patch)^2 tokens pass through every attention layer: at 4096 px
+# that is 200 MiB of input and 262,144 tokens for a patch of 8, far past anything trained (the
+# paper's 320 px) yet within memory, as attention runs fused, in memory linear in the tokens
+# (segmenting with the toy backbone on a CPU peaked at 1.1 GB at 1,024 px, 1.4 GB at 2,048 px).
+# A larger number is a damaged file, not a setting: 100,000 px would be a 30 GB resized image
+# and a 120 GB input tensor before the backbone even starts.
+MAX_RESOLUTION = 4096
+# Label maps hold up to 65,536 ids (16-bit greyscale past 256: inference/segment.py).
+MAX_CLASSES = 65_536
+# Widths of the head's features and projections: far above any trained (90 and 2048).
+MAX_REDUCED_DIM = 4096
+MAX_PROJECTION_DIM = 16_384
+MAX_CLUSTERBOOK_SIZE = 65_536
+MAX_PATCH_SIZE = 1024
+MAX_COUNT = 1_000_000_000  # epochs, updates and other counts: anything larger is not a setting
 
-@dataclass
+# The panels of ``cause train --help``, in the order they are shown.
+DATA, MODEL, STEP_1, STEP_2, STEP_3, SCHEDULE, SPEED = (
+    "Data",
+    "Backbone and head",
+    "Step 1: clusterbook",
+    "Step 2: front door",
+    "Step 3: cluster probe",
+    "Schedule and optimiser",
+    "Speed",
+)
+
+
+def _choices(constant: str) -> Callable[[], tuple[str, ...]]:
+    """The accepted values of a setting, read from this module when checked (so a registered
+    variant can add to them)."""
+    return lambda: tuple(globals()[constant])
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides what a run computes. Saved as ``config.json`` in the run."""
+    """Everything that decides what a run computes, saved in the run's ``run.json``. Frozen:
+    :func:`cause_cli.resolve.resolve_config` makes the complete one a run trains with."""
 
-    data_dir: str
-    dataset: str = "folder"
-    backbone: str = "toy"
-    # How position embeddings are resized to the input's grid: "reference" (the reference code's
-    # rule for the backbone, so heads match reference-trained ones) or "timm".
-    pos_embed: str = "reference"
-    head: str = "mlp"
-    resolution: int | None = None  # None: the backbone's resolution
-    num_classes: int | None = None  # clusters of the cluster probe; None: from the dataset
-    clusterbook_size: int = 2048
-    reduced_dim: int = 90
-    projection_dim: int = 2048
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 2.0
-    # Epochs of each step; None: the paper's (1 / 2 / 1 for MLP or 5 for TR), the front door's
-    # and a refined cluster probe's raised on data other than the paper's datasets until the
-    # step makes at least ``min_updates`` updates.
-    epochs_clusterbook: int | None = None
-    epochs_front_door: int | None = None
-    epochs_cluster_probe: int | None = None
-    min_updates: int = DEFAULT_MIN_UPDATES
-    grid_sampling: bool = True
-    grid_window: int = 4
-    modularity_temperature: float = 0.1
-    contrastive_temperature: float = 0.07
-    # None: the paper's 0.3 / 0.1 on the paper's datasets, FOLDER_THRESHOLDS on other data.
-    positive_threshold: float | None = None
-    negative_threshold: float | None = None
-    bank_capacity: int = 100
-    use_bank: bool = True
-    ema_momentum: float = 0.99
-    dropout: float = 0.1
-    seed: int = 0
-    val_fraction: float = 0.2
-    workers: int | None = None  # image-loading processes; None: devices.loader_workers decides
-    # "default": labels reach nothing but the linear probe. "reference": the reference code's
-    # recipe exactly (see apply_reference_recipe), label leak included.
-    recipe: str = "default"
-    reference_gpus: int = 4  # the reference's process count, which its recipe depends on
-    front_door_resolution: int | None = None  # steps two and three; None: the run's resolution
-    epoch_fraction: float = 1.0  # share of each epoch's batches a step trains on
-    # How the cluster probe starts: "kmeans" (spherical k-means on the teacher's features, no
-    # labels) or "random" (the paper's uniform start, refined by modularity).
-    probe_init: str = "kmeans"
-    # Whether k-means centroids are then refined by the paper's modularity objective (a random
-    # start always is).
-    probe_refine: bool = False
-    # Where the cluster probe's centroids live: "whitened" (the teacher's features whitened by
-    # a fit on the training split, no labels) or "head" (the teacher's features, the paper's).
-    probe_space: str = "whitened"
-    # Starts of the cluster probe: k-means restarts ranked by mean cosine, or random starts
-    # trained side by side and ranked by modularity. None: 8 for k-means, 1 for random.
-    probe_restarts: int | None = None
-    # With the k-means start: the consensus of this many single-start fits (0: the restart of
-    # best mean cosine instead). None: DEFAULT_PROBE_CONSENSUS, or 0 where --probe-restarts
-    # was given (asking for restarts asks for the best of them). docs/quality.md says why.
-    probe_consensus: int | None = None
-    # Whether the k-means start's clusters get a spread (model/spread.py): "auto" where the
-    # consensus' fits agree on less than 85 % of the points, "on" always, "off" never.
-    probe_spread: str = "auto"
-    # How inference brings the cluster probe's verdict to pixels: "scores" (every token's
-    # scores, upsampled bilinearly, as the linear probe's logits are) or "features" (the
-    # head's features upsampled, then scored: the paper's). docs/quality.md says why.
-    probe_upsampling: str = "scores"
-    # Keep the backbone's training tokens on disk (float16) and read them back in every later
-    # epoch and step: "auto" where they are read more than once and fit (feature_cache.py).
-    cache_features: str = "auto"
-    checkpoint_seconds: float = 60.0  # a resumable checkpoint at most this often (0: every batch)
-    precision: str = "auto"  # mixed precision: see devices.PRECISIONS
-    extra: dict[str, Any] = field(default_factory=dict)
+    data_dir: str = setting(
+        None, "The dataset folder (needed unless --resume).", DATA, text, shown_default="", metavar="<path>"
+    )
+    dataset: str = setting(
+        "folder",
+        "Layout of the data folder (docs/train.md: Datasets).",
+        DATA,
+        name,
+        choices=_choices("DATASET_NAMES"),  # checked where datasets open, which also knows the reference's names
+    )
+    num_classes: int | None = setting(
+        None,
+        "Clusters to find.",
+        DATA,
+        integer(1, MAX_CLASSES),
+        shown_default="from the labels or classes.txt",
+    )
+    val_fraction: float = setting(
+        0.2, "Share of a folder's images held out for validation.", DATA, number(0.0, 1.0)
+    )
+    backbone: str = setting("toy", "Backbone name (cause fetch --list).", MODEL, name)
+    pos_embed: str = setting(
+        "reference",
+        "How position embeddings are resized to the input's grid: reference (the reference code's rule "
+        "for the backbone, so heads match reference-trained ones) or timm.",
+        MODEL,
+        choice_rule(_choices("POSITION_EMBEDDING_RULES")),
+        choices=_choices("POSITION_EMBEDDING_RULES"),
+        noun="position-embedding rule",
+    )
+    resolution: int | None = setting(
+        None,
+        "Input size in pixels, a multiple of the patch size.",
+        MODEL,
+        integer(1, MAX_RESOLUTION),
+        shown_default="the backbone's",
+    )
+    head: str = setting(
+        "mlp",
+        "Segmentation head: mlp (CAUSE-MLP), or tr (CAUSE-TR, the paper's best).",
+        MODEL,
+        choice_rule(_choices("HEADS")),
+        choices=_choices("HEADS"),
+        noun="head",
+    )
+    reduced_dim: int = setting(
+        90, "Width of the head's features (what the cluster probe clusters).", MODEL, integer(1, MAX_REDUCED_DIM)
+    )
+    projection_dim: int = setting(
+        2048, "Width of the projections the contrastive loss compares.", MODEL, integer(1, MAX_PROJECTION_DIM)
+    )
+    dropout: float = setting(
+        0.1, "Dropout of the heads.", MODEL, number(0.0, 1.0, high_open=True)
+    )
+    clusterbook_size: int = setting(
+        2048, "Concepts K in the clusterbook.", STEP_1, integer(2, MAX_CLUSTERBOOK_SIZE)
+    )
+    epochs_clusterbook: int | None = setting(
+        None, "Epochs of step 1.", STEP_1, integer(0, MAX_COUNT), shown_default="the paper's 1"
+    )
+    epochs_front_door: int | None = setting(
+        None,
+        "Epochs of step 2.",
+        STEP_2,
+        integer(0, MAX_COUNT),
+        shown_default="the paper's 2, or enough for --min-updates",
+    )
+    positive_threshold: float | None = setting(
+        None,
+        "Concept similarity above which two tokens are positives.",
+        STEP_2,
+        number(-1.0, 1.0),
+        shown_default="the paper's 0.3 on its datasets, 0.5 on a folder",
+    )
+    negative_threshold: float | None = setting(
+        None,
+        "Concept similarity below which two tokens are negatives.",
+        STEP_2,
+        number(-1.0, 1.0),
+        shown_default="the paper's 0.1 on its datasets, 0.3 on a folder",
+    )
+    contrastive_temperature: float = setting(
+        0.07, "Temperature of the contrastive loss.", STEP_2, number(0.0, math.inf, low_open=True)
+    )
+    use_bank: bool = setting(True, "Draw negatives from a bank of earlier batches' tokens too.", STEP_2, flag)
+    bank_capacity: int = setting(100, "Batches the bank of negatives keeps.", STEP_2, integer(0, MAX_COUNT))
+    grid_sampling: bool = setting(True, "Sample the tokens of a grid, not all of them.", STEP_2, flag)
+    grid_window: int = setting(4, "Side of the sampling grid's window.", STEP_2, integer(1, MAX_RESOLUTION))
+    ema_momentum: float = setting(
+        0.99, "Momentum of the teacher head, an average of the student.", STEP_2, number(0.0, 1.0)
+    )
+    front_door_resolution: int | None = setting(
+        None,
+        "Input size of steps 2 and 3.",
+        STEP_2,
+        integer(1, MAX_RESOLUTION),
+        shown_default="the run's --resolution",
+    )
+    epochs_cluster_probe: int | None = setting(
+        None,
+        "Epochs of step 3.",
+        STEP_3,
+        integer(0, MAX_COUNT),
+        shown_default="the paper's 1 for mlp and 5 for tr, or enough for --min-updates",
+    )
+    probe_init: str = setting(
+        "kmeans",
+        "How the cluster probe starts: kmeans (spherical k-means on the head's features, no labels) or "
+        "random (the paper's, refined by modularity).",
+        STEP_3,
+        choice_rule(_choices("PROBE_INITS")),
+        choices=_choices("PROBE_INITS"),
+        noun="cluster-probe start",
+    )
+    probe_refine: bool = setting(
+        False,
+        "Refine the k-means centroids by the paper's modularity objective (a random start always is).",
+        STEP_3,
+        flag,
+    )
+    probe_space: str = setting(
+        "whitened",
+        "Where the cluster probe clusters: whitened (the head's features whitened by a fit on the "
+        "training images, no labels) or head (the head's features, the paper's).",
+        STEP_3,
+        choice_rule(_choices("PROBE_SPACES")),
+        choices=_choices("PROBE_SPACES"),
+        noun="cluster-probe space",
+    )
+    probe_restarts: int | None = setting(
+        None,
+        "Starts of the cluster probe: k-means restarts (best mean cosine kept; given alone, it turns the "
+        "consensus off) or random starts (best modularity kept).",
+        STEP_3,
+        integer(1, 1_000_000),
+        shown_default="8 for kmeans, 1 for random",
+    )
+    probe_consensus: int | None = setting(
+        None,
+        "k-means start only: the consensus of this many single-start fits (points go together when most "
+        "fits put them together) instead of the restart of best mean cosine; 0 keeps the best restart.",
+        STEP_3,
+        integer(0, 1_000_000),
+        shown_default="16, or 0 with --probe-restarts",
+    )
+    probe_spread: str = setting(
+        "auto",
+        "k-means start only: give the clusters a spread (equal Gaussians sharing one diagonal covariance) "
+        "where the consensus' fits agree on under 85% of the points (auto), always (on) or never (off).",
+        STEP_3,
+        choice_rule(_choices("PROBE_SPREADS")),
+        choices=_choices("PROBE_SPREADS"),
+        noun="cluster-probe spread",
+    )
+    probe_upsampling: str = setting(
+        "scores",
+        "How label maps reach pixel size: score every token and upsample the scores (scores), or upsample "
+        "the head's features and score every pixel (features, the paper's).",
+        STEP_3,
+        choice_rule(_choices("PROBE_UPSAMPLINGS")),
+        choices=_choices("PROBE_UPSAMPLINGS"),
+        noun="cluster-probe upsampling",
+    )
+    modularity_temperature: float = setting(
+        0.1, "Temperature of the modularity objective.", STEP_3, number(0.0, math.inf, low_open=True)
+    )
+    batch_size: int = setting(16, "Images per update (per process).", SCHEDULE, integer(1, MAX_CLUSTERBOOK_SIZE))
+    learning_rate: float = setting(1e-3, "Learning rate of every step.", SCHEDULE, number(0.0, math.inf))
+    weight_decay: float = setting(1e-4, "Weight decay of every step.", SCHEDULE, number(0.0, math.inf))
+    grad_clip: float = setting(2.0, "Gradient-norm clipping of steps 2 and 3.", SCHEDULE, number(0.0, math.inf))
+    min_updates: int = setting(
+        DEFAULT_MIN_UPDATES,
+        "Optimiser updates steps 2 and 3 make at least on your own folder (the paper's datasets keep the "
+        "paper's epochs): epochs not given are raised to reach it.",
+        SCHEDULE,
+        integer(0, MAX_COUNT),
+    )
+    epoch_fraction: float = setting(
+        1.0, "Share of each epoch's batches a step trains on.", SCHEDULE, number(0.0, 1.0, low_open=True)
+    )
+    seed: int = setting(0, "Random seed.", SCHEDULE, integer(-(2**63), 2**64 - 1))  # what torch.manual_seed takes
+    recipe: str = setting(
+        "default",
+        "default: labels train nothing but the linear probe. reference: the reference code's recipe exactly "
+        "(lr x 4 on a quarter of each epoch, its clipping, MLP steps 2-3 at 224) including its label leak: "
+        "the linear probe's cross-entropy trains the teacher head in step 3.",
+        SCHEDULE,
+        choice_rule(_choices("RECIPES")),
+        choices=_choices("RECIPES"),
+        noun="recipe",
+    )
+    reference_gpus: int = setting(
+        4, "The reference's process count, which its recipe depends on.", SCHEDULE, integer(1, 4096)
+    )
+    workers: int | None = setting(
+        None,
+        "Processes loading images (0: in this process).",
+        SPEED,
+        integer(0, 4096),
+        flag="--loader-workers",
+        shown_default="none on the CPU, up to 8 per GPU",
+    )
+    cache_features: str = setting(
+        "auto",
+        "Compute the frozen backbone's tokens once (float16 on disk) for all epochs and steps: auto (when "
+        "they are read more than once and fit on the disk; on a GPU, in memory), on or off.",
+        SPEED,
+        either(choice_rule(_choices("FEATURE_CACHE_CHOICES")), flag),  # a flag in runs from before "auto"
+        choices=_choices("FEATURE_CACHE_CHOICES"),
+        noun="feature-cache choice",
+    )
+    checkpoint_seconds: float = setting(
+        60.0,
+        "Seconds between resumable checkpoints (0: every batch).",
+        SPEED,
+        number(0.0, math.inf),
+        flag="--checkpoint-every",
+    )
+    precision: str = setting(
+        "auto",
+        "auto (float32 on the CPU, bfloat16 on GPUs that have it, else float16), float32, bfloat16 or float16.",
+        SPEED,
+        choice_rule(_choices("PRECISIONS")),
+        choices=_choices("PRECISIONS"),
+        noun="precision",
+    )
+    extra: dict[str, Any] = setting(  # noqa: RUF009  (a field, made by setting())
+        {}, "Anything else a caller records.", SPEED, mapping, on_command_line=False
+    )
 
-    def validate(self) -> None:
-        if self.recipe not in RECIPES:
-            raise CauseError(f"Unknown recipe '{self.recipe}'; choose {' or '.join(RECIPES)}.")
-        if self.head not in HEADS:
-            raise CauseError(f"Unknown head '{self.head}'; this version offers: {', '.join(HEADS)}.")
-        if self.pos_embed not in ("reference", "timm"):
-            raise CauseError(f"Unknown position-embedding rule '{self.pos_embed}'; choose reference or timm.")
-        if self.batch_size < 1:
-            raise CauseError("--batch-size must be at least 1.")
-        if self.resolution is not None and self.resolution < 1:
-            raise CauseError(f"--resolution must be a positive number of pixels, not {self.resolution}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise CauseError(f"--dropout is a probability from 0 up to (not including) 1, not {self.dropout}.")
-        if self.reduced_dim < 1:
-            raise CauseError("--reduced-dim must be at least 1.")
-        if self.clusterbook_size < 2:
-            raise CauseError("The clusterbook needs at least 2 codes.")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise CauseError("--num-classes must be at least 2.")
-        positive, negative = self.positive_threshold, self.negative_threshold
-        if positive is not None and negative is not None and negative > positive:
-            raise CauseError("The negative threshold must not exceed the positive threshold.")
-        if self.probe_init not in PROBE_INITS:
-            raise CauseError(f"Unknown cluster-probe start '{self.probe_init}'; choose {' or '.join(PROBE_INITS)}.")
-        if self.probe_space not in PROBE_SPACES:
-            raise CauseError(f"Unknown cluster-probe space '{self.probe_space}'; choose {' or '.join(PROBE_SPACES)}.")
-        start = "random" if self.recipe == "reference" else self.probe_init  # the recipe sets it later
-        if self.probe_consensus is None:
-            chose_restarts = self.probe_restarts is not None
-            self.probe_consensus = DEFAULT_PROBE_CONSENSUS if start == "kmeans" and not chose_restarts else 0
-        if self.probe_restarts is None:
-            self.probe_restarts = DEFAULT_PROBE_RESTARTS[start]
-        if self.probe_restarts < 1:
-            raise CauseError("--probe-restarts must be at least 1.")
-        if self.probe_consensus < 0:
-            raise CauseError(f"--probe-consensus must be at least 0, not {self.probe_consensus}.")
-        if self.probe_consensus and self.probe_init != "kmeans":
-            raise CauseError("--probe-consensus needs the k-means start (--probe-init kmeans).")
-        if self.probe_spread not in PROBE_SPREADS:
-            raise CauseError(f"Unknown cluster-probe spread '{self.probe_spread}'; choose {', '.join(PROBE_SPREADS)}.")
-        if self.probe_spread == "on" and (self.refines_probe or self.recipe == "reference"):
-            raise CauseError("--probe-spread on needs the k-means start without modularity refinement.")
-        if self.probe_upsampling not in PROBE_UPSAMPLINGS:
-            raise CauseError(
-                f"Unknown cluster-probe upsampling '{self.probe_upsampling}'; choose {' or '.join(PROBE_UPSAMPLINGS)}."
-            )
-        if self.cache_features not in FEATURE_CACHE_CHOICES:
-            raise CauseError(
-                f"Unknown feature-cache choice '{self.cache_features}'; choose {', '.join(FEATURE_CACHE_CHOICES)}."
-            )
-        for name in ("epochs_clusterbook", "epochs_front_door", "epochs_cluster_probe", "min_updates"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise CauseError(f"--{name.replace('_', '-')} must not be negative.")
+    @classmethod
+    def settings(cls) -> list[Setting]:
+        """Every setting as the CLI, the checks and the docs see it, in declaration order."""
+        return settings_of(cls)
 
     @property
     def refines_probe(self) -> bool:
@@ -185,40 +336,6 @@ class TrainConfig:
 
     def paper_epochs(self, step: str) -> int:
         return CLUSTER_PROBE_EPOCHS[self.head] if step == "cluster_probe" else PAPER_EPOCHS[step]
-
-    def resolve_thresholds(self, paper_dataset: bool) -> None:
-        """Fill in the concept thresholds not given, then check them."""
-        positive, negative = PAPER_THRESHOLDS if paper_dataset or self.recipe == "reference" else FOLDER_THRESHOLDS
-        if self.positive_threshold is None:
-            given_negative = self.negative_threshold
-            self.positive_threshold = positive if given_negative is None else max(positive, given_negative)
-        if self.negative_threshold is None:
-            self.negative_threshold = min(negative, self.positive_threshold)
-        if not self.negative_threshold <= self.positive_threshold:
-            raise CauseError("The negative threshold must not exceed the positive threshold.")
-
-    def resolve_schedule(self, batches_per_epoch: int, paper_dataset: bool) -> dict[str, dict[str, Any]]:
-        """Fill in the epochs not given: the paper's, raised (off the paper's datasets) to at
-        least ``min_updates`` updates of ``batches_per_epoch`` (the share of an epoch a step
-        trains on). Returns each step's epochs, updates and where they came from."""
-        schedule: dict[str, dict[str, Any]] = {}
-        for step in SCHEDULED_STEPS:
-            name = f"epochs_{step}"
-            given = getattr(self, name)
-            if given is not None:
-                epochs, source = given, "given"
-            elif step == "cluster_probe" and not self.refines_probe:
-                # The k-means centroids are the probe; the linear probe has learnt in step two.
-                epochs, source = 0, "a k-means start, not refined"
-            elif paper_dataset or step not in RAISED_STEPS:
-                epochs, source = self.paper_epochs(step), "the paper's"
-            else:
-                needed = -(-self.min_updates // max(1, batches_per_epoch))
-                epochs = max(self.paper_epochs(step), needed)
-                source = f"at least {self.min_updates} updates" if epochs > self.paper_epochs(step) else "the paper's"
-            setattr(self, name, epochs)
-            schedule[step] = {"epochs": epochs, "updates": epochs * batches_per_epoch, "from": source}
-        return schedule
 
     def passes_over_images(self) -> dict[int, float]:
         """How many times the resolved schedule reads each training image's tokens, by input
@@ -236,6 +353,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
     def differences(self, other: TrainConfig) -> list[tuple[str, Any, Any]]:
         """``(option, this value, other value)`` for every setting that changes what a run
         learns and differs between the two (resolved) configurations."""
@@ -250,41 +370,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A run's saved configuration, as runs of every version of this toolkit wrote it."""
         known = {f.name for f in dataclasses.fields(cls)}
         # Runs from before the choice existed were evaluated the paper's way.
         data = {"probe_upsampling": "features", **data}
         if isinstance(data.get("cache_features"), bool):  # runs from before "auto": on or off
             data["cache_features"] = "on" if data["cache_features"] else "off"
         return cls(**{key: value for key, value in data.items() if key in known})
-
-
-# Gradient-clipping norms of the reference's scripts, by (head, dataset), for steps two and
-# three. Its scripts stop with NotImplementedError for the other datasets in step two and do
-# not clip there in step three; this toolkit uses the COCO-Stuff-27 values for them.
-_REFERENCE_CLIP = {("mlp", "cityscapes"): 1.0, ("tr", "cityscapes"): 1.0, ("mlp", "cocostuff27"): 0.1}
-_REFERENCE_CLIP_OTHERWISE = {"mlp": 0.1, "tr": 2.0}
-# The CAUSE-MLP scripts train steps two and three at 224; CAUSE-TR, step one and evaluation at
-# the backbone's resolution.
-REFERENCE_MLP_TRAIN_RESOLUTION = 224
-
-
-def apply_reference_recipe(config: TrainConfig) -> None:
-    """Set what the reference recipe fixes (METHOD.md section 7).
-
-    Its four processes never average gradients: each trains its own copy on a quarter of every
-    epoch at lr 1e-3 x 4, and process 0's copy is kept. One process reproduces that with lr
-    1e-3 x ``reference_gpus`` and ``1 / reference_gpus`` of each epoch's batches.
-    """
-    if config.recipe != "reference":
-        return
-    gpus = max(1, config.reference_gpus)
-    config.learning_rate = 1e-3 * gpus
-    config.epoch_fraction = 1.0 / gpus
-    config.weight_decay = 0.0 if config.dataset == "cityscapes" else 1e-4
-    config.grad_clip = _REFERENCE_CLIP.get((config.head, config.dataset), _REFERENCE_CLIP_OTHERWISE[config.head])
-    if config.head == "mlp":
-        config.front_door_resolution = REFERENCE_MLP_TRAIN_RESOLUTION
-    config.epochs_clusterbook, config.epochs_front_door = 1, 2
-    config.epochs_cluster_probe = CLUSTER_PROBE_EPOCHS[config.head]
-    config.probe_init, config.probe_refine, config.probe_space = "random", True, "head"
-    config.probe_spread, config.probe_upsampling = "off", "features"

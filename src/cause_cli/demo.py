@@ -8,8 +8,8 @@ from typing import Any
 
 from .config import TrainConfig
 from .data.synthetic import write_scenes
-from .inference.evaluate import evaluate_run
-from .inference.segment import segment_images
+from .inference.evaluate import EvaluationSettings, evaluate_run
+from .inference.segment import SegmentSettings, segment_images
 from .progress import Reporter
 from .training import train
 
@@ -47,17 +47,16 @@ def run_demo(out: Path, device: str = "auto", reporter: Reporter | None = None, 
     reporter.message(f"writing {DEMO_TRAIN_IMAGES} + {DEMO_VAL_IMAGES} synthetic scenes to {data_dir}")
     if not (data_dir / "classes.txt").exists():
         write_scenes(data_dir, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, seed=seed)
-    config = demo_config(data_dir)
-    config.seed = seed
+    config = demo_config(data_dir).replace(seed=seed)
     train(config, run_dir, device, reporter)
-    metrics = evaluate_run(run_dir, device=device, reporter=reporter)
+    metrics = evaluate_run(run_dir, EvaluationSettings(device=device, crf_workers=0), reporter)  # CRF in this process
     examples = out / "examples"
     examples.mkdir(parents=True, exist_ok=True)
     for path in sorted((data_dir / "images" / "val").glob("*.png"))[:DEMO_SEGMENTED]:
         target = examples / path.name
         if not target.exists():
             target.write_bytes(path.read_bytes())
-    segment_images(examples, run_dir, segments_dir, device, reporter=reporter)
+    segment_images(examples, run_dir, segments_dir, SegmentSettings(device=device), reporter)
     return {
         "metrics": metrics,
         "seconds": time.perf_counter() - started,

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .config import PRECISIONS
 from .errors import CauseError
 
 
@@ -67,7 +68,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _precision: contextvars.ContextVar[str] = contextvars.ContextVar("cause_precision", default="auto")
 

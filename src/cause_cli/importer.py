@@ -26,10 +26,12 @@ from ._version import __version__
 from .backbones import REFERENCE_HEADS_SUFFIX, REGISTRY, file_sha256, load_backbone
 from .config import TrainConfig
 from .errors import CauseError
-from .model.heads import SegmentationHeads
+from .model.heads import ClusterProbe, SegmentationHeads
 from .model.reference import convert_heads, load_reference_file
 from .paths import refuse_unusable_folder
-from .runs import CLUSTERBOOK_FILE, HEAD_FILE, PROBE_FILE, RunDirectory
+from .resolve import validated
+from .runs import RunDirectory
+from .trained import save_clusterbook, save_heads, save_probe
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def import_reference(
         projection_dim=projection,
         probe_upsampling="features",  # the reference's inference
     )
-    config.validate()
+    config = validated(config)
     heads = SegmentationHeads(dim, reduced, projection, num_classes, kind=files.head, num_queries=num_queries)
     converted = convert_heads(segment_state, files.head)
     missing, unexpected = heads.load_state_dict(converted, strict=False)
@@ -196,11 +198,11 @@ def import_reference(
         )
 
     run.path.mkdir(parents=True, exist_ok=True)
-    run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook})
-    run.save_tensors(HEAD_FILE, heads.state_dict())
-    probe: dict[str, torch.Tensor] = {"centroids": centroids}
-    probe.update({f"linear_probe.{k}": v for k, v in heads.linear_probe.state_dict().items()})
-    run.save_tensors(PROBE_FILE, probe)
+    save_clusterbook(run, clusterbook)
+    save_heads(run, heads)
+    probe = ClusterProbe(reduced, num_classes)  # in the head's space, without a spread
+    probe.centroids.data.copy_(centroids)
+    save_probe(run, probe, heads.linear_probe, start="random", space="head")  # the reference's
     info: dict[str, Any] = {
         "toolkit_version": __version__,
         "config": config.to_dict(),

@@ -11,34 +11,16 @@ field; nothing here raises anything but :class:`CauseError`.
 from __future__ import annotations
 
 import json
-import math
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import FEATURE_CACHE_CHOICES, HEADS, PROBE_INITS, PROBE_SPACES, PROBE_SPREADS, PROBE_UPSAMPLINGS, RECIPES
-from .devices import PRECISIONS
+from .config import MAX_CLASSES, MAX_PATCH_SIZE, TrainConfig
 from .errors import CauseError
+from .rules import Rule, integer, is_integer, is_number, name, or_null, shown, text
 
-# The largest input side a run may ask for. Every image is resized to R x R for the backbone
-# (3 R^2 floats) and its (R / patch)^2 tokens pass through every attention layer: at 4096 px
-# that is 200 MiB of input and 262,144 tokens for a patch of 8, far past anything trained (the
-# paper's 320 px) yet within memory, as attention runs fused, in memory linear in the tokens
-# (segmenting with the toy backbone on a CPU peaked at 1.1 GB at 1,024 px, 1.4 GB at 2,048 px).
-# A larger number is a damaged file, not a setting: 100,000 px would be a 30 GB resized image
-# and a 120 GB input tensor before the backbone even starts.
-MAX_RESOLUTION = 4096
-# Label maps hold up to 65,536 ids (16-bit greyscale past 256: inference/segment.py).
-MAX_CLASSES = 65_536
-# Widths of the head's features and projections: far above any trained (90 and 2048).
-MAX_REDUCED_DIM = 4096
-MAX_PROJECTION_DIM = 16_384
-MAX_CLUSTERBOOK_SIZE = 65_536
-MAX_PATCH_SIZE = 1024
-MAX_COUNT = 1_000_000_000  # epochs, updates and other counts: anything larger is not a setting
 # run.json is a few kilobytes and metrics.json grows with the images it could not read; a
 # file larger than these is not one the toolkit wrote, and is not read into memory.
 MAX_RUN_JSON_BYTES = 16 * 2**20
@@ -48,15 +30,6 @@ MAX_METRICS_JSON_BYTES = 256 * 2**20
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 RUN_REMEDY = "train the run again (or download it again)"
 WEIGHTS_REMEDY = "the run is damaged: train it again"
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """``value`` as a message shows it: its repr, cut short, on one line."""
-    try:
-        text = repr(value)
-    except RecursionError:  # nested about as deeply as the JSON parser follows
-        return f"a {type(value).__name__} nested too deeply to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_json(path: Path, max_bytes: int) -> tuple[Any, str | None]:
@@ -88,146 +61,26 @@ def parse_json(data: bytes) -> tuple[Any, str | None]:
         return None, "it holds a number longer than a JSON parser reads"
 
 
-# A rule takes a value and says what is wrong with it (after "is ... , not"), or None.
-Rule = Callable[[Any], str | None]
+# Settings every run.json holds resolved (a run without them cannot be rebuilt).
+RECORDED_BY_EVERY_RUN = ("data_dir", "resolution")
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def choices() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The settings with choices, what a message calls each, and the values it accepts."""
+    return {
+        setting.name: (setting.noun, setting.accepted)
+        for setting in TrainConfig.settings()
+        if setting.noun and setting.accepted
+    }
 
 
-def _is_number(value: Any) -> bool:
-    """A finite number a float holds (JSON's integers may be longer than any float)."""
-    if _is_integer(value):
-        return abs(value) <= sys.float_info.max
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def integer(low: int, high: int, optional: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        if _is_integer(value) and low <= value <= high:
-            return None
-        return f"a whole number from {low:,} to {high:,}" + (" (or null)" if optional else "")
-
-    return rule
-
-
-def number(low: float, high: float, optional: bool = False, low_open: bool = False, high_open: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        if _is_number(value):
-            above = value > low if low_open else value >= low
-            below = value < high if high_open else value <= high
-            if above and below:
-                return None
-        if math.isinf(high):
-            expected = f"a finite number {'above' if low_open else 'of at least'} {low}"
-        else:
-            expected = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        return expected + (" (or null)" if optional else "")
-
-    return rule
-
-
-def flag(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "true or false"
-
-
-def text(value: Any) -> str | None:
-    return None if isinstance(value, str) else "a string"
-
-
-def name(value: Any) -> str | None:
-    return None if isinstance(value, str) and value.strip() else "a name"
-
-
-def mapping(value: Any) -> str | None:
-    return None if isinstance(value, dict) else "an object"
-
-
-def choice(options: tuple[str, ...]) -> Rule:
-    def rule(value: Any) -> str | None:
-        return None if isinstance(value, str) and value in options else f"one of {', '.join(options)}"
-
-    return rule
-
-
-def either(*rules: Rule) -> Rule:
-    """A value any of ``rules`` accepts."""
-
-    def rule(value: Any) -> str | None:
-        problems = [rule(value) for rule in rules]
-        return None if None in problems else " or ".join(str(problem) for problem in problems)
-
-    return rule
-
-
-# The choices among the settings, with the name the messages give each.
-CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pos_embed": ("position-embedding rule", ("reference", "timm")),
-    "head": ("head", HEADS),
-    "recipe": ("recipe", RECIPES),
-    "probe_init": ("cluster-probe start", PROBE_INITS),
-    "probe_space": ("cluster-probe space", PROBE_SPACES),
-    "probe_spread": ("cluster-probe spread", PROBE_SPREADS),
-    "probe_upsampling": ("cluster-probe upsampling", PROBE_UPSAMPLINGS),
-    "precision": ("precision", PRECISIONS),
-    "cache_features": ("feature-cache choice", FEATURE_CACHE_CHOICES),
-}
-
-
-# Every field of TrainConfig, with what a run.json may hold for it (a field that is absent
-# takes its default, as in runs written before it existed).
+# Every field of TrainConfig, with what a run.json may hold for it, as its declaration says (a
+# field that is absent takes its default, as in runs written before it existed).
 CONFIG_RULES: dict[str, Rule] = {
-    "data_dir": text,
-    "dataset": name,
-    "backbone": name,
-    "pos_embed": choice(CHOICES["pos_embed"][1]),
-    "head": choice(CHOICES["head"][1]),
-    "resolution": integer(1, MAX_RESOLUTION),
-    "num_classes": integer(1, MAX_CLASSES, optional=True),
-    "clusterbook_size": integer(2, MAX_CLUSTERBOOK_SIZE),
-    "reduced_dim": integer(1, MAX_REDUCED_DIM),
-    "projection_dim": integer(1, MAX_PROJECTION_DIM),
-    "batch_size": integer(1, MAX_CLUSTERBOOK_SIZE),
-    "learning_rate": number(0.0, math.inf),
-    "weight_decay": number(0.0, math.inf),
-    "grad_clip": number(0.0, math.inf),
-    "epochs_clusterbook": integer(0, MAX_COUNT, optional=True),
-    "epochs_front_door": integer(0, MAX_COUNT, optional=True),
-    "epochs_cluster_probe": integer(0, MAX_COUNT, optional=True),
-    "min_updates": integer(0, MAX_COUNT),
-    "grid_sampling": flag,
-    "grid_window": integer(1, MAX_RESOLUTION),
-    "modularity_temperature": number(0.0, math.inf, low_open=True),
-    "contrastive_temperature": number(0.0, math.inf, low_open=True),
-    "positive_threshold": number(-1.0, 1.0, optional=True),
-    "negative_threshold": number(-1.0, 1.0, optional=True),
-    "bank_capacity": integer(0, MAX_COUNT),
-    "use_bank": flag,
-    "ema_momentum": number(0.0, 1.0),
-    "dropout": number(0.0, 1.0, high_open=True),
-    "seed": integer(-(2**63), 2**64 - 1),  # what torch.manual_seed takes
-    "val_fraction": number(0.0, 1.0),
-    "workers": integer(0, 4096, optional=True),
-    "recipe": choice(CHOICES["recipe"][1]),
-    "reference_gpus": integer(1, 4096),
-    "front_door_resolution": integer(1, MAX_RESOLUTION, optional=True),
-    "epoch_fraction": number(0.0, 1.0, low_open=True),
-    "probe_init": choice(CHOICES["probe_init"][1]),
-    "probe_refine": flag,
-    "probe_space": choice(CHOICES["probe_space"][1]),
-    "probe_restarts": integer(1, 1_000_000, optional=True),
-    "probe_consensus": integer(0, 1_000_000, optional=True),
-    "probe_spread": choice(CHOICES["probe_spread"][1]),
-    "probe_upsampling": choice(CHOICES["probe_upsampling"][1]),
-    "cache_features": either(choice(CHOICES["cache_features"][1]), flag),  # a flag in runs from before "auto"
-    "checkpoint_seconds": number(0.0, math.inf),
-    "precision": choice(CHOICES["precision"][1]),
-    "extra": mapping,
+    setting.name: or_null(setting.rule)
+    if setting.may_be_none and setting.name not in RECORDED_BY_EVERY_RUN
+    else setting.rule
+    for setting in TrainConfig.settings()
 }
 # What run.json records about the backbone, where it records it.
 BACKBONE_RULES: dict[str, Rule] = {
@@ -252,8 +105,9 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         expected = rule(value)
         if expected is None:
             continue
-        if key in CHOICES and isinstance(value, str):
-            what, options = CHOICES[key]
+        known_choices = choices()
+        if key in known_choices and isinstance(value, str):
+            what, options = known_choices[key]
             known = ", ".join(options)
             return f"its config's '{key}' names an unknown {what} {shown(value)} (this version knows {known})"
         return f"its config's '{key}' is {shown(value)}, not {expected}"
@@ -314,14 +168,14 @@ def metrics_problem(metrics: Any, num_classes: int) -> str | None:
         return f"its class_names {shown(names)} is not a list of at most {MAX_CLASSES:,} names"
     mapped = metrics.get("cluster_to_class")
     if mapped is not None and mapped != []:
-        if not isinstance(mapped, list) or not all(_is_integer(value) for value in mapped):
+        if not isinstance(mapped, list) or not all(is_integer(value) for value in mapped):
             return f"its cluster_to_class {shown(mapped)} is not a list of class numbers"
         if len(mapped) != num_classes or not names or not all(0 <= value < len(names) for value in mapped):
             return f"its cluster_to_class does not map the run's {num_classes} clusters to its classes"
     for key in ("split", "dataset", "head", "backbone"):
         if metrics.get(key) is not None and not isinstance(metrics[key], str):
             return f"its {key} {shown(metrics[key])} is not a string"
-    if metrics.get("images") is not None and not _is_integer(metrics["images"]):
+    if metrics.get("images") is not None and not is_integer(metrics["images"]):
         return f"its images {shown(metrics['images'])} is not a whole number"
     scored = [("", metrics)]
     for key in ("crf", "linear_probe", "baselines"):
@@ -336,7 +190,7 @@ def metrics_problem(metrics: Any, num_classes: int) -> str | None:
     for prefix, scores in scored:
         for key in ("miou", "pixel_accuracy"):
             value = scores.get(key)
-            if value is not None and not _is_number(value):
+            if value is not None and not is_number(value):
                 return f"its {prefix}{key} {shown(value)} is not a finite number"
     return None
 

@@ -168,13 +168,15 @@ class RunDirectory:
         if self.writes:
             self.owned.remove([name])
 
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        """The weight file ``name``: ``tensors``, and ``metadata`` in its header (what its
+        format is, where the file says: cause_cli/trained.py)."""
         from safetensors.torch import save_file
 
         if not self.writes:
             return
         contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        self.write_file(name, lambda target: save_file(contiguous, str(target)))
+        self.write_file(name, lambda target: save_file(contiguous, str(target), metadata=metadata))
 
     def load_tensors(self, name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -192,6 +194,20 @@ class RunDirectory:
             raise CauseError(f"{path} is damaged or not a safetensors file; {run_checks.RUN_REMEDY}.") from error
         run_checks.check_weights(path, tensors)  # floating-point and finite, every tensor
         return tensors
+
+    def tensor_metadata(self, name: str) -> dict[str, str]:
+        """The metadata in the header of the weight file ``name``, empty where it has none (read
+        after :meth:`load_tensors`, which says what is wrong with a damaged file)."""
+        from safetensors import safe_open
+
+        path = self.file(name)
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                return dict(opened.metadata() or {})
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # as in load_tensors
+            raise CauseError(f"{path} is damaged or not a safetensors file; {run_checks.RUN_REMEDY}.") from error
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         """Training state (tensors, numbers, nested dicts) that only this toolkit reads back."""

@@ -14,15 +14,14 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load as safetensors_load
-
 from .backbones import REGISTRY, hub
 from .backbones.hub import hub_settings
 from .config import TrainConfig
 from .errors import CauseError
 from .paths import json_text
 from .run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, parse_json
-from .runs import METRICS_FILE, RUN_FILE, WEIGHT_FILES, WEIGHTS_SHA256, RunDirectory, open_run
+from .runs import METRICS_FILE, RUN_FILE, WEIGHTS_SHA256, RunDirectory, open_run
+from .trained import WEIGHT_FILES, check_weight_bytes
 
 PICTURES = ("confusion.png", "samples.png", "curves.png")
 CARD_FILE = "README.md"
@@ -229,9 +228,6 @@ def run_file_bytes(run: RunDirectory, name: str) -> bytes:
         data = handle.read()
     if name.endswith(".png") and not data.startswith(PNG_SIGNATURE):
         raise CauseError(f"{path} is not a PNG picture; run cause eval on the run again, or delete it.")
-    if name.endswith(".safetensors"):
-        try:
-            safetensors_load(data)
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise CauseError(f"{path} is damaged or not a safetensors file; train the run again.") from error
+    if name in WEIGHT_FILES:
+        check_weight_bytes(path, data)
     return data

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import POSITION_EMBEDDING_RULES
 from ..errors import CauseError
 
 # What the user chooses: the reference code's rule for the backbone's family, or timm's.
-POS_EMBED_CHOICES = ("reference", "timm")
+POS_EMBED_CHOICES = POSITION_EMBEDDING_RULES
 # Offset the reference DINO code adds to the target side before computing the scale factor.
 DINO_OFFSET = 0.1
 

@@ -43,6 +43,59 @@ class CauseCommand(TyperCommand):
         return pieces
 
 
+
+class PanelledCommand(CauseCommand):
+    """Help in panels by purpose, each option's names on a line of their own and its help
+    below them: at 80 columns no name is cut and no description squeezed into a narrow column."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from rich.console import Group
+        from rich.padding import Padding
+        from rich.panel import Panel
+        from rich.text import Text
+
+        console = Console(highlight=False)
+        usage = " ".join(self.collect_usage_pieces(ctx))
+        console.print(Padding(Text.assemble(("Usage: ", "bold"), f"{ctx.command_path} {usage}"), (1, 1, 0, 1)))
+        for paragraph in (self.help or "").strip().split("\n\n"):
+            console.print(Padding(Text(" ".join(paragraph.split())), (1, 1, 0, 1)))
+        console.print()
+        panels: dict[str, list[Any]] = {}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "option" and not getattr(param, "hidden", False):
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(param)
+        for title, params in panels.items():
+            entries: list[Any] = []
+            for param in params:
+                entries.append(Text(option_names(param, ctx), style="bold cyan"))
+                entries.append(Padding(Text(option_help(param)), (0, 0, 0, 4)))
+            console.print(Panel(Group(*entries), title=title, title_align="left", border_style="dim"))
+
+
+def option_names(param: Any, ctx: Any) -> str:
+    """An option's names as help shows them: ``--head [mlp|tr]``, ``--resume``, ``--a / --no-a``."""
+    names = ", ".join(param.opts)
+    if param.secondary_opts:
+        return f"{names} / {', '.join(param.secondary_opts)}"
+    if param.is_flag:
+        return names
+    return f"{names} {param.display_type_rich(ctx) or ''}".rstrip()
+
+
+def option_help(param: Any, apart: bool = False) -> Any:
+    """An option's help with its default, or (``apart``) the help and the default's text."""
+    text, shown, default = param.help or "", param.show_default, None
+    if isinstance(shown, str):
+        default = shown
+    elif param.is_flag and not param.secondary_opts:
+        default = "off" if not param.default else "on"
+    elif shown is not False and param.default is not None:
+        default = str(param.default)
+    if apart:
+        return text, default
+    return f"{text} (default: {default})" if default and not (param.is_flag and default == "off") else text
+
+
 # The order a user meets the commands in: get a backbone, train, measure, use, share.
 COMMAND_ORDER = ("info", "fetch", "prepare", "train", "eval", "report", "segment", "push", "export", "import", "demo")
 
@@ -182,6 +235,13 @@ BackboneCheckOption = Annotated[
 ]
 
 
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line, not left at its default. (Typer
+    may bring its own copy of click, so its sources are told apart by name.)"""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def _relaunch(
     ctx: typer.Context,
     processes: int,
@@ -195,7 +255,7 @@ def _relaunch(
     import torch
 
     from ..devices import resolve_device
-    from ..training.distributed import launch
+    from ..distributed import launch
 
     available = torch.cuda.device_count()
     if resolve_device(device).type == "cuda":
@@ -205,16 +265,19 @@ def _relaunch(
         raise CauseError(
             f"--gpus {processes} needs GPUs and this machine has none; --device cpu runs CPU processes instead."
         )
-    # The options given on this command line, passed on as they came; the others default alike.
+    # The options given on this command line, passed on as they came; the others default alike
+    # (and what a --config file says is read again by every process).
     arguments: list[str] = [ctx.info_name or "", *fixed]
     for option in ctx.command.params:
         if option.param_type_name != "option" or option.name in ("gpus", *passed_on_elsewhere, None):
             continue
-        if option.name not in ctx.params or ctx.params[option.name] is None:
+        if not given_on_command_line(ctx, option.name):
             continue
         value = ctx.params[option.name]
+        if value is None:
+            continue
         if getattr(option, "is_flag", False):
-            arguments += [option.opts[0]] if value else []
+            arguments += [option.opts[0]] if value else option.secondary_opts[:1]
         else:
             arguments += [option.opts[0], str(value)]
     status = launch(processes, arguments)

@@ -71,29 +71,26 @@ def evaluate(
     require_at_least(1, batch_size=batch_size)
     require_at_least(0, crf_workers=crf_workers, loader_workers=loader_workers)
     from ..devices import use_precision
-    from ..inference.crf import default_workers
-    from ..inference.evaluate import evaluate_run
+    from ..inference.evaluate import EvaluationSettings, evaluate_run
     from ..runs import HUB_RUN_PREFIX
 
     from_hub = str(run).startswith(HUB_RUN_PREFIX)
 
     with use_precision(precision):
-        result = evaluate_run(
-            run,
-            dataset,
-            str(data_dir) if data_dir else None,
-            split,
-            device,
-            batch_size,
-            loader_workers,
-            _reporter(quiet or json_output),
+        settings = EvaluationSettings(
+            dataset=dataset,
+            data_dir=str(data_dir) if data_dir else None,
+            split=split,
+            device=device,
+            batch_size=batch_size,
             crf=crf,
-            crf_workers=default_workers() if crf_workers is None else crf_workers,
+            crf_workers=crf_workers,
             crf_backend=crf_backend,
-            backbone=backbone,
+            loader_workers=loader_workers,
             baselines=baselines,
-            write=not from_hub,
+            backbone=backbone,
         )
+        result = evaluate_run(run, settings, _reporter(quiet or json_output), write=not from_hub)
     if from_hub and not json_output:
         stderr.print(f"{run} is read from the Hub's cache: the metrics are printed, not written into it")
     if json_output:

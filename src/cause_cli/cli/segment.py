@@ -110,11 +110,10 @@ def segment(
         # Waiting passively costs the model nothing measurable (ViT-S/8: 3.31 and 3.33 images/s).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..devices import use_precision
-    from ..inference.crf import default_workers
+    from ..distributed import from_environment
     from ..inference.outputs import parse_save
-    from ..inference.segment import segment_images
+    from ..inference.segment import SegmentSettings, segment_images
     from ..paths import next_numbered_folder, runs_home
-    from ..training.distributed import from_environment
 
     process = from_environment()
     if process.distributed and out is None:
@@ -125,23 +124,20 @@ def segment(
         _relaunch(ctx, gpus, device, fixed, passed_on_elsewhere=("run", "out"), what="Segmenting")
         return
     with use_precision(precision):
-        result = segment_images(
-            source,
-            run,
-            out_path,
-            device,
-            batch_size,
-            _reporter(quiet or json_output),
+        settings = SegmentSettings(
+            device=device,
+            batch_size=batch_size,
             crf=crf,
-            crf_workers=default_workers() if crf_workers is None else crf_workers,
+            crf_workers=crf_workers,
             crf_backend=crf_backend,
-            legend=legend,
-            backbone=backbone,
-            overwrite=overwrite,
-            save=parse_save(save),
             loader_workers=loader_workers,
             writer_threads=writer_threads,
+            legend=legend,
+            save=parse_save(save),
+            overwrite=overwrite,
+            backbone=backbone,
         )
+        result = segment_images(source, run, out_path, settings, _reporter(quiet or json_output))
     if not process.is_main:
         return
     if json_output:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import DATASET_NAMES
 from ..errors import CauseError
 from .base import SegmentationDataset, UnreadableFile
 from .folder import ImageFolderDataset, read_class_names
 
-DATASETS = ("cocostuff27", "cocostuff81", "cocostuff171", "cityscapes", "voc2012", "folder")
+DATASETS = DATASET_NAMES
 # The reference implementation's names for the same datasets.
 ALIASES = {"coco27": "cocostuff27", "coco81": "cocostuff81", "coco171": "cocostuff171", "pascalvoc": "voc2012"}
 

@@ -4,12 +4,13 @@ training added: spherical k-means with as many clusters as the run on
 * the frozen backbone's patch tokens (the baseline papers in this field report), and
 * the trained teacher head's features (what step three could reach by plain k-means).
 
-Both are fitted on a sample of the *training* split without its labels (the same images the
-run trained on), then scored on the evaluated split by the same Hungarian protocol as the
-run, without the dense CRF (it would triple the CRF's cost). Head features reach pixel size
-as the run's cluster probe's do (by default their cosines are upsampled; the paper's way
-upsamples the features first); the backbone's tokens are assigned at their own resolution and
-the cosines upsampled, which needs ``C`` channels at pixel size instead of ``D``.
+Both are fitted on a sample of the *training* split of the data evaluated, without its labels
+(for a run evaluated on its own data, the images it trained on), then scored on the evaluated
+split by the same Hungarian protocol as the run, without the dense CRF (it would triple the
+CRF's cost). Head features reach pixel size as the run's cluster probe's do (by default their
+cosines are upsampled; the paper's way upsamples the features first); the backbone's tokens
+are assigned at their own resolution and the cosines upsampled, which needs ``C`` channels at
+pixel size instead of ``D``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from ..data import open_dataset
 from ..data.loading import LoadReport, iterate_batches
 from ..data.transforms import normalise_pixels
 from ..devices import autocast
+from ..feature_cache import FeatureCache, cache_folder, open_existing_cache
 from ..model.heads import ClusterProbe
 from ..model.kmeans import draw_tokens, gather_tokens, spherical_kmeans, tokens_per_image
 from ..model.ops import cosine_similarity_matrix, map_to_tokens, tokens_to_map
 from ..progress import Reporter
-from ..training.feature_cache import FeatureCache, cache_folder, open_existing_cache
 from .predict import TrainedModel, backbone_and_head, head_map_of_tokens
 
 BASELINE_IMAGES = 256
@@ -53,13 +54,17 @@ def fit_baselines(
     reporter: Reporter | None = None,
     seed: int = 0,
     run_path: Path | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
 ) -> BaselineCentroids:
-    """k-means centroids on up to ``BASELINE_IMAGES`` training images spread over the split.
-    The tokens the run's training cached (in ``run_path``) are read instead of running the
-    backbone again; the images they belong to are not even decoded."""
+    """k-means centroids on up to ``BASELINE_IMAGES`` training images spread over the split of
+    ``dataset`` in ``data_dir`` (each by default the run's own). The tokens the run's training
+    cached (in ``run_path``) are read instead of running the backbone again; the images they
+    belong to are not even decoded."""
     reporter = reporter or Reporter()
     config = model.config
-    data = open_dataset(config.dataset, config.data_dir, "train", model.resolution, config.val_fraction, crops=True)
+    dataset, data_dir = dataset or config.dataset, data_dir or config.data_dir
+    data = open_dataset(dataset, data_dir, "train", model.resolution, config.val_fraction, crops=True)
     count = min(len(data), BASELINE_IMAGES)
     chosen = np.unique(np.linspace(0, len(data) - 1, count).round().astype(np.int64)).tolist()
     batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ..errors import CauseError
 from ..progress import Reporter
 from ..runs import EVALUATION_FILES, METRICS_FILE, RunDirectory, open_run
 from .baselines import baseline_maps, fit_baselines
-from .crf import CRFQueue, choose_crf_backend, open_crf
+from .crf import CRFQueue, choose_crf_backend, default_workers, open_crf
 from .figures import colourise, confusion_picture, palette, png_writer, samples_picture
 from .metrics import MetricAccumulator, SegmentationScores
 from .predict import load_trained, predict_batch, stack_label_maps
@@ -36,29 +37,39 @@ from .report import write_report
 SAMPLES_SHOWN = 4
 
 
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How ``cause eval`` evaluates, named and defaulted as its options are."""
+
+    dataset: str | None = None  # None: the run's
+    data_dir: str | None = None  # None: the run's
+    split: str = "val"
+    device: str = "auto"
+    batch_size: int = 16
+    crf: bool | None = None  # None: on
+    crf_workers: int | None = None  # None: one per CPU (crf.default_workers)
+    crf_backend: str = "auto"
+    loader_workers: int | None = None  # None: none on the CPU, up to 8 on a GPU
+    baselines: bool = True
+    backbone: str | None = None  # only checks the run's
+
+
 def evaluate_run(
     run_path: Path | str,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    split: str = "val",
-    device: str = "auto",
-    batch_size: int = 16,
-    workers: int | None = None,
+    settings: EvaluationSettings | None = None,
     reporter: Reporter | None = None,
     write: bool = True,
-    crf: bool | None = None,
-    crf_workers: int = 0,
-    backbone: str | None = None,
-    baselines: bool = True,
-    crf_backend: str = "auto",
 ) -> dict[str, Any]:
     """Cluster (and linear-probe) mIoU and pixel accuracy of a run, with and without CRF, and
-    (``baselines``) those of k-means on the backbone's tokens and on the head's features.
+    (``settings.baselines``) those of k-means on the backbone's tokens and on the head's
+    features, fitted on the training split of the data evaluated.
 
-    ``crf=None`` runs the CRF (``crf_backend``: :func:`.crf.choose_crf_backend`; it is there
-    whether or not ``pydensecrf`` is installed). Writes ``metrics.json``,
+    ``settings.crf=None`` runs the CRF (``crf_backend``: :func:`.crf.choose_crf_backend`; it is
+    there whether or not ``pydensecrf`` is installed). Writes ``metrics.json``,
     ``confusion.png`` and ``samples.png`` into the run folder unless ``write=False``.
     """
+    settings = settings or EvaluationSettings()
+    split, batch_size = settings.split, settings.batch_size
     reporter = reporter or Reporter()
     run = open_run(run_path)
     if run.hub_id is not None and write:
@@ -73,18 +84,24 @@ def evaluate_run(
             run.owned.refuse_unless_ours(
                 EVALUATION_FILES, f"move it away, or evaluate a copy of {run.path} (cause writes only its own files)"
             )
-        crf = True if crf is None else crf
-        torch_device = resolve_device(device)
-        backend = choose_crf_backend(crf_backend, torch_device) if crf else None
-        workers = loader_workers(workers, torch_device)
-        model = load_trained(run, torch_device, backbone)
+        crf = True if settings.crf is None else settings.crf
+        crf_workers = default_workers() if settings.crf_workers is None else settings.crf_workers
+        torch_device = resolve_device(settings.device)
+        backend = choose_crf_backend(settings.crf_backend, torch_device) if crf else None
+        workers = loader_workers(settings.loader_workers, torch_device)
+        model = load_trained(run, torch_device, settings.backbone)
         config = model.config
-        dataset_name = dataset or config.dataset
-        root = data_dir or config.data_dir
+        dataset_name = settings.dataset or config.dataset
+        root = settings.data_dir or config.data_dir
         data = open_dataset(dataset_name, root, split, model.resolution, config.val_fraction)
         if not data.has_labels:
             raise CauseError(f"The {split} split of {root} has no labels to evaluate against.")
-        fitted = fit_baselines(model, batch_size, workers, reporter, config.seed, run.path) if baselines else None
+        # The baselines' training split is that of the data evaluated: an imported run has no data folder of its own.
+        fitted = (
+            fit_baselines(model, batch_size, workers, reporter, config.seed, run.path, dataset_name, root)
+            if settings.baselines
+            else None
+        )
         report = LoadReport()
         batches = iterate_batches(
             data,

@@ -25,10 +25,8 @@ from ..devices import autocast
 from ..errors import CauseError
 from ..model.heads import CRF_SHARPNESS, ClusterProbe, LinearProbe, SegmentationHeads
 from ..model.ops import map_to_tokens, tokens_to_map
-from ..model.whitening import FeatureWhitening
-from ..run_checks import check_state
-from ..runs import PROBE_FILE, RUN_FILE, RunDirectory
-from ..training import load_heads
+from ..runs import RUN_FILE, RunDirectory
+from ..trained import load_weights
 from .crf import CRFPool, PendingResults, RefinedNow, TorchCRF
 
 
@@ -67,37 +65,16 @@ def load_trained(run: RunDirectory, device: torch.device, backbone: str | None =
             f"{config.resolution} is not a multiple of the patch size {loaded_backbone.patch_size} of backbone "
             f"'{config.backbone}'; train the run again."
         )
-    heads = load_heads(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device).eval()
-    probe_state = run.load_tensors(PROBE_FILE, device)
-    whitening = "whitening.mean" in probe_state or "whitening.matrix" in probe_state
-    spread = "precision" in probe_state
-    upsample_scores = config.probe_upsampling == "scores"
-
-    def build_probe() -> ClusterProbe:
-        space = FeatureWhitening(config.reduced_dim) if whitening else None
-        return ClusterProbe(config.reduced_dim, num_classes, space, spread, upsample_scores)
-
-    # The file's tensors against the probes the run describes, built where nothing is allocated.
-    with torch.device("meta"):
-        expected = dict(build_probe().state_dict())
-        if any(key.startswith("linear_probe.") for key in probe_state):
-            expected.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
-    check_state(run.file(PROBE_FILE), expected, probe_state)
-    cluster_probe = build_probe().to(device)
-    cluster_probe.load_state_dict(
-        {key: value for key, value in probe_state.items() if key in cluster_probe.state_dict()}
-    )
-    linear_probe = heads.linear_probe
-    if "linear_probe.linear.weight" in probe_state:
-        linear_probe.load_state_dict(
-            {
-                key.removeprefix("linear_probe."): value
-                for key, value in probe_state.items()
-                if key.startswith("linear_probe.")
-            }
-        )
+    weights = load_weights(run, config, loaded_backbone.dim, loaded_backbone.patch_size, num_classes, device)
     return TrainedModel(
-        config, loaded_backbone, heads, cluster_probe, linear_probe.eval(), num_classes, info.get("class_names"), device
+        config,
+        loaded_backbone,
+        weights.heads,
+        weights.cluster_probe,
+        weights.linear_probe,
+        num_classes,
+        info.get("class_names"),
+        device,
     )
 
 

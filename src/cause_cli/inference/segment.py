@@ -24,13 +24,13 @@ import numpy as np
 
 from ..devices import loader_workers as workers_for
 from ..devices import resolve_device
+from ..distributed import ProcessGroup, from_environment, start, stop
 from ..errors import CauseError
 from ..paths import refuse_unusable_folder
 from ..progress import Reporter
 from ..run_checks import MAX_METRICS_JSON_BYTES, metrics_problem, read_json
 from ..runs import METRICS_FILE, RunDirectory, open_run
-from ..training.distributed import ProcessGroup, from_environment, start, stop
-from .crf import choose_crf_backend, open_crf
+from .crf import choose_crf_backend, default_workers, open_crf
 from .figures import legend_picture, png_writer
 from .inputs import DecodedInput, decoded_inputs, pending_inputs
 from .manifest import (
@@ -115,32 +115,37 @@ def class_mapping(run: RunDirectory) -> tuple[np.ndarray, list[str]] | None:
     return np.asarray(mapping, dtype=np.int64), list(names)
 
 
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How ``cause segment`` segments, named and defaulted as its options are."""
+
+    device: str = "auto"
+    batch_size: int = 8
+    crf: bool = False
+    crf_workers: int | None = None  # None: one per CPU (crf.default_workers)
+    crf_backend: str = "auto"
+    loader_workers: int | None = None  # None: none on the CPU, up to 8 on a GPU
+    writer_threads: int | None = None  # None: one per CPU
+    legend: bool = False
+    save: tuple[str, ...] = DEFAULT_SAVE
+    overwrite: bool = False
+    backbone: str | None = None  # only checks the run's
+
+
 def segment_images(
     source: Path | str,
     run_path: Path | str,
     out: Path | str,
-    device: str = "auto",
-    batch_size: int = 8,
+    settings: SegmentSettings | None = None,
     reporter: Reporter | None = None,
-    crf: bool = False,
-    crf_workers: int = 0,
-    legend: bool = False,
-    backbone: str | None = None,
-    overwrite: bool = False,
-    save: tuple[str, ...] = DEFAULT_SAVE,
-    loader_workers: int | None = None,
-    writer_threads: int | None = None,
-    crf_backend: str = "auto",
 ) -> dict[str, Any]:
     """Segment every image named by ``source`` with the run's model into ``out``; inputs a
-    previous call finished there are skipped (``overwrite`` redoes everything). Inputs are
-    listed lazily and decoded in ``loader_workers`` processes, so memory does not grow with
-    their number; the files are made in ``writer_threads`` threads (default: one per CPU)."""
+    previous call finished there are skipped (``settings.overwrite`` redoes everything). Inputs
+    are listed lazily and decoded in ``settings.loader_workers`` processes, so memory does not
+    grow with their number; the files are made in ``settings.writer_threads`` threads."""
     group = from_environment()
     try:
-        return _segment(source, run_path, Path(out), device, batch_size, reporter or Reporter(), group, crf,
-                        crf_workers, legend, backbone, overwrite, save, loader_workers, writer_threads,
-                        crf_backend)  # fmt: skip
+        return _segment(source, run_path, Path(out), settings or SegmentSettings(), reporter or Reporter(), group)
     finally:
         stop(group)
 
@@ -149,36 +154,27 @@ def _segment(
     source: Path | str,
     run_path: Path | str,
     out: Path,
-    device: str,
-    batch_size: int,
+    settings: SegmentSettings,
     reporter: Reporter,
     group: ProcessGroup,
-    crf: bool,
-    crf_workers: int,
-    legend: bool,
-    backbone: str | None,
-    overwrite: bool,
-    save: tuple[str, ...],
-    loader_workers: int | None,
-    writer_threads: int | None,
-    crf_backend: str,
 ) -> dict[str, Any]:
     """Process ``group.rank``'s share; the first process merges the summary."""
     reporter = reporter if group.is_main else Reporter()
+    crf, save, legend = settings.crf, settings.save, settings.legend
     run = open_run(run_path)
     if not Path(source).exists() and not glob.has_magic(str(source)):
         raise CauseError(f"{source} does not exist.")
     refuse_unusable_folder(out, "--out")
     refuse_outputs_among_inputs(source, out)
-    resolved = resolve_device(device)
-    backend = choose_crf_backend(crf_backend, resolved) if crf else None
+    resolved = resolve_device(settings.device)
+    backend = choose_crf_backend(settings.crf_backend, resolved) if crf else None
     torch_device = start(group, resolved)
-    model = load_trained(run, torch_device, backbone)
+    model = load_trained(run, torch_device, settings.backbone)
     mapping, names = labels_of(run, model.num_classes)
     labels_are = "classes" if mapping is not None else "clusters"
     label_format = "8-bit palette PNG" if model.num_classes <= PALETTE_IDS else "16-bit greyscale PNG"
     folder = OutputFolder(out, group.rank, group.world_size)
-    settings = {
+    recorded = {
         "run": str(run.path.resolve()),
         "run_sha256": run_fingerprint(run),
         "labels_are": labels_are,
@@ -191,14 +187,14 @@ def _segment(
     with contextlib.ExitStack() as held:
         if group.is_main:  # the others wait until the folder is checked, cleared and claimed
             held.enter_context(folder.locked())
-            check_before_writing(folder, source, settings, save, legend, overwrite)
-            if overwrite:
+            check_before_writing(folder, source, recorded, save, legend, settings.overwrite)
+            if settings.overwrite:
                 for problem in folder.clear():
                     reporter.message(f"left in place: {problem}")
-            folder.claim(settings)
+            folder.claim(recorded)
         group.barrier()
         if not group.is_main:
-            folder.claim(settings)
+            folder.claim(recorded)
         finished = (entry["input"] for entry in folder.finished())
         pending, total, left = pending_inputs(source, out, finished, group.rank, group.world_size)
         mine = len(range(group.rank, total, group.world_size))
@@ -206,17 +202,19 @@ def _segment(
         if summary.done_before:
             reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
         started = time.perf_counter()
+        crf_workers = default_workers() if settings.crf_workers is None else settings.crf_workers
         pool = open_crf(backend, crf_workers, torch_device) if backend is not None else None
-        threads = writer_threads if writer_threads is not None else default_writer_threads(group.world_size)
+        threads = settings.writer_threads
+        threads = threads if threads is not None else default_writer_threads(group.world_size)
         segmenter = BatchSegmenter(model, mapping, pool, folder, save, threads)
         batch: list[DecodedInput] = []
-        decoding = workers_for(loader_workers, torch_device)
+        decoding = workers_for(settings.loader_workers, torch_device)
         try:
             # The first process's bar stands for all of them: each of its images is one of theirs.
             with reporter.task("segmenting", left * group.world_size, unit="images") as bar:
                 for decoded in decoded_inputs(pending, decoding, model.resolution):
                     batch.append(decoded)
-                    if len(batch) >= batch_size:
+                    if len(batch) >= settings.batch_size:
                         segmenter.batch(batch)
                         batch = []
                     bar(group.world_size)

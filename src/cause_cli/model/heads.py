@@ -1,4 +1,5 @@
-"""Segmentation heads, projection heads and probes (METHOD.md sections 2 and 3).
+"""The student and teacher heads with their projection heads, and the probes (METHOD.md
+sections 2 and 3); the heads a run may name are registered in head_kinds.py.
 
 All modules take and return token-major tensors ``[B, P, C]``. The reference writes its
 per-token maps as 1x1 convolutions on ``[B, C, g, g]``; a linear layer on the token axis is
@@ -15,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .head_kinds import HEAD_KINDS, TRHead, build_head
+from .head_kinds import MLPHead as MLPHead
 from .ops import (
     best_channel,
     cosine_similarity_matrix,
     ema_update_,
     map_to_tokens,
-    nearest_code,
-    take_tokens,
     tokens_to_map,
 )
 from .spread import spread_ranking, spread_scores
@@ -29,145 +30,6 @@ from .whitening import FeatureWhitening
 
 # The dense CRF starts from softmax(3 cos) of the cluster probe (METHOD.md section 4).
 CRF_SHARPNESS = 3.0
-
-
-class DualProjection(nn.Module):
-    """``W1 x + W3 relu(W2 x)``: ``[..., D] -> [..., r]``, the last stage of both heads.
-
-    With an input dropout, it is drawn separately for each branch, as the reference does.
-    """
-
-    def __init__(self, dim: int, reduced_dim: int) -> None:
-        super().__init__()
-        self.linear_branch = nn.Linear(dim, reduced_dim)
-        self.mlp_branch = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, reduced_dim))
-
-    def forward(self, tokens: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:
-        drop = dropout if dropout is not None else nn.Identity()
-        return self.linear_branch(drop(tokens)) + self.mlp_branch(drop(tokens))
-
-
-class MLPHead(nn.Module):
-    """CAUSE-MLP head ``h(x) = W1 x + W3 relu(W2 x)``: ``[B, P, D] -> [B, P, r]``.
-
-    During training, dropout acts on the input features.
-    """
-
-    def __init__(self, dim: int, reduced_dim: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.projection = DualProjection(dim, reduced_dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        use_dropout: bool = False,
-        positions: torch.Tensor | None = None,
-        token_codes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The features of every token, or of the tokens at ``positions [B, S]`` (each token
-        on its own: the others are not read). ``token_codes`` is for the TR head's signature."""
-        if positions is not None:
-            tokens = take_tokens(tokens, positions)
-        return self.projection(tokens, self.dropout if use_dropout else None)
-
-
-class TRHead(nn.Module):
-    """CAUSE-TR head (METHOD.md section 2): ``[B, P, D] -> [B, P, r]``.
-
-    Queries are the backbone tokens vector-quantised by the clusterbook. One post-norm decoder
-    layer: single-head self-attention on the queries plus learned positions, single-head
-    cross-attention to the backbone tokens, a ReLU FFN of width ``hidden_dim``; then the
-    backbone tokens are added back (``F + LayerNorm(tgt)``) and projected like the MLP head.
-    Dropout inside the layer follows ``train()``; ``use_dropout`` adds the input dropout of
-    the final projection.
-    """
-
-    def __init__(
-        self, dim: int, reduced_dim: int, num_queries: int, hidden_dim: int = 2048, dropout: float = 0.1
-    ) -> None:
-        super().__init__()
-        self.query_pos = nn.Parameter(torch.randn(num_queries, dim))
-        self.self_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(dim, hidden_dim)
-        self.linear2 = nn.Linear(hidden_dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ffn_dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.projection = DualProjection(dim, reduced_dim)
-        self.dropout = nn.Dropout(dropout)
-        # The clusterbook is step one's result, not a parameter of this head: not saved with it.
-        self.register_buffer("clusterbook", torch.zeros(0, dim), persistent=False)
-
-    def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
-        self.clusterbook = clusterbook.detach().to(self.query_pos.device, self.query_pos.dtype)
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        attention_weights: bool = True,
-        positions: torch.Tensor | None = None,
-        token_codes: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
-        """Every intermediate of the decoder layer, for inspection and tests. Without
-        ``attention_weights`` the attention runs fused (``scaled_dot_product_attention``: flash
-        or memory-efficient kernels on GPUs) and the weights come back as None.
-
-        With ``positions [B, S]``, only the queries at those positions are decoded: every
-        query still attends to all the queries and tokens, and everything after the
-        attention acts on each query alone, so the result is those rows of the full decoding
-        (at a fraction of its cost when S is a sixteenth of P, as in training).
-        ``token_codes [B, P]``, the nearest clusterbook code of every token, saves finding
-        them again when the caller has them."""
-        if self.clusterbook.shape[0] == 0:
-            raise RuntimeError("TRHead needs its clusterbook: call set_clusterbook first")
-        if tokens.shape[1] != self.query_pos.shape[0]:
-            raise ValueError(f"TRHead was built for {self.query_pos.shape[0]} tokens per image, got {tokens.shape[1]}")
-        if token_codes is None:
-            token_codes = nearest_code(tokens, self.clusterbook)
-        queries = self.clusterbook[token_codes]
-        with_pos = queries + self.query_pos
-        if positions is None:
-            asking, asking_queries, asking_pos, own_tokens = with_pos, queries, self.query_pos, tokens
-        else:
-            asking, asking_queries = take_tokens(with_pos, positions), take_tokens(queries, positions)
-            asking_pos, own_tokens = self.query_pos[positions.to(tokens.device)], take_tokens(tokens, positions)
-        self_out, self_weights = self.self_attn(asking, with_pos, queries, need_weights=attention_weights)
-        norm1_out = self.norm1(asking_queries + self.dropout1(self_out))
-        cross_out, cross_weights = self.cross_attn(
-            norm1_out + asking_pos, tokens, tokens, need_weights=attention_weights
-        )
-        norm2_out = self.norm2(norm1_out + self.dropout2(cross_out))
-        linear2_out = self.linear2(self.ffn_dropout(torch.relu(self.linear1(norm2_out))))
-        norm3_out = self.norm3(norm2_out + self.dropout3(linear2_out))
-        return {
-            "self_attn_out": self_out,
-            "self_attn_weights": self_weights,
-            "norm1_out": norm1_out,
-            "cross_attn_out": cross_out,
-            "cross_attn_weights": cross_weights,
-            "norm2_out": norm2_out,
-            "linear2_out": linear2_out,
-            "norm3_out": norm3_out,
-            "output": own_tokens + norm3_out,
-        }
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        use_dropout: bool = False,
-        positions: torch.Tensor | None = None,
-        token_codes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The features of every token, or of the tokens at ``positions [B, S]`` (see :meth:`decode`)."""
-        decoded = self.decode(tokens, False, positions, token_codes)["output"]
-        assert decoded is not None
-        return self.projection(decoded, self.dropout if use_dropout else None)
 
 
 class ProjectionHead(nn.Module):
@@ -293,17 +155,6 @@ class ClusterProbe(nn.Module):
         return scores.transpose(1, 2).reshape(batch, -1, height, width)
 
 
-def build_head(kind: str, dim: int, reduced_dim: int, num_queries: int | None, dropout: float) -> nn.Module:
-    """A segmentation head: ``"mlp"``, or ``"tr"`` (which needs the tokens per image)."""
-    if kind == "mlp":
-        return MLPHead(dim, reduced_dim, dropout)
-    if kind == "tr":
-        if num_queries is None:
-            raise ValueError("the TR head needs the number of tokens per image")
-        return TRHead(dim, reduced_dim, num_queries, dropout=dropout)
-    raise ValueError(f"unknown head '{kind}'")
-
-
 class SegmentationHeads(nn.Module):
     """Student and EMA teacher heads with their projection heads, and the linear probe."""
 
@@ -330,7 +181,7 @@ class SegmentationHeads(nn.Module):
     @property
     def per_token(self) -> bool:
         """Whether the head maps each token on its own (so sampling tokens commutes with it)."""
-        return self.kind == "mlp"
+        return HEAD_KINDS[self.kind].per_token
 
     def set_clusterbook(self, clusterbook: torch.Tensor) -> None:
         for head in (self.student, self.teacher):

@@ -1,10 +1,11 @@
 """Training: the context every step shares, one module per step of CAUSE, and the run that
 chains them (:func:`train`)."""
 
+from ..trained import build_heads, load_heads
 from .cluster_probe import train_cluster_probe
 from .clusterbook import train_clusterbook
 from .context import TrainingContext, seed_everything
-from .front_door import build_heads, load_heads, train_front_door
+from .front_door import train_front_door
 from .pipeline import prepare, train
 
 __all__ = [

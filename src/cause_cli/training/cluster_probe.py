@@ -13,34 +13,26 @@ separates classes that the front door packed close together; the whitening is sa
 the centroids and applied at inference. Where the k-means fits disagree (``probe_spread``,
 model/spread.py), the clusters also get a spread: equal Gaussians sharing one diagonal
 covariance, fitted from the k-means partition.
+
+The starts and spaces are variants registered in probe_kinds.py; this step runs the ones the
+configuration names, and trained.py writes what they made.
 """
 
 from __future__ import annotations
 
-import copy
-import shutil
 from typing import Any
 
 import torch
 
 from ..devices import autocast, gradient_scaler
-from ..model.heads import ClusterProbe, SegmentationHeads
-from ..model.kmeans import (
-    assign,
-    consensus_kmeans,
-    draw_tokens,
-    gather_tokens,
-    spherical_kmeans,
-    tokens_per_image,
-    unit_rows,
-)
+from ..model.heads import SegmentationHeads
+from ..model.kmeans import draw_tokens, gather_tokens, tokens_per_image
 from ..model.modularity import ModularityObjective
-from ..model.spread import AGREEMENT_THRESHOLD, fit_shared_spread, uses_spread
-from ..model.whitening import FeatureWhitening
-from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE
+from ..runs import FRONT_DOOR_HEAD_FILE, HEAD_FILE
+from ..trained import keep_front_door_heads, load_heads, save_heads, save_probe
 from .context import TrainingContext
-from .front_door import load_heads
 from .linear_probe import linear_probe_loss
+from .probe_kinds import PROBE_SPACES, PROBE_STARTS
 
 
 def train_cluster_probe(context: TrainingContext, title: str) -> None:
@@ -56,9 +48,7 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     reference = context.reference_recipe
     source = HEAD_FILE
     if reference:
-        if context.run.writes and not context.run.has(FRONT_DOOR_HEAD_FILE):
-            front_door = context.run.file(HEAD_FILE)
-            context.run.write_file(FRONT_DOOR_HEAD_FILE, lambda target: shutil.copyfile(front_door, target))
+        keep_front_door_heads(context.run)
         source = FRONT_DOOR_HEAD_FILE
     context.group.barrier()
     heads = load_heads(
@@ -71,26 +61,17 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
     for parameter in head_trained:
         parameter.requires_grad_(True)
     group = context.group
-    assert config.probe_restarts is not None
-    whitening = None
+    # The start and the space are variants (probe_kinds.py): what they need, and what they make.
+    start, space = PROBE_STARTS[config.probe_init], PROBE_SPACES[config.probe_space]
     points = None
-    if config.probe_init == "kmeans" or config.probe_space == "whitened":
+    if start.reads_features or space.reads_features:
         points = sample_teacher_features(context, heads, title)
-    if config.probe_space == "whitened":
-        assert points is not None
-        whitening = FeatureWhitening.fit(points)
+    whitening = space.fit(context, points)
+    if whitening is not None and points is not None:
         points = whitening(points)
-        context.run.log(f"cluster probe: whitening fitted on {len(points):,} tokens")
-    if config.probe_init == "kmeans":
-        assert points is not None
-        starts = [kmeans_start(context, points, copy.deepcopy(whitening))]
-    else:
-        # Several probes from different random starts can learn side by side on the same batches;
-        # the one whose last epoch reached the best modularity is kept (labels play no part).
-        starts = [
-            ClusterProbe(config.reduced_dim, context.num_classes, copy.deepcopy(whitening))
-            for _ in range(config.probe_restarts)
-        ]
+    # Several probes (from different random starts) can learn side by side on the same batches;
+    # the one whose last epoch reached the best modularity is kept (labels play no part).
+    starts = start.make(context, points, whitening)
     probe_space = whitening.to(device) if whitening is not None else torch.nn.Identity()
     probes = torch.nn.ModuleList(starts).to(device)
     refine = config.refines_probe
@@ -187,10 +168,8 @@ def train_cluster_probe(context: TrainingContext, title: str) -> None:
         listed = ", ".join(f"{value:.5f}" for value in means.tolist())
         context.run.log(f"cluster probe: last-epoch modularity loss {listed}; kept start {best + 1} of {len(probes)}")
     if reference:
-        context.run.save_tensors(HEAD_FILE, heads.state_dict())
-    tensors = {key: value.detach() for key, value in starts[best].state_dict().items()}
-    tensors.update({f"linear_probe.{key}": value for key, value in heads.linear_probe.state_dict().items()})
-    context.run.save_tensors(PROBE_FILE, tensors)
+        save_heads(context.run, heads)
+    save_probe(context.run, starts[best], heads.linear_probe, config.probe_init, config.probe_space)
 
 
 # How much of the training data the k-means start reads: enough tokens for a stable fit of a
@@ -231,38 +210,3 @@ def sample_teacher_features(context: TrainingContext, heads: SegmentationHeads, 
     heads.train(was_training)
     context.run.log(f"cluster probe: sampled {sum(len(rows) for rows in samples):,} tokens of {seen:,} images")
     return torch.cat(samples)
-
-
-def kmeans_start(context: TrainingContext, points: torch.Tensor, whitening: FeatureWhitening | None) -> ClusterProbe:
-    """The cluster probe from spherical k-means of ``points [N, r]`` (in the probe's space):
-    the consensus of the configured single-start fits, or the best of the configured restarts
-    when the consensus is off; then, where the configured spread asks for it, equal Gaussians
-    of one shared diagonal covariance fitted from that partition (model/spread.py)."""
-    config = context.config
-    assert config.probe_restarts is not None and config.probe_consensus is not None  # validate() resolved them
-    restarts = config.probe_restarts
-    generator = torch.Generator().manual_seed(config.seed)
-    if config.probe_consensus:
-        result = consensus_kmeans(points, context.num_classes, generator, config.probe_consensus)
-        how = f"consensus of {config.probe_consensus} single-start fits (they agree on {result.agreement:.1%})"
-    else:
-        result = spherical_kmeans(points, context.num_classes, generator, restarts)
-        how = f"best of {restarts} restarts"
-    context.run.log(
-        f"cluster probe: k-means start, {how}, mean cosine {result.mean_cosine:.4f} "
-        f"after {result.iterations} iterations"
-    )
-    # Modularity refines centroids that score by cosine; a spread's means are not such centroids.
-    spread = not config.refines_probe and uses_spread(config.probe_spread, result.agreement)
-    probe = ClusterProbe(config.reduced_dim, context.num_classes, whitening, spread=spread)
-    if not spread:
-        probe.centroids.data.copy_(result.centroids)
-        return probe
-    unit = unit_rows(points)
-    fitted = fit_shared_spread(unit, assign(unit, result.centroids)[0], context.num_classes)
-    assert probe.precision is not None
-    probe.centroids.data.copy_(fitted.means)
-    probe.precision.copy_(fitted.precision)
-    why = f" (the fits agree on less than {AGREEMENT_THRESHOLD:.0%})" if config.probe_spread == "auto" else ""
-    context.run.log(f"cluster probe: Gaussians of one shared spread fitted from the k-means partition{why}")
-    return probe

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..model.modularity import ModularityObjective
-from ..runs import CLUSTERBOOK_FILE
+from ..trained import save_clusterbook
 from .context import TrainingContext
 
 
@@ -42,4 +42,4 @@ def train_clusterbook(context: TrainingContext, title: str) -> None:
             "clusterbook", lambda: {"clusterbook": clusterbook.detach(), "optimiser": optimiser.state_dict()}
         )
     context.run.log(f"clusterbook: last modularity loss {context.global_loss_value(last_loss):.5f}")
-    context.run.save_tensors(CLUSTERBOOK_FILE, {"clusterbook": clusterbook.detach()})
+    save_clusterbook(context.run, clusterbook)

@@ -21,12 +21,12 @@ from ..data import SegmentationDataset, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches, iterate_batches
 from ..data.transforms import normalise_pixels
 from ..devices import autocast, loader_workers
+from ..distributed import SINGLE_PROCESS, ProcessGroup
 from ..errors import CauseError
+from ..feature_cache import FeatureCache, cache_folder
 from ..model.ops import draw_grid_choice, grid_positions, grid_side, take_tokens
 from ..progress import Reporter
 from ..runs import LOG_FILE, RESUME_FILE, RunDirectory
-from .distributed import SINGLE_PROCESS, ProcessGroup
-from .feature_cache import FeatureCache, cache_folder
 from .history import STEPS, History
 
 

@@ -12,33 +12,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
 from ..devices import autocast, gradient_scaler
-from ..errors import CauseError
 from ..model.bank import ConceptBank
 from ..model.contrastive import ContrastiveSettings, concept_contrastive_terms
-from ..model.heads import SegmentationHeads
 from ..model.ops import nearest_code, take_tokens
-from ..run_checks import check_state
-from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, RunDirectory
+from ..trained import build_heads, load_clusterbook, save_heads
 from .context import TrainingContext
 from .estimate import UPDATES_BEFORE_ESTIMATE, UpdateTimes, estimate_line, front_door_seconds
 from .linear_probe import linear_probe_loss, step_linear_probe
-
-
-def build_heads(config: TrainConfig, dim: int, patch_size: int, num_classes: int) -> SegmentationHeads:
-    assert config.resolution is not None
-    tokens_per_image = (config.resolution // patch_size) ** 2
-    return SegmentationHeads(
-        dim, config.reduced_dim, config.projection_dim, num_classes, config.dropout, config.head, tokens_per_image
-    )
 
 
 def train_front_door(context: TrainingContext, title: str) -> None:
     """Step two: student and EMA teacher heads trained by concept-wise contrastive learning."""
     config = context.config
     device = context.device
-    clusterbook = context.run.load_tensors(CLUSTERBOOK_FILE, device)["clusterbook"]
+    clusterbook = load_clusterbook(context.run, device, config.clusterbook_size, context.backbone.dim)
     normalised_codes = F.normalize(clusterbook, dim=1)
     heads = build_heads(config, context.backbone.dim, context.backbone.patch_size, context.num_classes).to(device)
     heads.set_clusterbook(clusterbook)
@@ -157,7 +145,7 @@ def train_front_door(context: TrainingContext, title: str) -> None:
         context.checkpoint("front_door", snapshot)
     last = context.global_loss_value(last_loss)
     context.run.log(f"front door: last contrastive loss {last:.5f}, bank entries {len(bank)}")
-    context.run.save_tensors(HEAD_FILE, heads.state_dict())
+    save_heads(context.run, heads)
 
 
 class FrontDoorClock:
@@ -193,35 +181,3 @@ class FrontDoorClock:
             line = estimate_line(left, float(np.median(self.times.fitted()[0])), context.device.type == "cpu")
             context.reporter.message(line)
             context.run.log(line)
-
-
-def load_heads(
-    run: RunDirectory,
-    config: TrainConfig,
-    dim: int,
-    patch_size: int,
-    num_classes: int,
-    device: torch.device,
-    file_name: str = HEAD_FILE,
-) -> SegmentationHeads:
-    state = run.load_tensors(file_name, device)
-    # The file's tensors are checked against the heads the configuration builds, built first
-    # where nothing is allocated: a configuration that asks for huge heads meets a file that
-    # does not hold them before it costs any memory.
-    with torch.device("meta"):
-        expected = build_heads(config, dim, patch_size, num_classes)
-    check_state(run.file(file_name), expected.state_dict(), state)
-    clusterbook = None
-    if expected.kind == "tr":
-        book = run.load_tensors(CLUSTERBOOK_FILE, device)
-        wanted = {"clusterbook": torch.empty(config.clusterbook_size, dim, device="meta")}
-        check_state(run.file(CLUSTERBOOK_FILE), wanted, book)
-        clusterbook = book["clusterbook"]
-    heads = build_heads(config, dim, patch_size, num_classes).to(device)
-    if clusterbook is not None:
-        heads.set_clusterbook(clusterbook)
-    try:
-        heads.load_state_dict(state)
-    except RuntimeError as error:
-        raise CauseError(f"{run.file(file_name)} does not fit this run's configuration.") from error
-    return heads

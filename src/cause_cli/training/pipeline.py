@@ -10,7 +10,6 @@ Labels train nothing but the linear probe, and only on detached features.
 
 from __future__ import annotations
 
-import math
 import shlex
 import time
 from pathlib import Path
@@ -19,24 +18,26 @@ import torch
 
 from .._version import __version__
 from ..backbones import load_backbone, refuse_other_backbone
-from ..config import TrainConfig, apply_reference_recipe
+from ..config import TrainConfig
 from ..data import canonical_name, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
+from ..distributed import REFERENCE_RECIPE_ALONE, SINGLE_PROCESS, ProcessGroup, from_environment
+from ..distributed import start as join_processes
+from ..distributed import stop as leave_processes
 from ..errors import CauseError, Interrupted
 from ..interrupts import raise_if_interrupted
 from ..paths import refuse_unusable_folder
 from ..progress import Reporter
+from ..resolve import TrainingFacts, absolute_data_dir, input_resolution, resolve_config, validated
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
 from .clusterbook import train_clusterbook
 from .context import TrainingContext, seed_everything
-from .distributed import REFERENCE_RECIPE_ALONE, SINGLE_PROCESS, ProcessGroup, from_environment
-from .distributed import start as join_processes
-from .distributed import stop as leave_processes
 from .feature_cache import decide_feature_caches, describe_feature_caches
 from .front_door import train_front_door
 from .history import write_curves
+from .probe_kinds import check_probe_variants
 
 
 def prepare(
@@ -47,9 +48,10 @@ def prepare(
     group: ProcessGroup = SINGLE_PROCESS,
     overwrite: bool = False,
 ) -> TrainingContext:
-    """Check the configuration against the data and the run folder; load the backbone. With
-    ``overwrite``, the earlier training's files are removed once everything has been checked."""
-    config.validate()
+    """Check the configuration against the data and the run folder; load the backbone; resolve
+    the configuration the run trains with (:func:`cause_cli.resolve.resolve_config`, the one
+    place it is completed). With ``overwrite``, the earlier training's files are removed once
+    everything has been checked."""
     if group.distributed and config.recipe == "reference":
         raise CauseError(REFERENCE_RECIPE_ALONE)
     if group.distributed and config.cache_features == "on" and not group.single_node:
@@ -58,17 +60,9 @@ def prepare(
     if run.has("run.json") and not overwrite:  # a run made with another backbone is refused before anything loads
         refuse_other_backbone(run.path, run.read_run_info(), config.backbone)
     backbone = load_backbone(config.backbone, device, pos_embed=config.pos_embed)
-    if config.resolution is None:
-        config.resolution = backbone.spec.resolution
-    if config.resolution % backbone.patch_size:
-        raise CauseError(f"Resolution {config.resolution} is not a multiple of the patch size {backbone.patch_size}.")
-    config.dataset = canonical_name(config.dataset)
-    # Stored resolved, so that the run can be evaluated or continued from any folder.
-    config.data_dir = str(Path(config.data_dir).expanduser().resolve())
-    apply_reference_recipe(config)
-    train_set = open_dataset(
-        config.dataset, config.data_dir, "train", config.resolution, config.val_fraction, crops=True
-    )
+    resolution = input_resolution(config, backbone.spec.resolution, backbone.patch_size)
+    dataset, data_dir = canonical_name(config.dataset), absolute_data_dir(config.data_dir)
+    train_set = open_dataset(dataset, data_dir, "train", resolution, config.val_fraction, crops=True)
     if train_set.note:
         reporter.message(train_set.note)
         run.log(train_set.note)
@@ -83,12 +77,19 @@ def prepare(
             f"skipped {len(train_set.unreachable)} folder(s) or link(s) that could not be read, listed in "
             f"{run.file(LOG_FILE)}"
         )
-    num_classes = config.num_classes or train_set.infer_num_classes()
-    if num_classes is None:
-        raise CauseError(
-            "The data has no labels and no classes.txt, so say how many clusters to find with --num-classes."
-        )
-    config.num_classes = num_classes
+    facts = TrainingFacts(
+        dataset=dataset,
+        data_dir=data_dir,
+        backbone_resolution=backbone.spec.resolution,
+        patch_size=backbone.patch_size,
+        classes_in_data=None if config.num_classes else train_set.infer_num_classes(),
+        whole_epoch_batches=len(ShuffledBatches(len(train_set), config.batch_size, config.seed, 0, group.world_size)),
+    )
+    resolved = resolve_config(config, facts)
+    config, schedule = resolved.config, resolved.schedule
+    check_probe_variants(config)  # step three's start and space can serve, before anything is written
+    num_classes = config.num_classes
+    assert num_classes is not None and config.resolution is not None
     if config.recipe == "reference" and not train_set.has_labels:
         raise CauseError("--recipe reference trains with labels (the reference's linear probe); this data has none.")
     if len(train_set) < group.world_size:
@@ -96,11 +97,6 @@ def prepare(
     refuse_more_clusters_than_tokens(num_classes, len(train_set), config.resolution // backbone.patch_size)
     if run.has("run.json") and not overwrite:
         refuse_other_backbone(run.path, run.read_run_info(), backbone)
-    global_batches = ShuffledBatches(len(train_set), config.batch_size, config.seed, 0, group.world_size)
-    batches_per_epoch = max(1, math.ceil(len(global_batches) * config.epoch_fraction))
-    paper_dataset = config.dataset != "folder"
-    config.resolve_thresholds(paper_dataset)
-    schedule = config.resolve_schedule(batches_per_epoch, paper_dataset)
     message = "schedule: " + ", ".join(
         f"{step.replace('_', ' ')} {plan['epochs']} epochs ({plan['updates']} updates)"
         for step, plan in schedule.items()
@@ -185,9 +181,9 @@ def train(
     input has been checked (files the toolkit did not write are never removed).
 
     Started by torchrun, the process trains together with the others (see
-    :mod:`cause_cli.training.distributed`); rank 0 reports and writes.
+    :mod:`cause_cli.distributed`); rank 0 reports and writes.
     """
-    config.validate()  # before anything is written
+    config = validated(config)  # before anything is written
     if resume and overwrite:
         raise CauseError("--resume continues a run and --overwrite starts it over: give one of them.")
     group = from_environment()

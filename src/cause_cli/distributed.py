@@ -1,7 +1,9 @@
-"""Data-parallel training over several processes, started by torchrun.
+"""Several processes started by torchrun: data-parallel training, and segmenting in parts.
 
-``cause train --gpus N`` starts ``N`` copies of itself through ``torch.distributed.run``
-(torchrun); a process started that way reads its rank from the environment torchrun sets.
+Below training and inference, which both use it (``cause segment --gpus N`` shares the
+images out among its processes). ``cause train --gpus N`` starts ``N`` copies of itself
+through ``torch.distributed.run`` (torchrun); a process started that way reads its rank from
+the environment torchrun sets.
 Every process trains on its own part of each global batch, gradients are averaged by
 ``DistributedDataParallel``, and only rank 0 writes into the run folder.
 
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import CauseError
+from .errors import CauseError
 
 
 @dataclass(frozen=True)
