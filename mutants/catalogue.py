@@ -28,9 +28,15 @@ SEGMENT = ("tests/test_segment_writing.py", "tests/test_segment_memory.py")
 CRF_TORCH = ("tests/test_crf_torch.py", "-k", "not agree_between and not without")
 METRICS = ("tests/test_metrics.py",)
 HISTORY = ("tests/test_history.py",)
-PROBE = ("tests/test_whitening.py", "tests/test_trained.py", "tests/test_spread.py", "tests/test_recipe.py")
-LABEL_FREE = ("tests/test_cli.py", "-k", "labels_influence or label_free or partly")
-TRAINED = ("tests/test_trained.py", "tests/test_upsampling.py", "tests/test_import.py")
+PROBE = (
+    "tests/test_probe_selection.py",
+    "tests/test_whitening.py",
+    "tests/test_trained.py",
+    "tests/test_spread.py",
+    "tests/test_recipe.py",
+)
+LABEL_FREE = ("tests/test_cli.py", "tests/test_recipe.py", "-k", "labels_influence or partly or labels_reach")
+TRAINED = ("tests/test_trained.py", "tests/test_probe_selection.py", "tests/test_upsampling.py", "tests/test_import.py")
 RESOLVE = ("tests/test_recipe.py", "tests/test_settings.py", "tests/test_defaults.py")
 
 MUTANTS = (
@@ -229,6 +235,27 @@ MUTANTS = (
         'PICTURES = ("confusion.png", "samples.png")',
         ("tests/test_push.py",),
     ),
+    Mutant(
+        "push ignores --private",
+        "sharing.py",
+        'api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")',
+        'api.create_repo(repo_id, private=False, exist_ok=True, repo_type="model")',
+        ("tests/test_push.py",),
+    ),
+    Mutant(
+        "non-commercial licence not flagged",
+        "sharing.py",
+        'return "NC" in licence.upper().split("-") or "gated" in licence.lower()',
+        'return "gated" in licence.lower()',
+        ("tests/test_push.py",),
+    ),
+    Mutant(
+        "card figures in another unit",
+        "sharing.py",
+        'return "-" if value is None else f"{float(value):.1f}"',
+        'return "-" if value is None else f"{float(value) / 100:.3f}"',
+        ("tests/test_push.py",),
+    ),
     # training/cluster_probe.py
     Mutant(
         "worst start kept",
@@ -263,7 +290,7 @@ MUTANTS = (
         "training/cluster_probe.py",
         "StepLR(optimiser, step_size=2, gamma=0.5)] if refine",
         "StepLR(optimiser, step_size=1, gamma=0.5)] if refine",
-        ("tests/test_reference_pipeline.py", "tests/test_resume.py"),
+        ("tests/test_probe_selection.py", "tests/test_reference_pipeline.py", "tests/test_resume.py"),
     ),
     # training/probe_kinds.py
     Mutant(

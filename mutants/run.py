@@ -3,6 +3,7 @@ its area, put the file back, and print the table (mutants per module, caught, su
 
     python mutants/run.py                    # every mutant (nox -s mutants)
     python mutants/run.py --only "export"    # those whose name contains a word
+    python mutants/run.py --module training/ trained.py    # those of some modules
 
 Not in CI: on two cores the sweep takes minutes. The source file is always restored, also when
 the run is interrupted.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import subprocess
 import sys
 import time
@@ -32,8 +34,11 @@ def outcome(mutant: Mutant, timeout: int) -> str:
     try:
         path.write_text(original.replace(mutant.find, mutant.replace), encoding="utf-8")
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        # No bytecode of a mutant is kept: a mutant of the original's size, restored within the
+        # same second, would otherwise be run again from its cached bytecode.
+        environment = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         try:
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
         except subprocess.TimeoutExpired:
             return "caught"  # a hang is a failure too
         return "caught" if done.returncode == 1 else ("survived" if done.returncode == 0 else "broken")
@@ -44,9 +49,14 @@ def outcome(mutant: Mutant, timeout: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the mutants whose name contains this")
+    parser.add_argument("--module", nargs="*", default=[], help="run the mutants of the modules whose path starts so")
     parser.add_argument("--timeout", type=int, default=900, help="seconds a mutant's tests may take")
     options = parser.parse_args()
-    chosen = [mutant for mutant in MUTANTS if options.only in mutant.name]
+    chosen = [
+        mutant
+        for mutant in MUTANTS
+        if options.only in mutant.name and (not options.module or mutant.path.startswith(tuple(options.module)))
+    ]
     results: dict[str, list[tuple[Mutant, str]]] = collections.defaultdict(list)
     for mutant in chosen:
         started = time.perf_counter()

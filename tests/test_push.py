@@ -101,3 +101,15 @@ def test_tokens_and_restricted_licences_are_one_sentence(evaluated, hub, monkeyp
                        "recipe": "default"}, "backbone": {"name": "mae-vitb16"}, "num_classes": 6}  # fmt: skip
     card = model_card(info, None, "me/x", [])
     assert "license: cc-by-nc-4.0" in card and "**The backbone's licence is CC-BY-NC-4.0**" in card
+
+
+def test_a_private_push_makes_a_private_repository_and_its_card_shows_the_runs_figures(evaluated, hub, monkeypatch):
+    _, run = evaluated
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert invoke("push", run, "me/private-run", "--private").exit_code == 0
+    assert invoke("push", run, "me/public-run").exit_code == 0
+    assert hub.created == {"me/private-run": True, "me/public-run": False}
+    metrics = __import__("json").loads((run / "metrics.json").read_text())
+    card = hub.files[("me/private-run", "README.md")].decode()
+    row = next(line for line in card.splitlines() if line.startswith("| clusters (Hungarian matching) |"))
+    assert row == f"| clusters (Hungarian matching) | {metrics['miou']:.1f} | {metrics['pixel_accuracy']:.1f} |"

@@ -65,6 +65,27 @@ def test_reference_recipe_lets_labels_train_the_teacher(scenes, tmp_path):
     assert all(torch.equal(after[key], before[key]) for key in after if key.startswith("student."))
 
 
+def test_in_step_three_labels_reach_the_teacher_in_the_reference_recipe_only(scenes, tmp_path, monkeypatch):
+    """The leak the recipe copies: step three's linear-probe loss flows into the teacher's
+    features undetached in the reference recipe, and detached (labels train only the linear
+    probe) in the default one."""
+    import cause_cli.training.cluster_probe as step_three
+
+    detached = []
+    real = step_three.linear_probe_loss
+
+    def recording(context, probe, features, labels, detach):
+        detached.append((context.reference_recipe, detach))
+        return real(context, probe, features, labels, detach=detach)
+
+    monkeypatch.setattr(step_three, "linear_probe_loss", recording)
+    train(small(scenes, recipe="reference", head="mlp"), tmp_path / "reference", "cpu")
+    train(small(scenes, probe_init="random"), tmp_path / "default", "cpu")
+    assert {True: {False}, False: {True}} == {
+        recipe: {flag for made_in, flag in detached if made_in == recipe} for recipe in (True, False)
+    }
+
+
 def test_reference_recipe_trains_a_quarter_of_each_epoch(scenes, tmp_path):
     from cause_cli.progress import Reporter
 
