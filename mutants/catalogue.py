@@ -79,6 +79,34 @@ MUTANTS = (
     # model/kmeans.py
     Mutant("consensus share", "model/kmeans.py", "CONSENSUS_SHARE = 0.5", "CONSENSUS_SHARE = 0.6", KMEANS),
     # model/whitening.py and heads.py (ranking)
+    Mutant(
+        "k-means++ picks the farthest-spread candidate",
+        "model/kmeans.py",
+        "        best = int(totals.argmin())\n        seeds.append(int(candidates[best]))",
+        "        best = int(totals.argmax())\n        seeds.append(int(candidates[best]))",
+        KMEANS,
+    ),
+    Mutant(
+        "k-means keeps the worst restart",
+        "model/kmeans.py",
+        "if best is None or float(fit.mean()) > float(best[2].mean()):",
+        "if best is None or float(fit.mean()) < float(best[2].mean()):",
+        KMEANS,
+    ),
+    Mutant(
+        "centroids not normalised",
+        "model/kmeans.py",
+        "    updated = F.normalize(sums, dim=1)",
+        "    updated = sums / counts.clamp_min(1)[:, None]",
+        KMEANS,
+    ),
+    Mutant(
+        "zero rows kept",
+        "model/kmeans.py",
+        "return F.normalize(features.float(), dim=1)[features.float().norm(dim=1) > 0]",
+        "return F.normalize(features.float(), dim=1)",
+        KMEANS,
+    ),
     Mutant("whitening floor", "model/whitening.py", "WHITENING_FLOOR = 1e-3", "WHITENING_FLOOR = 1e-4", WHITENING),
     Mutant(
         "ranking without the mean",

@@ -18,6 +18,7 @@ from cause_cli.model.kmeans import (
     consensus_of,
     kmeans_plus_plus,
     spherical_kmeans,
+    unit_rows,
     update_centroids,
 )
 
@@ -228,3 +229,8 @@ def test_consensus_fits_use_half_of_the_points_by_default(monkeypatch):
     points = torch.randn(301, 8, generator=torch.Generator().manual_seed(0))
     kmeans.consensus_kmeans(points, 4, torch.Generator().manual_seed(0), fits=3)
     assert seen == [150, 150, 150]  # round(0.5 * 301)
+
+
+def test_unit_rows_leaves_out_the_rows_without_a_direction():
+    rows = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0], [0.0, 0.0, 0.0], [0.0, -2.0, 0.0]])
+    torch.testing.assert_close(unit_rows(rows), torch.tensor([[0.6, 0.0, 0.8], [0.0, -1.0, 0.0]]))
