@@ -79,7 +79,20 @@ def option_names(param: Any, ctx: Any) -> str:
         return f"{names} / {', '.join(param.secondary_opts)}"
     if param.is_flag:
         return names
-    return f"{names} {param.display_type_rich(ctx) or ''}".rstrip()
+    return f"{names} {_value_name(param, ctx)}".rstrip()
+
+
+def _value_name(param: Any, ctx: Any) -> str:
+    """What an option's value is called in help (``<int>``, ``[mlp|tr]``), from Typer's own
+    click or from click (whose ``make_metavar`` takes the context from click 8.2 on)."""
+    if hasattr(param, "display_type_rich"):
+        return str(param.display_type_rich(ctx) or "")
+    if param.metavar:
+        return str(param.metavar)
+    try:
+        return str(param.make_metavar(ctx))
+    except TypeError:
+        return str(param.make_metavar())
 
 
 def option_help(param: Any, apart: bool = False) -> Any:
