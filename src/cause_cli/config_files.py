@@ -13,6 +13,7 @@ from typing import Any
 from .config import TrainConfig
 from .errors import CauseError
 from .rules import or_null, shown
+from .settings import Setting
 
 # A settings file is a few kilobytes; a larger one is not one, and is not read into memory.
 MAX_SETTINGS_FILE_BYTES = 16 * 2**20
@@ -34,10 +35,10 @@ def read_settings_file(path: Path) -> dict[str, Any]:
 def settings_from_mapping(data: dict[str, Any], source: str) -> dict[str, Any]:
     """``data``'s settings by their names in :class:`TrainConfig`; keys may be written as the
     options are (``batch-size``, ``loader-workers``) too."""
-    by_key = {}
-    for setting in TrainConfig.settings():
-        by_key[setting.name] = setting
-        by_key[setting.flag.removeprefix("--").replace("-", "_")] = setting
+    by_key: dict[str, Setting] = {}
+    for declared in TrainConfig.settings():
+        by_key[declared.name] = declared
+        by_key[declared.flag.removeprefix("--").replace("-", "_")] = declared
     chosen: dict[str, Any] = {}
     for key, value in data.items():
         setting = by_key.get(str(key).replace("-", "_"))

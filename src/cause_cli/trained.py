@@ -37,6 +37,7 @@ from .errors import CauseError
 from .model.head_kinds import HEAD_KINDS
 from .model.heads import ClusterProbe, LinearProbe, SegmentationHeads
 from .model.whitening import FeatureWhitening
+from .rules import shown
 from .run_checks import WEIGHTS_REMEDY, check_state, parse_json
 from .runs import CLUSTERBOOK_FILE, FRONT_DOOR_HEAD_FILE, HEAD_FILE, PROBE_FILE, WEIGHT_FILES, RunDirectory
 
@@ -179,14 +180,14 @@ def probe_header(run: RunDirectory) -> dict[str, Any] | None:
     written = (header.get("format"), header.get("version"))
     if written != (PROBE_FORMAT, PROBE_FORMAT_VERSION):
         raise CauseError(
-            f"{path} is a probe file of format {_shown(written[0])} version {_shown(written[1])}, which this "
+            f"{path} is a probe file of format {shown(written[0])} version {shown(written[1])}, which this "
             f"version of cause does not read (it reads {PROBE_FORMAT} version {PROBE_FORMAT_VERSION}); "
             f"{WEIGHTS_REMEDY}."
         )
     for name in PROBE_PARTS:
         if not isinstance(header.get(name), bool):
             raise CauseError(
-                f"{path} says {_shown(header.get(name))} of its part '{name}', not true or false; {WEIGHTS_REMEDY}."
+                f"{path} says {shown(header.get(name))} of its part '{name}', not true or false; {WEIGHTS_REMEDY}."
             )
     return header
 
@@ -202,11 +203,6 @@ def probe_parts(run: RunDirectory, tensors: dict[str, torch.Tensor]) -> ProbePar
         spread="precision" in tensors,
         linear_probe=any(key.startswith(LINEAR_PROBE_PREFIX) for key in tensors),
     )
-
-
-def _shown(value: object, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_probe(

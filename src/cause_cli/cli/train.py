@@ -56,8 +56,9 @@ def _setting_parameter(setting: Setting) -> inspect.Parameter:
     details["show_default"] = setting.default_text()
     if setting.metavar:
         details["metavar"] = setting.metavar
+    kind: Any = bool
     if setting.kind is bool:
-        declaration, kind = f"{setting.flag}/--no-{setting.flag.removeprefix('--')}", bool
+        declaration = f"{setting.flag}/--no-{setting.flag.removeprefix('--')}"
     else:
         declaration, kind = setting.flag, setting.kind | None if setting.may_be_none else setting.kind
         if accepted:

@@ -161,13 +161,13 @@ class CRFPool:
     ) -> PendingResults:
         """Start the job on every (image, log-probabilities) pair, as arrays (tensors are copied
         from where they are); in this process and at once with no workers."""
-        images = [_array(image) for image in images]
-        log_probabilities = [_array(scores) for scores in log_probabilities]
-        if len(images) != len(log_probabilities):
-            raise ValueError(f"{len(images)} images and {len(log_probabilities)} score maps")
+        pictures = [_array(image) for image in images]
+        scores = [_array(scores) for scores in log_probabilities]
+        if len(pictures) != len(scores):
+            raise ValueError(f"{len(pictures)} images and {len(scores)} score maps")
         if self.workers == 0:
-            return PendingResults(self, images, log_probabilities, [], list(map(self._job, images, log_probabilities)))
-        return PendingResults(self, images, log_probabilities, self._submit_all(images, log_probabilities))
+            return PendingResults(self, pictures, scores, [], list(map(self._job, pictures, scores)))
+        return PendingResults(self, pictures, scores, self._submit_all(pictures, scores))
 
     def run(
         self, images: Sequence[np.ndarray | torch.Tensor], log_probabilities: Sequence[np.ndarray | torch.Tensor]

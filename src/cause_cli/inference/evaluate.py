@@ -166,8 +166,8 @@ def evaluate_run(
                 f"ids are all at or above {model.num_classes}), so nothing was evaluated and {_kept(run)}."
             )
         # What was skipped is said even with --quiet (or --json: on stderr), never passed over.
-        for path, reason in [*sorted(report.skipped.items()), *data.unreachable]:
-            reporter.quiet_summary(f"skipped {path}: {reason}")
+        for skipped, reason in [*sorted(report.skipped.items()), *data.unreachable]:
+            reporter.quiet_summary(f"skipped {skipped}: {reason}")
         names = list(model.class_names or data.class_names or [])[: model.num_classes]
         # More clusters than named classes (--num-classes above the data's): the rest by number.
         names += [str(index) for index in range(len(names), model.num_classes)]

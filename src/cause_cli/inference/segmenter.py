@@ -71,7 +71,11 @@ class BatchSegmenter:
             self.in_flight.drain()
             self.write_all(pending, [], [])
             return
-        model_inputs = torch.from_numpy(np.stack([item.model_input for item in readable])).permute(0, 3, 1, 2)
+        squares: list[np.ndarray] = []
+        for item in readable:
+            assert item.model_input is not None, "the loader resizes every input it reads (decoded_inputs)"
+            squares.append(item.model_input)
+        model_inputs = torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2)
         images = normalise_pixels(model_inputs, model.device)
         features = head_feature_map(model, images)
         if self.pool is not None:

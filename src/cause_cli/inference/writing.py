@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..owned import WriteBatch
@@ -35,7 +35,7 @@ class OrderedWriter:
         self._groups: collections.deque[list[futures.Future[tuple[WriteBatch, dict[str, Any]]]]] = collections.deque()
         self._waiting = 0
 
-    def submit(self, jobs: list[WriteJob]) -> None:
+    def submit(self, jobs: Sequence[WriteJob]) -> None:
         """Start one group of inputs; earlier groups that are done (or that hold more than the
         limit back) are committed first, so the manifest keeps up with the work."""
         group = [self._start(job) for job in jobs]

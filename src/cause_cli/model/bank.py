@@ -25,6 +25,8 @@ class ConceptBank:
     block is there from the start, so an update never waits for the host.
     """
 
+    _storage: torch.Tensor  # made by _allocate
+
     def __init__(
         self,
         num_codes: int,

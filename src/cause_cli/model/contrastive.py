@@ -178,7 +178,8 @@ def _bank_terms(
     positive = code_similarity > settings.positive_threshold
     considered = positive | (code_similarity < settings.negative_threshold)
     through = projected_anchors is not None and bank.through_projection is not None
-    features = bank.through_projection.float() if through else bank.features.float()  # [G, C, r + 1 or E]
+    stored = bank.through_projection if through and bank.through_projection is not None else bank.features
+    features = stored.float()  # [G, C, r + 1 or E]
     valid = bank.valid.to(features.dtype)
     entries_per_code = valid.sum(dim=1)  # per group, [G]
     # Similarity is linear in the entry, so each anchor meets the sum of each code's entries.

@@ -144,6 +144,7 @@ class TRHead(nn.Module):
             token_codes = nearest_code(tokens, self.clusterbook)
         queries = self.clusterbook[token_codes]
         with_pos = queries + self.query_pos
+        asking_pos: torch.Tensor
         if positions is None:
             asking, asking_queries, asking_pos, own_tokens = with_pos, queries, self.query_pos, tokens
         else:

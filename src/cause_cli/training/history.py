@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import time
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class History:
         append_whole_lines(self.path, _csv_text([values], header=False).encode(), _csv_text([], header=True).encode())
 
 
-def _csv_text(rows: list[dict[str, object]], header: bool) -> str:
+def _csv_text(rows: Sequence[Mapping[str, object]], header: bool) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     if header:
