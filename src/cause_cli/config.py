@@ -83,6 +83,11 @@ DATA, MODEL, STEP_1, STEP_2, STEP_3, SCHEDULE, SPEED = (
 )
 
 
+def absolute_data_dir(data_dir: str) -> str:
+    """The data folder as a run stores it, so that it can be evaluated or continued from anywhere."""
+    return str(Path(data_dir).expanduser().resolve())
+
+
 def _choices(constant: str) -> Callable[[], tuple[str, ...]]:
     """The accepted values of a setting, read from this module when checked (so a registered
     variant can add to them)."""
@@ -120,7 +125,6 @@ class TrainConfig:
         "How position embeddings are resized to the input's grid: reference (the reference code's rule "
         "for the backbone, so heads match reference-trained ones) or timm.",
         MODEL,
-        choice_rule(_choices("POSITION_EMBEDDING_RULES")),
         choices=_choices("POSITION_EMBEDDING_RULES"),
         noun="position-embedding rule",
     )
@@ -135,7 +139,6 @@ class TrainConfig:
         "mlp",
         "Segmentation head: mlp (CAUSE-MLP), or tr (CAUSE-TR, the paper's best).",
         MODEL,
-        choice_rule(_choices("HEADS")),
         choices=_choices("HEADS"),
         noun="head",
     )
@@ -204,7 +207,6 @@ class TrainConfig:
         "How the cluster probe starts: kmeans (spherical k-means on the head's features, no labels) or "
         "random (the paper's, refined by modularity).",
         STEP_3,
-        choice_rule(_choices("PROBE_INITS")),
         choices=_choices("PROBE_INITS"),
         noun="cluster-probe start",
     )
@@ -219,7 +221,6 @@ class TrainConfig:
         "Where the cluster probe clusters: whitened (the head's features whitened by a fit on the "
         "training images, no labels) or head (the head's features, the paper's).",
         STEP_3,
-        choice_rule(_choices("PROBE_SPACES")),
         choices=_choices("PROBE_SPACES"),
         noun="cluster-probe space",
     )
@@ -244,7 +245,6 @@ class TrainConfig:
         "k-means start only: give the clusters a spread (equal Gaussians sharing one diagonal covariance) "
         "where the consensus' fits agree on under 85% of the points (auto), always (on) or never (off).",
         STEP_3,
-        choice_rule(_choices("PROBE_SPREADS")),
         choices=_choices("PROBE_SPREADS"),
         noun="cluster-probe spread",
     )
@@ -253,7 +253,6 @@ class TrainConfig:
         "How label maps reach pixel size: score every token and upsample the scores (scores), or upsample "
         "the head's features and score every pixel (features, the paper's).",
         STEP_3,
-        choice_rule(_choices("PROBE_UPSAMPLINGS")),
         choices=_choices("PROBE_UPSAMPLINGS"),
         noun="cluster-probe upsampling",
     )
@@ -281,7 +280,6 @@ class TrainConfig:
         "(lr x 4 on a quarter of each epoch, its clipping, MLP steps 2-3 at 224) including its label leak: "
         "the linear probe's cross-entropy trains the teacher head in step 3.",
         SCHEDULE,
-        choice_rule(_choices("RECIPES")),
         choices=_choices("RECIPES"),
         noun="recipe",
     )
@@ -316,7 +314,6 @@ class TrainConfig:
         "auto",
         "auto (float32 on the CPU, bfloat16 on GPUs that have it, else float16), float32, bfloat16 or float16.",
         SPEED,
-        choice_rule(_choices("PRECISIONS")),
         choices=_choices("PRECISIONS"),
         noun="precision",
     )
@@ -361,7 +358,7 @@ class TrainConfig:
         learns and differs between the two (resolved) configurations."""
         mine, theirs = self.to_dict(), other.to_dict()
         for config in (mine, theirs):
-            config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
+            config["data_dir"] = absolute_data_dir(config["data_dir"])
         return [
             (name, mine[name], theirs[name])
             for name in mine

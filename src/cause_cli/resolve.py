@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import (
@@ -43,7 +42,8 @@ def validated(config: TrainConfig) -> TrainConfig:
     starts filled in (they depend on other settings only). One sentence for the first problem."""
     if config.data_dir is None:
         raise CauseError("Say where the images are with --data-dir.")
-    for setting in TrainConfig.settings():
+    settings = TrainConfig.settings()
+    for setting in settings:
         problem = setting.unknown_choice(getattr(config, setting.name))
         if problem:
             raise CauseError(problem)
@@ -82,7 +82,7 @@ def validated(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if value is not None and value < 0:
             raise CauseError(f"--{name.replace('_', '-')} must not be negative.")
-    for setting in TrainConfig.settings():  # what no sentence above names: the declared range
+    for setting in settings:  # what no sentence above names: the declared range
         if setting.name == "num_classes":
             continue  # held against the training tokens once the data is open, a sharper sentence
         value = getattr(config, setting.name)
@@ -208,8 +208,3 @@ def resolve_config(given: TrainConfig, facts: TrainingFacts) -> ResolvedTraining
     config = resolve_thresholds(config, paper_dataset)
     config, schedule = resolve_schedule(config, batches_per_epoch, paper_dataset)
     return ResolvedTraining(config, schedule, batches_per_epoch)
-
-
-def absolute_data_dir(data_dir: str) -> str:
-    return str(Path(data_dir).expanduser().resolve())
-

@@ -17,7 +17,7 @@ def setting(
     default: Any,
     help: str,
     panel: str,
-    rule: Rule,
+    rule: Rule | None = None,
     *,
     flag: str | None = None,
     choices: Callable[[], tuple[str, ...]] | None = None,
@@ -28,7 +28,11 @@ def setting(
 ) -> Any:
     """A dataclass field with everything said about it: ``choices`` gives its accepted values
     (asked when needed, so a registered variant can add to them), ``noun`` what messages call
-    one, ``shown_default`` how help and docs show a default of None."""
+    one, ``shown_default`` how help and docs show a default of None. Without a ``rule``, a value
+    must be one of the ``choices``."""
+    if rule is None:
+        assert choices is not None, "a setting without a rule has choices"
+        rule = choice_rule(choices)
     metadata = {
         "help": help,
         "panel": panel,

@@ -64,8 +64,10 @@ def _setting_parameter(setting: Setting) -> inspect.Parameter:
         if accepted:
             details["autocompletion"] = _completion(accepted)
             listed = "|".join(accepted)
-            details["metavar"] = f"[{listed}]" if len(listed) <= 24 else "NAME"
-            if len(listed) > 24:
+            if len(listed) <= 24:
+                details["metavar"] = f"[{listed}]"
+            else:  # too wide beside the name: the choices go into the help
+                details["metavar"] = "NAME"
                 details["help"] += f" One of: {', '.join(accepted)}."
     annotation = Annotated[kind, typer.Option(declaration, **details)]
     return inspect.Parameter(

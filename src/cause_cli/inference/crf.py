@@ -328,6 +328,7 @@ def _shut_down(executor: futures.ProcessPoolExecutor) -> None:
         process.join(timeout=5)
 
 
-def default_workers() -> int:
-    """One CRF worker per CPU this process may use (affinity and container quota)."""
-    return available_cpus()
+def default_workers(given: int | None = None) -> int:
+    """``given`` CRF workers, or by default one per CPU this process may use (affinity and
+    container quota)."""
+    return available_cpus() if given is None else given

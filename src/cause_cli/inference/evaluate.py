@@ -85,7 +85,7 @@ def evaluate_run(
                 EVALUATION_FILES, f"move it away, or evaluate a copy of {run.path} (cause writes only its own files)"
             )
         crf = True if settings.crf is None else settings.crf
-        crf_workers = default_workers() if settings.crf_workers is None else settings.crf_workers
+        crf_workers = default_workers(settings.crf_workers)
         torch_device = resolve_device(settings.device)
         backend = choose_crf_backend(settings.crf_backend, torch_device) if crf else None
         workers = loader_workers(settings.loader_workers, torch_device)

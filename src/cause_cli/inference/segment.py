@@ -202,7 +202,7 @@ def _segment(
         if summary.done_before:
             reporter.message(f"{summary.done_before:,} of the {mine:,} inputs were done before; going on")
         started = time.perf_counter()
-        crf_workers = default_workers() if settings.crf_workers is None else settings.crf_workers
+        crf_workers = default_workers(settings.crf_workers)
         pool = open_crf(backend, crf_workers, torch_device) if backend is not None else None
         threads = settings.writer_threads
         threads = threads if threads is not None else default_writer_threads(group.world_size)

@@ -18,7 +18,7 @@ import torch
 
 from .._version import __version__
 from ..backbones import load_backbone, refuse_other_backbone
-from ..config import TrainConfig
+from ..config import TrainConfig, absolute_data_dir
 from ..data import canonical_name, open_dataset
 from ..data.loading import LoadReport, ShuffledBatches
 from ..devices import resolve_device, use_precision
@@ -29,7 +29,7 @@ from ..errors import CauseError, Interrupted
 from ..interrupts import raise_if_interrupted
 from ..paths import refuse_unusable_folder
 from ..progress import Reporter
-from ..resolve import TrainingFacts, absolute_data_dir, input_resolution, resolve_config, validated
+from ..resolve import TrainingFacts, input_resolution, resolve_config, validated
 from ..runs import CLUSTERBOOK_FILE, HEAD_FILE, LOG_FILE, PROBE_FILE, RESUME_FILE, RunDirectory
 from .cluster_probe import train_cluster_probe
 from .clusterbook import train_clusterbook
